@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Creates (once) the virtual environment that every README command runs in, and prints its path.
+# The venv lives outside the checkout, keyed by the hash of requirements.txt, so a fresh clone on
+# a machine that already built it reuses it, and a change of requirements builds a new one.
+# Override the location with XFM_VENV=/path.
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+req="$root/requirements.txt"
+hash="$(sha256sum "$req" | cut -c1-12)"
+venv="${XFM_VENV:-$HOME/.cache/xfm_scale/venv-$hash}"
+if [ ! -f "$venv/.complete" ]; then
+  echo "[bootstrap] creating $venv (first run only: a few minutes)" >&2
+  rm -rf "$venv"
+  python3 -m venv "$venv"
+  "$venv/bin/python" -m pip install -q --upgrade pip wheel setuptools >&2
+  # torch first: deepspeed's setup.py imports it, so the rest installs without build isolation.
+  "$venv/bin/python" -m pip install -q "$(grep '^torch==' "$req")" "$(grep '^torchvision==' "$req")" >&2
+  "$venv/bin/python" -m pip install -q --no-build-isolation -r "$req" >&2
+  "$venv/bin/python" -m pip install -q --no-deps --no-build-isolation -e "$root" >&2
+  touch "$venv/.complete"
+fi
+echo "$venv"

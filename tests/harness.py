@@ -1,0 +1,68 @@
+"""Runs a test body on N real ranks (separate processes, gloo on CPU).
+
+Every distributed test uses :func:`run_ranks`. The body is a top-level function (it is pickled by
+reference into each spawned process); it receives its arguments, reads its rank from
+``torch.distributed`` after it calls ``xfm_scale.parallel.initialize`` (or its own init), and
+returns a picklable result. The harness collects one result per rank, in rank order, and turns
+a failure on any rank into a test failure carrying that rank's traceback. Nothing is mocked.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import socket
+import traceback
+from typing import Any, Callable
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _rank_entry(fn, rank, world_size, port, results, args, kwargs):
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+        LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+        DS_ACCELERATOR="cpu",
+    )
+    import torch
+
+    torch.set_num_threads(1)  # N ranks share a 2-core machine
+    try:
+        results.put((rank, "ok", fn(*args, **kwargs)))
+    except BaseException:  # noqa: BLE001 - any failure must reach the parent
+        results.put((rank, "error", traceback.format_exc()))
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def run_ranks(fn: Callable[..., Any], world_size: int, *args, timeout: float = 600, **kwargs) -> list[Any]:
+    """Run ``fn(*args, **kwargs)`` on ``world_size`` spawned ranks; return their results by rank."""
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_rank_entry, args=(fn, r, world_size, port, results, args, kwargs))
+             for r in range(world_size)]
+    for proc in procs:
+        proc.start()
+    collected: dict[int, Any] = {}
+    try:
+        while len(collected) < world_size:
+            try:
+                rank, status, payload = results.get(timeout=timeout)
+            except queue.Empty:
+                raise TimeoutError(f"ranks {sorted(set(range(world_size)) - set(collected))} "
+                                   f"gave no result within {timeout}s") from None
+            if status == "error":
+                raise AssertionError(f"rank {rank} failed:\n{payload}")
+            collected[rank] = payload
+    finally:
+        for proc in procs:
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.kill()
+    return [collected[r] for r in range(world_size)]

@@ -1,0 +1,120 @@
+"""The method's two masking schemes, as pure functions of a numpy Generator (deterministic).
+
+* :func:`mask_tokens`: X-VLM/X-FM MLM masking. ``n = min(max_masks, max(1, round(len * prob)))``
+  positions are chosen among non-special tokens in random order; from each start, with probability
+  ``span_prob`` a span of 2..``max_span`` tokens is masked, else one token. Chosen positions get the
+  mask token 80%, a random token 10%, and stay unchanged 10%.
+* :class:`BlockMaskGenerator`: BEiT block-wise masking: rectangles of random area (>= ``min_block``
+  patches) and aspect ratio (0.3..1/0.3) until the target count, then trimmed or topped up so
+  every image has exactly ``num_masked`` masked patches (as BEiT-v2 does), so batches stack.
+
+Written from the method description (../shared/design/xfm-method.md), not copied.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True, kw_only=True)
+class TokenMaskingConfig:
+    prob: float
+    """Fraction of (non-special) tokens to predict: 0.15 for MLM, 0.5 for IMLM."""
+    max_masks: int
+    """At most this many predicted tokens per sequence: 20 for MLM, 15 for IMLM."""
+    span_prob: float = 0.2
+    """Probability that a chosen start begins a span ("skipgram") rather than one token."""
+    max_span: int = 3
+    """Spans are 2..max_span tokens long."""
+
+
+MLM_MASKING = TokenMaskingConfig(prob=0.15, max_masks=20)
+IMLM_MASKING = TokenMaskingConfig(prob=0.5, max_masks=15)
+
+
+def mask_tokens(ids: np.ndarray, special: np.ndarray, cfg: TokenMaskingConfig, mask_id: int,
+                vocab_size: int, rng: np.random.Generator, ignore_index: int = -100
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Return (masked ids, labels) for one sequence. ``special[i]`` marks positions never masked."""
+    ids = np.asarray(ids, dtype=np.int64)
+    candidates = np.flatnonzero(~np.asarray(special, dtype=bool))
+    labels = np.full_like(ids, ignore_index)
+    if len(candidates) == 0:
+        return ids.copy(), labels
+    n_pred = min(cfg.max_masks, max(1, int(round(len(candidates) * cfg.prob))))
+    allowed = set(candidates.tolist())
+    chosen: set[int] = set()
+    for start in rng.permutation(candidates):
+        if len(chosen) >= n_pred:
+            break
+        if start in chosen:
+            continue
+        length = int(rng.integers(2, cfg.max_span + 1)) if (
+            cfg.max_span >= 2 and rng.random() < cfg.span_prob) else 1
+        for pos in range(int(start), int(start) + length):
+            if pos not in allowed:
+                break  # a span stops at a special token or the end
+            chosen.add(pos)
+    positions = np.array(sorted(chosen), dtype=np.int64)
+    if len(positions) > n_pred:  # a last span may overshoot: keep a random n_pred of them
+        positions = np.sort(rng.choice(positions, n_pred, replace=False))
+    masked = ids.copy()
+    labels[positions] = ids[positions]
+    for pos in positions:
+        draw = rng.random()
+        if draw < 0.8:
+            masked[pos] = mask_id
+        elif draw < 0.9:
+            masked[pos] = int(rng.integers(0, vocab_size))
+    return masked, labels
+
+
+@dataclass(frozen=True, kw_only=True)
+class BlockMaskGenerator:
+    grid: int
+    """Patches per side (image_size / patch_size): 14 for 224/16."""
+    num_masked: int
+    """Exactly this many patches are masked per image: 75 of 196 in the method."""
+    min_block: int = 16
+    """Smallest rectangle (in patches) drawn at a time."""
+    min_aspect: float = 0.3
+    """Aspect ratios are drawn log-uniformly in [min_aspect, 1/min_aspect]."""
+
+    def __post_init__(self):
+        if not 0 < self.num_masked <= self.grid * self.grid:
+            raise ValueError(f"num_masked={self.num_masked} must be in 1..{self.grid ** 2} "
+                             f"(patches of a {self.grid}x{self.grid} grid)")
+
+    def _add_block(self, mask: np.ndarray, budget: int, rng: np.random.Generator) -> int:
+        log_aspect = (math.log(self.min_aspect), math.log(1 / self.min_aspect))
+        for _ in range(10):
+            area = rng.uniform(min(self.min_block, budget), budget)
+            aspect = math.exp(rng.uniform(*log_aspect))
+            h = int(round(math.sqrt(area * aspect)))
+            w = int(round(math.sqrt(area / aspect)))
+            if 0 < h < self.grid and 0 < w < self.grid:
+                top = int(rng.integers(0, self.grid - h + 1))
+                left = int(rng.integers(0, self.grid - w + 1))
+                window = mask[top:top + h, left:left + w]
+                new = int(h * w - window.sum())
+                if 0 < new <= budget:
+                    window[:] = True
+                    return new
+        return 0
+
+    def __call__(self, rng: np.random.Generator) -> np.ndarray:
+        """A [grid*grid] bool mask with exactly ``num_masked`` True entries."""
+        mask = np.zeros((self.grid, self.grid), dtype=bool)
+        count = 0
+        while count < self.num_masked:
+            added = self._add_block(mask, self.num_masked - count, rng)
+            if added == 0:
+                break
+            count += added
+        flat = mask.reshape(-1)
+        if count < self.num_masked:  # top up with random single patches, as BEiT-v2 does
+            free = np.flatnonzero(~flat)
+            flat[rng.choice(free, self.num_masked - count, replace=False)] = True
+        return flat

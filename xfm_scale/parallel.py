@@ -1,0 +1,159 @@
+"""The one place that wires torch.distributed, megatron-core parallel state and DeepSpeed.
+
+Order matters and was checked on CPU/gloo (../shared/design/stack-notes.md):
+1. ``deepspeed.init_distributed`` (gloo on CPU, nccl on GPU);
+2. megatron ``parallel_state.initialize_model_parallel(tensor_model_parallel_size=TP)``;
+3. DeepSpeed's activation checkpointing configured with an mpu adapter, and its RNG tracker seeded
+   (megatron's tracker needs CUDA; DeepSpeed's goes through the accelerator and works on CPU);
+4. the model hooks (:mod:`xfm_scale.model.hooks`) pointed at DeepSpeed's checkpoint and tracker.
+
+The engine (ZeRO-3 ``zero.Init`` + ``deepspeed.initialize``) builds on the same adapter.
+"""
+from __future__ import annotations
+
+import os
+import random
+import socket
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from xfm_scale.model import hooks
+
+
+class ConfigError(ValueError):
+    """A set-up error that names what the user must change."""
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    rank: int
+    """Global rank of this process."""
+    world_size: int
+    """Number of processes."""
+    tensor_parallel_size: int
+    """Ranks that share one copy of the model, each holding 1/TP of every TP-split weight."""
+    tensor_parallel_rank: int
+    """This rank's position inside its tensor-parallel group."""
+    data_parallel_size: int
+    """world_size / tensor_parallel_size: copies of the model that read different samples."""
+    data_parallel_rank: int
+    """This rank's position among the data-parallel copies (which samples it reads)."""
+
+
+class MegatronMPU:
+    """The ``mpu`` object DeepSpeed expects, answered from megatron's parallel_state.
+
+    DeepSpeed calls ``get_model_parallel_{rank,world_size,group}``, which megatron lacks under those
+    names; with pipeline size 1 the model-parallel group is the tensor-parallel group.
+    """
+
+    def __init__(self):
+        from megatron.core import parallel_state as ps
+
+        self._ps = ps
+
+    def get_model_parallel_rank(self):
+        return self._ps.get_tensor_model_parallel_rank()
+
+    def get_model_parallel_world_size(self):
+        return self._ps.get_tensor_model_parallel_world_size()
+
+    def get_model_parallel_group(self):
+        return self._ps.get_tensor_model_parallel_group()
+
+    get_tensor_model_parallel_rank = get_model_parallel_rank
+    get_tensor_model_parallel_world_size = get_model_parallel_world_size
+    get_tensor_model_parallel_group = get_model_parallel_group
+
+    def get_data_parallel_rank(self):
+        return self._ps.get_data_parallel_rank()
+
+    def get_data_parallel_world_size(self):
+        return self._ps.get_data_parallel_world_size()
+
+    def get_data_parallel_group(self):
+        return self._ps.get_data_parallel_group()
+
+
+def _on_cpu() -> bool:
+    return os.environ.get("DS_ACCELERATOR", "") == "cpu" or not torch.cuda.is_available()
+
+
+def _single_process_env() -> None:
+    """Let a plain ``python script.py`` (no launcher) run as a world of one."""
+    if "RANK" in os.environ:
+        return
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
+def check_tensor_parallel_size(world_size: int, tensor_parallel_size: int) -> None:
+    if tensor_parallel_size < 1 or world_size % tensor_parallel_size:
+        raise ConfigError(
+            f"tensor_parallel_size={tensor_parallel_size} does not divide the {world_size} ranks: "
+            f"choose a TP size that divides the world size (divisors: "
+            f"{[d for d in range(1, world_size + 1) if world_size % d == 0]})")
+
+
+def seed_everything(seed: int) -> None:
+    """Same default-generator seed on every rank of a TP group; a distinct TP-region stream.
+
+    DeepSpeed's ``model_parallel_cuda_manual_seed`` seeds the default generator with ``seed`` and
+    its tracker's ``model-parallel-rng`` with ``seed + 2718 + tp_rank``.
+    """
+    import deepspeed.checkpointing as ds_ckpt
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    ds_ckpt.get_cuda_rng_tracker().reset()
+    ds_ckpt.model_parallel_cuda_manual_seed(seed)
+
+
+def initialize(tensor_parallel_size: int = 1, seed: int = 1234) -> ParallelLayout:
+    """Initialise the process group, megatron TP groups, DeepSpeed checkpointing and model hooks."""
+    import deepspeed
+    import deepspeed.checkpointing as ds_ckpt
+    from megatron.core import parallel_state as ps
+
+    _single_process_env()
+    world_size = int(os.environ["WORLD_SIZE"])
+    check_tensor_parallel_size(world_size, tensor_parallel_size)
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend="gloo" if _on_cpu() else "nccl", verbose=False)
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    ps.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel_size)
+    mpu = MegatronMPU()
+    ds_ckpt.configure(mpu, partition_activations=False, contiguous_checkpointing=False,
+                      checkpoint_in_cpu=False, synchronize=False, profile=False)
+    seed_everything(seed)
+    hooks.install(checkpoint=ds_ckpt.checkpoint,
+                  tensor_parallel_rng=lambda: ds_ckpt.get_cuda_rng_tracker().fork(),
+                  name="deepspeed")
+    return current_layout()
+
+
+def current_layout() -> ParallelLayout:
+    from megatron.core import parallel_state as ps
+
+    return ParallelLayout(
+        rank=torch.distributed.get_rank(), world_size=torch.distributed.get_world_size(),
+        tensor_parallel_size=ps.get_tensor_model_parallel_world_size(),
+        tensor_parallel_rank=ps.get_tensor_model_parallel_rank(),
+        data_parallel_size=ps.get_data_parallel_world_size(),
+        data_parallel_rank=ps.get_data_parallel_rank())
+
+
+def shutdown() -> None:
+    from megatron.core import parallel_state as ps
+
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
