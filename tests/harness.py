@@ -66,3 +66,14 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args, timeout: float = 6
             if proc.is_alive():
                 proc.kill()
     return [collected[r] for r in range(world_size)]
+
+
+RENDEZVOUS_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def tool_env(**extra: str) -> dict[str, str]:
+    """The environment for a tool run as a subprocess: without this process's rendezvous variables
+    (a test process that initialised a world of one has them), so the tool starts its own world."""
+    env = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS_VARS}
+    env.update(DS_ACCELERATOR="cpu", **extra)
+    return env

@@ -11,19 +11,18 @@ The engine (ZeRO-3 ``zero.Init`` + ``deepspeed.initialize``) builds on the same 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import socket
+import sys
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from xfm_scale.config import ConfigError
 from xfm_scale.model import hooks
-
-
-class ConfigError(ValueError):
-    """A set-up error that names what the user must change."""
 
 
 @dataclass(frozen=True)
@@ -106,7 +105,7 @@ def seed_everything(seed: int) -> None:
     DeepSpeed's ``model_parallel_cuda_manual_seed`` seeds the default generator with ``seed`` and
     its tracker's ``model-parallel-rng`` with ``seed + 2718 + tp_rank``.
     """
-    import deepspeed.checkpointing as ds_ckpt
+    from deepspeed.runtime.activation_checkpointing import checkpointing as ds_ckpt
 
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -118,14 +117,16 @@ def seed_everything(seed: int) -> None:
 def initialize(tensor_parallel_size: int = 1, seed: int = 1234) -> ParallelLayout:
     """Initialise the process group, megatron TP groups, DeepSpeed checkpointing and model hooks."""
     import deepspeed
-    import deepspeed.checkpointing as ds_ckpt
+    from deepspeed.runtime.activation_checkpointing import checkpointing as ds_ckpt
     from megatron.core import parallel_state as ps
 
     _single_process_env()
     world_size = int(os.environ["WORLD_SIZE"])
     check_tensor_parallel_size(world_size, tensor_parallel_size)
     if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend="gloo" if _on_cpu() else "nccl", verbose=False)
+        # DeepSpeed announces its JIT-loaded comm op on stdout; keep stdout for the tools' output.
+        with contextlib.redirect_stdout(sys.stderr):
+            deepspeed.init_distributed(dist_backend="gloo" if _on_cpu() else "nccl", verbose=False)
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
     ps.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel_size)

@@ -1,0 +1,155 @@
+"""Single-process model tests: the stop-gradient, the MIM target, sizes, config errors, layout."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from harness import tool_env
+from model_fixtures import batches, tiny_config
+from xfm_scale import PRESETS, ConfigError, XFMConfig, build_model, parallel
+from xfm_scale.model import tp_layout
+
+pytestmark = pytest.mark.unit
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def world_of_one():
+    parallel.initialize(tensor_parallel_size=1, seed=5)
+    yield
+
+
+def _grad_norm(loss: torch.Tensor, params: list[torch.nn.Parameter]) -> float:
+    grads = torch.autograd.grad(loss, params, allow_unused=True, retain_graph=True)
+    return sum(g.float().norm().item() ** 2 for g in grads if g is not None) ** 0.5
+
+
+def test_public_api_shapes():
+    cfg = tiny_config()
+    model = build_model(cfg)
+    text, _, pair = batches(cfg)
+    hidden = model.encode_text(text.input_ids_BL, text.attention_mask_BL)
+    tokens = model.encode_image(pair.pixel_values_BCHW)
+    assert hidden.shape == (4, cfg.objectives.text_max_length, cfg.text.hidden_size)
+    assert tokens.shape == (4, 1 + cfg.vision.num_patches, cfg.vision.hidden_size)
+    # index 0 is the pooled vector: fc_norm of the mean patch token
+    expected_pooled = model.vision.fc_norm(tokens[:, 1:].mean(1))
+    torch.testing.assert_close(tokens[:, 0], expected_pooled)
+
+
+def test_stop_gradient_on_language_encoder_gets_only_mlm_and_itc():
+    cfg = tiny_config()
+    model = build_model(cfg)
+    text_params = list(model.text.parameters())
+    vision_params = list(model.vision.parameters())
+    text_batch, _, pair = batches(cfg)
+    out = model(pair, return_intermediates=True)
+    assert set(out.losses) == {"itc", "itm", "imlm", "mim"}
+    assert _grad_norm(out.losses["itm"], text_params) == 0.0
+    assert _grad_norm(out.losses["imlm"], text_params) == 0.0
+    assert _grad_norm(out.losses["itc"], text_params) > 0.0
+    assert _grad_norm(model(text_batch).losses["mlm"], text_params) > 0.0
+    # the detach cuts the text side only: ITM and IMLM still train the vision encoder
+    assert _grad_norm(out.losses["itm"], vision_params) > 0.0
+    assert _grad_norm(out.losses["imlm"], vision_params) > 0.0
+
+
+def test_stop_gradient_off_lets_imlm_and_itm_reach_language_encoder():
+    cfg = tiny_config()
+    cfg.objectives.detach_text_for_fusion = False
+    model = build_model(cfg)
+    out = model(batches(cfg)[2])
+    text_params = list(model.text.parameters())
+    assert _grad_norm(out.losses["imlm"], text_params) > 0.0
+    assert _grad_norm(out.losses["itm"], text_params) > 0.0
+
+
+def test_mim_target_is_the_detached_unmasked_output_itc_and_itm_consume():
+    cfg = tiny_config()
+    model = build_model(cfg)
+    out = model(batches(cfg)[2], return_intermediates=True)
+    target, consumed = out.intermediates["mim_target"], out.intermediates["image_tokens"]
+    assert not target.requires_grad and consumed.requires_grad
+    assert torch.equal(target, consumed.detach())
+    # the MIM loss sends nothing back through the target branch
+    (grad,) = torch.autograd.grad(out.losses["mim"], [consumed], allow_unused=True, retain_graph=True)
+    assert grad is None
+    # and the target really is the unmasked image's output: re-encoding gives the same tokens
+    torch.testing.assert_close(model.encode_image(batches(cfg)[2].pixel_values_BCHW), target, rtol=0, atol=1e-6)
+
+
+def test_mim_off_switch_removes_mim():
+    cfg = tiny_config()
+    cfg.objectives.mim_target = "none"
+    model = build_model(cfg)
+    _, image, pair = batches(cfg)
+    assert "mim" not in model(pair).losses
+    assert model(image).losses == {}
+
+
+def test_padded_vocab_rows_never_predicted():
+    cfg = tiny_config(**{"text.vocab_size": 1000})
+    model = build_model(cfg)
+    assert model.text.embeddings.word_embeddings.weight.shape[0] == 1024
+    text = batches(cfg)[0]
+    hidden = model.encode_text(text.input_ids_BL, text.attention_mask_BL)
+    preds = model.text_mlm_head(hidden, text.mlm_labels_BL, predict=True)
+    assert preds.max().item() < 1000 and preds.numel() == (text.mlm_labels_BL != -100).sum()
+
+
+def test_base_preset_parameter_count_within_2_percent_of_327m():
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "tools/model_info.py"), "--preset", "base"],
+                         capture_output=True, text=True, check=True, env=tool_env())
+    counts = json.loads(out.stdout)["parameters"]
+    assert abs(counts["total"] - 327e6) / 327e6 < 0.02, counts["total"]
+    # the encoders match the libraries they export to (method doc: RoBERTa-base 124.1M without
+    # pooler, timm beitv2_base_patch16_224 85.8M); ours add 39 padded vocab rows and a mask token
+    assert abs(counts["text_encoder"] - 124.1e6) < 0.1e6
+    assert abs(counts["vision_encoder"] - 85.8e6) < 0.1e6
+    assert counts["total"] == counts["text_encoder"] + counts["vision_encoder"] + counts["fusion_encoder"] + counts["heads_total"]
+
+
+def test_model_info_lists_presets_on_unknown_name():
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "tools/model_info.py"), "--preset", "huge"],
+                         capture_output=True, text=True, env=tool_env())
+    assert out.returncode == 2
+    assert "unknown preset 'huge'" in out.stderr and all(name in out.stderr for name in PRESETS)
+
+
+@pytest.mark.parametrize("overrides, tp, message", [
+    ({}, 3, "num_heads=4 is not divisible by the tensor-parallel size 3"),
+    ({"fusion.ffn_hidden_size": 250}, 4, "fusion: ffn_hidden_size=250 is not divisible by the tensor-parallel size 4"),
+    ({"vision.num_heads": 5}, 1, "vision: hidden_size=64 is not divisible by num_heads=5"),
+    ({"fusion.hidden_size": 96, "fusion.num_heads": 4}, 1, "fusion.hidden_size=96 must equal text.hidden_size=64"),
+])
+def test_config_errors_name_the_fix(overrides, tp, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        XFMConfig.from_preset("tiny", **overrides).validate(tp)
+
+
+def test_unknown_preset_lists_presets():
+    with pytest.raises(ConfigError) as err:
+        XFMConfig.from_preset("medium")
+    assert all(name in str(err.value) for name in ("tiny", "base", "large", "giant"))
+
+
+def test_unknown_override_key_is_rejected():
+    with pytest.raises(ConfigError, match="unknown config key 'text.num_layer'"):
+        XFMConfig.from_preset("tiny", **{"text.num_layer": 3})
+
+
+def test_config_round_trips_through_dict():
+    cfg = XFMConfig.from_preset("large")
+    assert XFMConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+def test_strided_shard_and_merge_round_trip():
+    full = torch.arange(24.0).view(12, 2)  # rows q0 q1 q2 q3 | k... | v... for 2 ranks, stride 3
+    shards = [tp_layout.shard(full, 0, 3, r, 2) for r in range(2)]
+    assert shards[0][:, 0].tolist() == [0, 2, 8, 10, 16, 18]  # [q_0; k_0; v_0]
+    assert torch.equal(tp_layout.merge(shards, 0, 3), full)
+    with pytest.raises(ValueError, match="equal chunks"):
+        tp_layout.shard(torch.zeros(10, 2), 0, 3, 0, 2)

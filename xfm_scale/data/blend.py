@@ -1,0 +1,195 @@
+"""The blend: for every global sample, which corpus it comes from and which sample of that corpus.
+
+* Corpus choice: megatron-core's compiled ``build_blending_indices`` (greedy "largest deficit"),
+  so the realized count of every corpus stays within one sample of ``weight x prefix`` at every
+  prefix of the sequence.
+* Sample choice: the helper numbers the draws from corpus c as 0, 1, 2, ...; draw j is pass
+  (epoch) ``j // n_c``, position ``j % n_c`` of a permutation seeded by (seed, corpus name, epoch).
+  Seeding by name keeps a corpus's order unchanged when another corpus is added to the spec.
+* Cached as two ``.npy`` arrays under ``CACHE/blend-<hash of spec, shard sizes, N, seed>/``;
+  loaded memory-mapped, so DataLoader workers share the pages instead of copying 9 bytes/sample.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.machinery
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import zlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .shards import MODALITIES, DataSpecError
+from .spec import Corpus, CorpusSpec, load_spec, parse_data_path, validate
+
+BLEND_VERSION = 1
+
+
+@dataclass(kw_only=True)
+class Blend:
+    """A built (or cache-loaded) blend."""
+    corpora: list[Corpus]
+    """The validated corpora, in spec order (``corpus_index`` refers to this order)."""
+    corpus_index: np.ndarray
+    """[N] int16: corpus of global sample i."""
+    sample_index: np.ndarray
+    """[N] int64: sample (index into the corpus's shards in order) of global sample i."""
+    num_samples: int
+    """N, the length of the global sample sequence."""
+    seed: int
+    """Seed of the per-epoch shuffles (and default seed of the loader's augmentation)."""
+    fingerprint: str
+    """Hash of everything the blend depends on: the cache key, and a guard on resume."""
+    path: Path | None = None
+    """Cache folder holding the arrays, if cached."""
+    cache_hit: bool = False
+    """True when loaded from the cache rather than built."""
+    cache_dir: Path | None = None
+    """Where shard indexes not written beside their shards are cached."""
+
+    def modality_codes(self) -> np.ndarray:
+        """[N] int8: index into ``MODALITIES`` of every global sample."""
+        codes = np.array([MODALITIES.index(c.modality) for c in self.corpora], dtype=np.int8)
+        return codes[self.corpus_index]
+
+    def report(self) -> list[dict]:
+        """Per corpus: weight (normalised), realized share, samples drawn, epochs implied."""
+        counts = np.bincount(self.corpus_index, minlength=len(self.corpora))
+        total_weight = sum(c.weight for c in self.corpora)
+        return [{"name": c.name, "modality": c.modality, "weight": c.weight / total_weight,
+                 "realized_share": int(counts[i]) / self.num_samples, "samples_drawn": int(counts[i]),
+                 "corpus_samples": c.num_samples, "epochs": int(counts[i]) / c.num_samples}
+                for i, c in enumerate(self.corpora)]
+
+
+def megatron_blending_helper():
+    """megatron-core's compiled ``build_blending_indices``.
+
+    ``import megatron.core`` pulls in its whole training stack (about 8 s on this machine, per
+    CLI call and per spawned process); the helper is a standalone pybind module, so when
+    megatron.core is not imported yet we load the same compiled file directly.
+    """
+    name = "megatron.core.datasets.helpers_cpp"
+    if name in sys.modules:
+        return sys.modules[name].build_blending_indices
+    spec = importlib.util.find_spec("megatron")
+    folder = Path(next(iter(spec.submodule_search_locations))) / "core" / "datasets" if spec else None
+    files = sorted(folder.glob("helpers_cpp*.so")) if folder and folder.exists() else []
+    if not files:  # unusual layout: take the ordinary (slow) import path
+        from megatron.core.datasets.helpers_cpp import build_blending_indices
+        return build_blending_indices
+    loader = importlib.machinery.ExtensionFileLoader(name, str(files[0]))
+    module = importlib.util.module_from_spec(importlib.util.spec_from_loader(name, loader))
+    loader.exec_module(module)
+    sys.modules[name] = module
+    return module.build_blending_indices
+
+
+def blend_corpus_choice(weights: list[float], num_samples: int) -> tuple[np.ndarray, np.ndarray]:
+    """(corpus index, draw number within the corpus) for N samples, via megatron's helper.
+
+    Zero-weight corpora are left out of the helper's input: with them in, a tie of all deficits
+    at 0 (e.g. weights 0, .5, .5 at sample 2) picks index 0, a corpus that asked for nothing.
+    """
+    weights = np.asarray(weights, dtype=np.float64)
+    active = np.flatnonzero(weights > 0)
+    if len(active) > np.iinfo(np.int16).max:
+        raise DataSpecError(f"{len(active)} corpora with positive weight; megatron's helper allows 32767")
+    dataset_index = np.zeros(num_samples, dtype=np.int16)
+    draw_index = np.zeros(num_samples, dtype=np.int64)
+    helper = megatron_blending_helper()
+    helper(dataset_index, draw_index, weights[active] / weights[active].sum(), len(active), num_samples, False)
+    if not np.array_equal(active, np.arange(len(active))):
+        dataset_index = active.astype(np.int16)[dataset_index]
+    return dataset_index, draw_index
+
+
+def epoch_permutation(seed: int, corpus_name: str, epoch: int, size: int) -> np.ndarray:
+    """The order of a corpus's samples in one pass (epoch) over it."""
+    return np.random.default_rng([seed, zlib.crc32(corpus_name.encode()), epoch]).permutation(size)
+
+
+def shuffle_draws(corpus_index: np.ndarray, draws: np.ndarray, corpora: list[Corpus], seed: int) -> None:
+    """Replace, in place, every draw number by the sample it reads (per-epoch seeded shuffle)."""
+    for c, corpus in enumerate(corpora):
+        where = np.flatnonzero(corpus_index == c)
+        if len(where) == 0:
+            continue
+        n = corpus.num_samples
+        epochs = -(-len(where) // n)  # draws of corpus c are 0..len-1, in order
+        order = np.concatenate([epoch_permutation(seed, corpus.name, e, n) for e in range(epochs)])
+        draws[where] = order[draws[where]]
+
+
+def fingerprint(corpora: list[Corpus], num_samples: int, seed: int) -> str:
+    payload = {"version": BLEND_VERSION, "num_samples": num_samples, "seed": seed,
+               "corpora": [asdict(c) for c in corpora]}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def build_blend(spec: str | Path | list[CorpusSpec], *, num_samples: int, seed: int = 0,
+                cache_dir: str | Path | None = None, data_path: str | None = None) -> Blend:
+    """Build the blend of ``spec`` (a YAML path, or parsed specs), or load it from ``cache_dir``.
+
+    ``data_path`` is the Megatron form ``"w1 p1 w2 p2"`` instead of a spec (pass ``spec=None``).
+    Safe to call from several ranks at once (atomic rename), but cheaper on one rank + barrier.
+    """
+    if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) or num_samples <= 0:
+        raise DataSpecError(f"num_samples={num_samples!r}; give a positive number of samples to draw")
+    if data_path is not None:
+        specs, root = parse_data_path(data_path), Path.cwd()
+    elif isinstance(spec, (str, Path)):
+        specs, root = load_spec(spec)
+    else:
+        specs, root = list(spec), Path.cwd()
+    corpora = validate(specs, root, cache_dir)
+    key = fingerprint(corpora, int(num_samples), seed)
+    folder = Path(cache_dir) / f"blend-{key[:16]}" if cache_dir is not None else None
+    if folder is not None and (folder / "blend.json").exists():
+        return _load(folder, corpora, key, Path(cache_dir))
+    corpus_index, sample_index = blend_corpus_choice([c.weight for c in corpora], int(num_samples))
+    shuffle_draws(corpus_index, sample_index, corpora, seed)
+    blend = Blend(corpora=corpora, corpus_index=corpus_index, sample_index=sample_index,
+                  num_samples=int(num_samples), seed=seed, fingerprint=key,
+                  cache_dir=Path(cache_dir) if cache_dir is not None else None)
+    if folder is not None:
+        _save(blend, folder)
+    return blend
+
+
+def _save(blend: Blend, folder: Path) -> None:
+    tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    np.save(tmp / "corpus_index.npy", blend.corpus_index)
+    np.save(tmp / "sample_index.npy", blend.sample_index)
+    meta = {"fingerprint": blend.fingerprint, "num_samples": blend.num_samples, "seed": blend.seed,
+            "corpora": [asdict(c) for c in blend.corpora]}
+    (tmp / "blend.json").write_text(json.dumps(meta, indent=1))
+    try:
+        tmp.rename(folder)  # atomic: another rank that built the same blend wins harmlessly
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+    blend.path = folder
+
+
+def _load(folder: Path, corpora: list[Corpus], key: str, cache_dir: Path) -> Blend:
+    meta = json.loads((folder / "blend.json").read_text())
+    return Blend(corpora=corpora, corpus_index=np.load(folder / "corpus_index.npy", mmap_mode="r"),
+                 sample_index=np.load(folder / "sample_index.npy", mmap_mode="r"),
+                 num_samples=meta["num_samples"], seed=meta["seed"], fingerprint=key, path=folder,
+                 cache_hit=True, cache_dir=cache_dir)
+
+
+def format_report(rows: list[dict]) -> str:
+    """The per-corpus table printed by tools/blend_data.py."""
+    head = f"{'corpus':<20} {'modality':<8} {'weight':>8} {'realized':>8} {'drawn':>12} {'size':>10} {'epochs':>8}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r['name']:<20} {r['modality']:<8} {r['weight']:>8.4f} {r['realized_share']:>8.4f} "
+                     f"{r['samples_drawn']:>12,} {r['corpus_samples']:>10,} {r['epochs']:>8.2f}")
+    return "\n".join(lines)

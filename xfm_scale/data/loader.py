@@ -1,0 +1,437 @@
+"""The loader: micro-batches of one modality per global micro-step, read by random access.
+
+Schedule (a pure function of the blend and the micro-batch sizes; the same on every rank):
+
+* The blend's global sample sequence is split into one stream per modality, each in blend order.
+* The modality of global micro-step t comes from megatron's ``build_blending_indices`` run over
+  the modalities with weights ``count_m / micro_batch_size_m``: the number of micro-steps of each
+  modality tracks the blend's sample share divided by its micro-batch size, so every stream is
+  consumed at the blend's rate. The data-parallel size cancels out of those weights: the modality
+  of micro-step t is the same for any DP size.
+* A micro-step of modality m consumes the next ``mbs_m x dp_size`` samples of stream m; DP rank r
+  reads the r-th contiguous slice of ``mbs_m``. Tensor-parallel ranks of one replica pass the
+  same dp_rank and read identical data.
+* The cursor (``state_dict``) is the micro-step plus one offset per stream. Resuming with another
+  DP size continues every stream from its offset: no sample repeated or skipped.
+
+Randomness (augmentation, MLM/IMLM/MIM masks) derives from (seed, global sample index) only, so
+0, 1 or N DataLoader workers give identical batches. A bad sample (corrupt image, empty caption)
+is counted per (corpus, reason) and replaced by the next sample of the same corpus in blend order.
+Legend: B batch, L text length, P patches, C channels, H/W image size.
+"""
+from __future__ import annotations
+
+import io
+import zlib
+from bisect import bisect_right
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from ..batch import IGNORE_INDEX, MODALITIES, Batch, ImageBatch, PairBatch, TextBatch
+from ..masking import IMLM_MASKING, MLM_MASKING, BlockMaskGenerator, mask_tokens
+from .blend import Blend, blend_corpus_choice
+from .shards import DataSpecError, ShardReader, image_ext, load_index
+from .transforms import apply_seeded, eval_transform, sample_rngs, train_transform
+
+
+@dataclass(kw_only=True)
+class LoaderConfig:
+    """Everything the loader needs besides the blend and the (dp_rank, dp_size) pair."""
+    tokenizer_dir: str | None
+    """Local HF tokenizer folder (roberta-base, bert-base, or the demo's); never a hub name."""
+    micro_batch_sizes: dict[str, int] = field(default_factory=lambda: {"text": 256, "image": 96, "pair": 96})
+    """Per-GPU (per DP rank) micro-batch size of each modality (the method: text 256, image/pair 96)."""
+    micro_steps_per_step: int = 1
+    """Micro-steps per optimizer step (gradient accumulation); global step k = micro-steps
+    ``k*A .. k*A + A - 1``."""
+    image_size: int = 224
+    """Side of the square pixel tensors."""
+    mim_grid: int = 14
+    """Patches per side (image_size / patch_size): 14 for 224/16, 4 for the tiny 32/8."""
+    mim_num_masked: int = 75
+    """Masked patches per image (75 of 196 in the method; e.g. 6 of 16 for tiny)."""
+    mim_min_block: int = 16
+    """Smallest BEiT mask block in patches (16 in the method; e.g. 2 for tiny)."""
+    text_max_len: int = 128
+    """Max tokens of a text sample (MLM)."""
+    caption_max_len: int = 30
+    """Max tokens of a caption (pairs)."""
+    augment: bool = True
+    """Pre-training augmentation; False: deterministic resize + centre crop (evaluation)."""
+    num_workers: int = 0
+    """torch DataLoader workers (the batches do not depend on it)."""
+    prefetch_factor: int = 2
+    """Micro-batches prefetched per worker."""
+    seed: int | None = None
+    """Seed of augmentation and masks; ``None``: the blend's seed."""
+    max_bad_in_a_row: int = 100
+    """Give up (with an error naming the corpus) after this many consecutive bad replacements."""
+
+    def validate(self, modalities: set[str]) -> None:
+        for m in modalities:
+            size = self.micro_batch_sizes.get(m)
+            if not isinstance(size, int) or size <= 0:
+                raise DataSpecError(f"the blend has '{m}' samples but micro_batch_sizes[{m!r}] is {size!r}; "
+                                    "give a positive per-rank micro-batch size")
+        if self.micro_steps_per_step <= 0:
+            raise DataSpecError(f"micro_steps_per_step={self.micro_steps_per_step}; give a positive count")
+        if modalities & {"text", "pair"} and not (self.tokenizer_dir and Path(self.tokenizer_dir).is_dir()):
+            raise DataSpecError(f"tokenizer_dir={self.tokenizer_dir!r} is not a folder; give a local tokenizer "
+                                "folder (e.g. a roberta-base download, or the demo's tokenizer)")
+        BlockMaskGenerator(grid=self.mim_grid, num_masked=self.mim_num_masked, min_block=self.mim_min_block)
+
+
+class BadSampleCounter:
+    """Bad samples met at load time, per corpus and reason (e.g. ``cc3m: bad_image=3``)."""
+
+    def __init__(self):
+        self.counts: Counter[tuple[str, str]] = Counter()
+
+    def add(self, corpus: str, reason: str, n: int = 1) -> None:
+        self.counts[(corpus, reason)] += n
+
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def as_dict(self) -> dict[str, int]:
+        """Flat ``{"corpus/reason": count}``: what a trainer logs."""
+        return {f"{c}/{r}": n for (c, r), n in sorted(self.counts.items())}
+
+    def __repr__(self) -> str:
+        return f"BadSampleCounter({self.as_dict()})"
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """One micro-batch for this rank: what a worker needs to build it."""
+    micro_step: int
+    modality: str
+    global_indices: np.ndarray  # blend positions of this rank's samples, in order
+    cursor_after: tuple[int, ...]  # (micro_step, offset per modality) once this batch is consumed
+
+
+class _Schedule:
+    """The modality of every global micro-step, and the per-modality streams of blend positions."""
+
+    def __init__(self, blend: Blend, micro_batch_sizes: dict[str, int]):
+        codes = blend.modality_codes()
+        self.streams = {m: np.flatnonzero(codes == i) for i, m in enumerate(MODALITIES)}
+        present = [m for m in MODALITIES if len(self.streams[m])]
+        self.present = set(present)
+        mbs = {m: micro_batch_sizes.get(m, 1) for m in present}
+        weights = [len(self.streams[m]) / mbs[m] for m in present]
+        # Enough micro-steps for DP size 1 (the most micro-steps any DP size can use).
+        length = sum(-(-len(self.streams[m]) // mbs[m]) for m in present) + 1
+        choice, _ = blend_corpus_choice(weights, length)
+        self.modality = np.array([MODALITIES.index(m) for m in present], dtype=np.int8)[choice]
+
+    def modality_at(self, micro_step: int) -> str:
+        return MODALITIES[self.modality[micro_step]] if micro_step < len(self.modality) else MODALITIES[0]
+
+
+class _PlanSampler(Sampler):
+    """Yields this rank's plans from a cursor, whole optimizer steps only, until the blend runs out."""
+
+    def __init__(self, loader: "BlendLoader", cursor: dict[str, int]):
+        self.loader, self.cursor = loader, dict(cursor)
+
+    def __iter__(self) -> Iterator[_Plan]:
+        ld, cfg = self.loader, self.loader.cfg
+        t = self.cursor["micro_step"]
+        offsets = {m: self.cursor[f"offset_{m}"] for m in MODALITIES}
+        while True:
+            if t % cfg.micro_steps_per_step == 0 and not ld._step_fits(t, offsets):
+                return
+            m = ld.schedule.modality_at(t)
+            mbs = cfg.micro_batch_sizes[m]
+            start = offsets[m] + ld.dp_rank * mbs
+            indices = ld.schedule.streams[m][start:start + mbs]
+            offsets[m] += mbs * ld.dp_size
+            t += 1
+            yield _Plan(t - 1, m, np.asarray(indices), (t, *(offsets[k] for k in MODALITIES)))
+
+    def __len__(self) -> int:  # unknown in general; DataLoader only needs it for len(loader)
+        raise TypeError("the number of micro-batches depends on the blend; see BlendLoader.num_steps")
+
+
+def _identity(x):
+    return x
+
+
+class BlendLoader:
+    """Micro-batches of one modality each for data-parallel rank ``dp_rank`` of ``dp_size``.
+
+    Iterate it for consecutive micro-steps (``Batch`` objects); ``state_dict()`` after any batch
+    is the cursor to resume from; ``bad_samples`` counts skipped samples of this rank.
+    """
+
+    def __init__(self, blend: Blend, cfg: LoaderConfig, *, dp_rank: int = 0, dp_size: int = 1):
+        if not 0 <= dp_rank < dp_size:
+            raise DataSpecError(f"dp_rank={dp_rank} is not in 0..{dp_size - 1} (dp_size={dp_size})")
+        self.blend, self.cfg, self.dp_rank, self.dp_size = blend, cfg, dp_rank, dp_size
+        self.schedule = _Schedule(blend, cfg.micro_batch_sizes)
+        cfg.validate(self.schedule.present)
+        self.bad_samples = BadSampleCounter()
+        self._dataset = _MicroBatchDataset(blend, cfg)
+        self._cursor = {"micro_step": 0, **{f"offset_{m}": 0 for m in MODALITIES}}
+
+    # -------------------------------------------------------------- schedule queries
+    def micro_steps_of(self, step: int) -> range:
+        """The global micro-steps of optimizer step ``step``."""
+        a = self.cfg.micro_steps_per_step
+        return range(step * a, (step + 1) * a)
+
+    def step_modalities(self, step: int) -> list[str]:
+        """Modalities of the micro-steps of optimizer step ``step`` (same on every rank)."""
+        return [self.schedule.modality_at(t) for t in self.micro_steps_of(step)]
+
+    def _step_fits(self, micro_step: int, offsets: dict[str, int]) -> bool:
+        if micro_step + self.cfg.micro_steps_per_step > len(self.schedule.modality):
+            return False
+        need = Counter(self.schedule.modality_at(t) for t in range(micro_step, micro_step + self.cfg.micro_steps_per_step))
+        return all(offsets[m] + n * self.cfg.micro_batch_sizes[m] * self.dp_size <= len(self.schedule.streams[m])
+                   for m, n in need.items())
+
+    @property
+    def num_steps(self) -> int:
+        """Optimizer steps the blend can still feed from the current cursor at this DP size."""
+        sampler = _PlanSampler(self, self._cursor)
+        micro = sum(1 for _ in sampler)
+        return micro // self.cfg.micro_steps_per_step
+
+    def stream_keys(self, modality: str, start: int = 0, stop: int | None = None) -> list[str]:
+        """Sample keys of positions ``start:stop`` of a modality's global stream (before bad-sample
+        replacement): the order in which all ranks together consume that modality."""
+        keys = []
+        for gi in self.schedule.streams[modality][start:stop]:
+            c = int(self.blend.corpus_index[gi])
+            key, _, _ = self._dataset._locate(c, int(self.blend.sample_index[gi]))
+            keys.append(f"{self.blend.corpora[c].name}/{key}")
+        return keys
+
+    # -------------------------------------------------------------- iteration and state
+    def __iter__(self) -> Iterator[Batch]:
+        cfg = self.cfg
+        sampler = _PlanSampler(self, self._cursor)
+        if cfg.num_workers == 0:
+            items = (self._dataset[plan] for plan in sampler)
+        else:
+            items = iter(DataLoader(self._dataset, sampler=sampler, batch_size=None, collate_fn=_identity,
+                                    num_workers=cfg.num_workers, prefetch_factor=cfg.prefetch_factor))
+        for batch, bad, cursor_after in items:
+            for corpus, reason in bad:
+                self.bad_samples.add(corpus, reason)
+            # Advance only when the batch reaches the trainer: workers run ahead of it.
+            self._cursor = dict(zip(("micro_step", *(f"offset_{m}" for m in MODALITIES)), cursor_after))
+            yield batch
+
+    def iter_steps(self) -> Iterator[list[Batch]]:
+        """Whole optimizer steps: lists of ``micro_steps_per_step`` micro-batches."""
+        step: list[Batch] = []
+        for batch in self:
+            step.append(batch)
+            if len(step) == self.cfg.micro_steps_per_step:
+                yield step
+                step = []
+
+    def state_dict(self) -> dict[str, int]:
+        """The cursor: global micro-step, one offset per modality stream, a blend checksum."""
+        return {**self._cursor, "blend_crc": zlib.crc32(self.blend.fingerprint.encode())}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if state.get("blend_crc") != zlib.crc32(self.blend.fingerprint.encode()):
+            raise DataSpecError("the loader state was saved with another blend (spec, shards, "
+                                "num_samples or seed differ); resume with the same blend")
+        self._cursor = {k: int(state[k]) for k in ("micro_step", *(f"offset_{m}" for m in MODALITIES))}
+
+
+class _MicroBatchDataset(Dataset):
+    """Builds one micro-batch from a plan (runs in DataLoader workers)."""
+
+    def __init__(self, blend: Blend, cfg: LoaderConfig):
+        self.blend, self.cfg = blend, cfg
+        self.seed = blend.seed if cfg.seed is None else cfg.seed
+        self.corpus_starts = [np.cumsum([0, *c.shard_samples]).tolist() for c in blend.corpora]
+        self.mim = BlockMaskGenerator(grid=cfg.mim_grid, num_masked=cfg.mim_num_masked, min_block=cfg.mim_min_block)
+        self.transform = train_transform(cfg.image_size) if cfg.augment else eval_transform(cfg.image_size)
+        self._lazy: dict = {}  # per process: tokenizer, shard reader, indexes, corpus positions
+
+    def __getstate__(self):  # spawned workers rebuild the per-process state
+        return {**self.__dict__, "_lazy": {}}
+
+    @property
+    def tokenizer(self):
+        if "tok" not in self._lazy:
+            self._lazy["tok"] = load_tokenizer(self.cfg.tokenizer_dir)
+        return self._lazy["tok"]
+
+    def __getitem__(self, plan: _Plan):
+        bad: list[tuple[str, str]] = []
+        samples = [self._sample(int(i), plan.modality, bad) for i in plan.global_indices]
+        build = {"text": self._text_batch, "image": self._image_batch, "pair": self._pair_batch}[plan.modality]
+        with torch.random.fork_rng(devices=[]):  # per-sample seeding must not disturb the trainer's RNG
+            batch = build(samples)
+        return batch, bad, plan.cursor_after
+
+    def __len__(self) -> int:
+        return self.blend.num_samples
+
+    # -------------------------------------------------------------- reading one sample
+    def _sample(self, global_index: int, modality: str, bad: list) -> tuple[int, str, dict]:
+        """(global index, sample key, decoded members) of a sample, replacing bad ones."""
+        position = global_index
+        for _ in range(self.cfg.max_bad_in_a_row + 1):
+            c = int(self.blend.corpus_index[position])
+            key, members = self._read(c, int(self.blend.sample_index[position]))
+            decoded = decode_sample(members, modality)
+            if not isinstance(decoded, str):
+                return global_index, f"{self.blend.corpora[c].name}/{key}", decoded
+            bad.append((self.blend.corpora[c].name, decoded))
+            position = self._next_of_corpus(c, position)
+        raise RuntimeError(f"corpus '{self.blend.corpora[c].name}': more than {self.cfg.max_bad_in_a_row} "
+                           f"bad samples in a row (last: {decoded}); check its shards with tools/make_shards.py")
+
+    def _next_of_corpus(self, c: int, position: int) -> int:
+        """The next blend position drawing from corpus c (wrapping at the end): the replacement."""
+        positions = self._lazy.get(("pos", c))
+        if positions is None:
+            positions = self._lazy[("pos", c)] = np.flatnonzero(np.asarray(self.blend.corpus_index) == c)
+        j = int(np.searchsorted(positions, position, side="right"))
+        return int(positions[j % len(positions)])
+
+    def _locate(self, c: int, sample: int) -> tuple[str, dict[str, list[int]], str]:
+        """(key, member spans, shard path) of sample ``sample`` of corpus ``c``."""
+        s = bisect_right(self.corpus_starts[c], sample) - 1
+        shard = self.blend.corpora[c].shards[s]
+        index = self._lazy.get(("idx", shard))
+        if index is None:
+            index = self._lazy[("idx", shard)] = load_index(shard, self.blend.cache_dir)
+        local = sample - self.corpus_starts[c][s]
+        return index["keys"][local], index["members"][local], shard
+
+    def _read(self, c: int, sample: int) -> tuple[str, dict[str, bytes]]:
+        key, spans, shard = self._locate(c, sample)
+        reader = self._lazy.setdefault("reader", ShardReader())
+        return key, {ext: reader.read(shard, tuple(span)) for ext, span in spans.items()}
+
+    # -------------------------------------------------------------- micro-batch builders
+    def _tokens(self, texts: list[str], max_len: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        enc = self.tokenizer(texts, truncation=True, max_length=max_len, return_special_tokens_mask=True)
+        return ([np.asarray(x, dtype=np.int64) for x in enc["input_ids"]],
+                [np.asarray(x, dtype=bool) for x in enc["special_tokens_mask"]])
+
+    def _masked_text(self, samples, max_len: int, masking) -> tuple[torch.Tensor, ...]:
+        """(ids [B, L], attention [B, L], masked ids [B, L], labels [B, L]) for the samples' text."""
+        tok = self.tokenizer
+        ids, special = self._tokens([s[2]["txt"] for s in samples], max_len)
+        length = min(max_len, -(-max(len(x) for x in ids) // 8) * 8)  # pad to a multiple of 8
+        out = {k: np.full((len(ids), length), v, dtype=np.int64)
+               for k, v in (("ids", tok.pad_token_id), ("att", 0), ("masked", tok.pad_token_id),
+                            ("labels", IGNORE_INDEX))}
+        for b, ((gi, _, _), seq, spec) in enumerate(zip(samples, ids, special)):
+            _, rng = sample_rngs(self.seed, gi)
+            masked, labels = mask_tokens(seq, spec, masking, tok.mask_token_id, len(tok), rng)
+            n = len(seq)
+            out["ids"][b, :n], out["att"][b, :n], out["masked"][b, :n], out["labels"][b, :n] = seq, 1, masked, labels
+        return tuple(torch.from_numpy(out[k]) for k in ("ids", "att", "masked", "labels"))
+
+    def _pixels_and_mim(self, samples) -> tuple[torch.Tensor, torch.Tensor]:
+        pixels, masks = [], []
+        for gi, _, members in samples:
+            torch_seed, rng = sample_rngs(self.seed, gi)
+            pixels.append(apply_seeded(self.transform, members["image"], torch_seed))
+            rng = np.random.default_rng(rng.integers(2 ** 63))  # a stream apart from the text masks
+            masks.append(torch.from_numpy(self.mim(rng)))
+        return torch.stack(pixels), torch.stack(masks)
+
+    def _text_batch(self, samples) -> TextBatch:
+        _, attention, masked, labels = self._masked_text(samples, self.cfg.text_max_len, MLM_MASKING)
+        return TextBatch(input_ids_BL=masked, attention_mask_BL=attention, mlm_labels_BL=labels,
+                         sample_keys=tuple(s[1] for s in samples))
+
+    def _image_batch(self, samples) -> ImageBatch:
+        pixels, mim = self._pixels_and_mim(samples)
+        return ImageBatch(pixel_values_BCHW=pixels, mim_mask_BP=mim, sample_keys=tuple(s[1] for s in samples))
+
+    def _pair_batch(self, samples) -> PairBatch:
+        pixels, mim = self._pixels_and_mim(samples)
+        ids, attention, masked, labels = self._masked_text(samples, self.cfg.caption_max_len, IMLM_MASKING)
+        return PairBatch(pixel_values_BCHW=pixels, caption_ids_BL=ids, caption_mask_BL=attention,
+                         imlm_input_ids_BL=masked, imlm_labels_BL=labels, mim_mask_BP=mim,
+                         sample_keys=tuple(s[1] for s in samples))
+
+
+def decode_sample(members: dict[str, bytes], modality: str) -> dict | str:
+    """Decoded members (``txt``: str, ``image``: RGB PIL image) or the reason the sample is bad."""
+    out = {}
+    if modality in ("text", "pair"):
+        if "txt" not in members:
+            return "missing_text"
+        try:
+            text = members["txt"].decode("utf-8").strip()
+        except UnicodeDecodeError:
+            return "bad_utf8"
+        if not text:
+            return "empty_caption" if modality == "pair" else "empty_text"
+        out["txt"] = text
+    if modality in ("image", "pair"):
+        ext = image_ext(members)
+        if ext is None:
+            return "missing_image"
+        try:
+            with Image.open(io.BytesIO(members[ext])) as img:
+                out["image"] = img.convert("RGB")
+        except Exception:  # noqa: BLE001 - PIL raises many types for corrupt bytes
+            return "bad_image"
+    return out
+
+
+def load_tokenizer(tokenizer_dir: str | Path):
+    """A fast HF tokenizer from a local folder (offline: never a hub download)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+    if tok.mask_token_id is None or tok.pad_token_id is None:
+        raise DataSpecError(f"tokenizer {tokenizer_dir} has no mask or pad token; MLM needs both "
+                            "(use a roberta/bert tokenizer or the demo's)")
+    return tok
+
+
+def load_pair_eval_set(manifest: str | Path, tokenizer_dir: str | Path, *, image_size: int, mim_grid: int,
+                       caption_max_len: int = 30) -> PairBatch:
+    """A whole held-out pair corpus as one PairBatch (retrieval evaluation).
+
+    Deterministic resize + centre crop, no masking: ``imlm_*`` equal the clean caption with no
+    labels, and ``mim_mask_BP`` is all False.
+    """
+    from .spec import CorpusSpec, validate
+
+    manifest = Path(manifest).resolve()
+    corpus = validate([CorpusSpec(name=manifest.name.split(".")[0], modality="pair", weight=1.0,
+                                  manifest=manifest.name)], manifest.parent)[0]
+    tok = load_tokenizer(tokenizer_dir)
+    transform, reader = eval_transform(image_size), ShardReader()
+    keys, images, texts = [], [], []
+    for shard in corpus.shards:
+        index = load_index(shard)
+        for key, spans in zip(index["keys"], index["members"]):
+            decoded = decode_sample({e: reader.read(shard, tuple(s)) for e, s in spans.items()}, "pair")
+            if isinstance(decoded, str):
+                raise DataSpecError(f"eval set {manifest}: sample {key} is bad ({decoded}); rebuild it")
+            keys.append(f"{corpus.name}/{key}")
+            images.append(transform(decoded["image"]))
+            texts.append(decoded["txt"])
+    reader.close()
+    enc = tok(texts, truncation=True, max_length=caption_max_len, padding=True, return_tensors="pt")
+    ids, attention = enc["input_ids"].long(), enc["attention_mask"].long()
+    return PairBatch(pixel_values_BCHW=torch.stack(images), caption_ids_BL=ids, caption_mask_BL=attention,
+                     imlm_input_ids_BL=ids.clone(), imlm_labels_BL=torch.full_like(ids, IGNORE_INDEX),
+                     mim_mask_BP=torch.zeros(len(keys), mim_grid * mim_grid, dtype=torch.bool),
+                     sample_keys=tuple(keys))

@@ -1,0 +1,229 @@
+"""Webdataset tar shards: writing corpora, manifests, and a random-access index per shard.
+
+A corpus is a set of tar shards written with webdataset's ``ShardWriter``. Every sample is a
+group of tar members sharing a key (webdataset's convention, ``000000012.txt`` + ``000000012.jpg``):
+
+* text:  ``KEY.txt`` (UTF-8 text)
+* image: ``KEY.<jpg|png|...>`` (encoded image bytes, as found in the source)
+* pair:  ``KEY.<jpg|png|...>`` + ``KEY.txt`` (caption)
+
+Next to the shards, ``NAME.manifest.json`` records per shard: name, samples, bytes, sha256; plus
+the counts of source records skipped per reason. A ``SHARD.idx.json`` sidecar holds the byte
+offsets of every member, so the loader can read one sample with one seek (random access) instead
+of streaming the tar.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import webdataset as wds
+from webdataset.tariterators import base_plus_ext
+
+MODALITIES = ("text", "image", "pair")
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+TEXT_EXT = "txt"
+MANIFEST_SUFFIX = ".manifest.json"
+INDEX_SUFFIX = ".idx.json"
+INDEX_VERSION = 1
+
+
+class DataSpecError(ValueError):
+    """Invalid data input (spec, shards, manifest). The message names the corpus and the fix."""
+
+
+@dataclass(frozen=True)
+class Skip:
+    """A source record that cannot become a sample; ``reason`` is counted, never dropped silently."""
+    reason: str
+
+
+@dataclass(kw_only=True)
+class WriteResult:
+    """What :func:`write_corpus` produced."""
+    manifest_path: Path
+    """The corpus manifest (``OUT/NAME.manifest.json``)."""
+    num_samples: int
+    """Samples written."""
+    skipped: dict[str, int] = field(default_factory=dict)
+    """Source records skipped, per reason."""
+
+
+# ----------------------------------------------------------------------------- writing
+
+def write_corpus(records: Iterable[dict | Skip], *, out_dir: str | Path, name: str, modality: str,
+                 maxcount: int = 10_000, maxsize: float = 1e9, source: str = "") -> WriteResult:
+    """Write ``records`` as webdataset shards ``OUT/NAME-000000.tar`` ... plus the manifest.
+
+    A record is a dict of webdataset members without the key (``{"txt": str}``,
+    ``{"png": bytes}``, ``{"jpg": bytes, "txt": str}``) or a :class:`Skip`.
+    """
+    if modality not in MODALITIES:
+        raise DataSpecError(f"corpus '{name}': unknown modality '{modality}'; use one of {', '.join(MODALITIES)}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for old in out_dir.glob(f"{name}-*.tar*"):  # a rewrite must not leave stale shards behind
+        old.unlink()
+    skipped: Counter[str] = Counter()
+    count = 0
+    pattern = str(out_dir / f"{name}-%06d.tar")
+    with wds.ShardWriter(pattern, maxcount=maxcount, maxsize=maxsize, verbose=0) as writer:
+        for record in records:
+            if isinstance(record, Skip):
+                skipped[record.reason] += 1
+                continue
+            writer.write({"__key__": f"{count:09d}", **record})
+            count += 1
+    shards = sorted(out_dir.glob(f"{name}-*.tar"))
+    entries = []
+    for shard in shards:
+        index = build_index(shard)
+        write_index(shard, index)
+        entries.append({"name": shard.name, "samples": len(index["keys"]),
+                        "bytes": shard.stat().st_size, "sha256": sha256_file(shard)})
+    manifest = {"name": name, "modality": modality, "num_samples": count, "shards": entries,
+                "skipped": dict(sorted(skipped.items())), "source": source}
+    manifest_path = out_dir / f"{name}{MANIFEST_SUFFIX}"
+    manifest_path.write_text(json.dumps(manifest, indent=1))
+    return WriteResult(manifest_path=manifest_path, num_samples=count, skipped=dict(skipped))
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_manifest(manifest_path: str | Path) -> list[str]:
+    """Recompute every shard's size and sha256; return the names of shards that differ."""
+    manifest_path = Path(manifest_path)
+    manifest = json.loads(manifest_path.read_text())
+    bad = []
+    for entry in manifest["shards"]:
+        path = manifest_path.parent / entry["name"]
+        if not path.exists() or path.stat().st_size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
+            bad.append(entry["name"])
+    return bad
+
+
+# ----------------------------------------------------------------------------- the random-access index
+
+def build_index(shard: str | Path) -> dict:
+    """Scan one tar once with :mod:`tarfile` and record ``key -> {ext: (offset, size)}``.
+
+    webdataset itself only streams tars; random access needs the byte offset of each member's
+    data (``TarInfo.offset_data``), which ``tarfile`` gives in one sequential pass.
+    Keys and extensions are split with webdataset's own rule (``base_plus_ext``).
+    """
+    keys: list[str] = []
+    members: list[dict[str, list[int]]] = []
+    position: dict[str, int] = {}
+    with tarfile.open(shard, "r:") as tar:
+        for info in tar:
+            if not info.isfile():
+                continue
+            key, ext = base_plus_ext(info.name)
+            if key is None or key.startswith("__"):
+                continue
+            if key not in position:
+                position[key] = len(keys)
+                keys.append(key)
+                members.append({})
+            members[position[key]][ext.lower()] = [info.offset_data, info.size]
+    return {"version": INDEX_VERSION, "bytes": os.path.getsize(shard), "keys": keys, "members": members}
+
+
+def write_index(shard: str | Path, index: dict, cache_dir: str | Path | None = None) -> None:
+    path = index_path(shard, cache_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(index))
+    tmp.replace(path)  # atomic: concurrent ranks never read a half-written index
+
+
+def index_path(shard: str | Path, cache_dir: str | Path | None = None) -> Path:
+    """The sidecar next to the shard, or (for shards we may not write beside) one in ``cache_dir``."""
+    shard = Path(shard).resolve()
+    if cache_dir is None:
+        return shard.with_name(shard.name + INDEX_SUFFIX)
+    digest = hashlib.sha256(str(shard).encode()).hexdigest()[:20]
+    return Path(cache_dir) / "tar-index" / f"{shard.stem}-{digest}{INDEX_SUFFIX}"
+
+
+def load_index(shard: str | Path, cache_dir: str | Path | None = None) -> dict:
+    """The shard's index from its sidecar or the cache, rebuilt if missing or stale (size changed)."""
+    size = os.path.getsize(shard)
+    for candidate in (index_path(shard), index_path(shard, cache_dir) if cache_dir else None):
+        if candidate is not None and candidate.exists():
+            try:
+                index = json.loads(candidate.read_text())
+            except (OSError, ValueError):
+                continue
+            if index.get("version") == INDEX_VERSION and index.get("bytes") == size:
+                return index
+    index = build_index(shard)
+    try:
+        write_index(shard, index, cache_dir)
+    except OSError:
+        pass  # read-only everywhere: keep the in-memory index, it is only a cache
+    return index
+
+
+class ShardReader:
+    """Reads one sample's members by seek + read. One open file per shard, per process.
+
+    File objects are opened lazily and keyed by pid: a DataLoader worker forked from a process
+    that already had files open must not share their offsets.
+    """
+
+    def __init__(self):
+        self._files: dict[str, io.BufferedReader] = {}
+        self._pid = os.getpid()
+
+    def read(self, shard: str, member: tuple[int, int]) -> bytes:
+        if os.getpid() != self._pid:
+            self._files, self._pid = {}, os.getpid()
+        f = self._files.get(shard)
+        if f is None:
+            if len(self._files) >= 64:  # bound open files on corpora with thousands of shards
+                self._files.pop(next(iter(self._files))).close()
+            f = self._files[shard] = open(shard, "rb")
+        offset, size = member
+        f.seek(offset)
+        return f.read(size)
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files = {}
+
+
+def iter_tar_samples(shard: str | Path) -> Iterator[dict]:
+    """Stream one shard as webdataset dicts (used by tests and the benchmark baseline)."""
+    yield from wds.WebDataset(str(shard), shardshuffle=False, empty_check=False)
+
+
+def image_ext(members: dict) -> str | None:
+    """The first image member's extension of a sample, if any."""
+    return next((ext for ext in members if ext in IMAGE_EXTS), None)
+
+
+def detect_modality(members: dict) -> str | None:
+    """Which modality a sample's members form (``None``: neither)."""
+    has_image, has_text = image_ext(members) is not None, TEXT_EXT in members
+    if has_image and has_text:
+        return "pair"
+    if has_image:
+        return "image"
+    if has_text:
+        return "text"
+    return None

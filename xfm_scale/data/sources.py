@@ -1,0 +1,192 @@
+"""Readers of raw corpora: each yields webdataset records (dicts) or :class:`Skip` with a reason.
+
+Formats:
+* text:  ``.jsonl`` (one object per line, text in ``text_field``) or plain lines (any other file).
+* image: a folder (searched recursively for image files) or a list file (one path per line).
+* pair:  ``.jsonl`` / ``.json`` list (``image`` path or ``image_base64`` bytes, plus ``caption``:
+  a string or a list of strings, one sample per caption), ``.tsv`` (header naming the columns, or
+  two columns ``image<TAB>caption``), or a COCO caption file (``{"images": [...],
+  "annotations": [...]}``).
+Images are checked by decoding them fully with PIL once here, so a corrupt file is counted at
+conversion time rather than discovered in training; the stored bytes are the original encoding.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+from pathlib import Path
+from typing import Iterator
+
+from PIL import Image
+
+from .shards import IMAGE_EXTS, Skip
+
+Record = dict | Skip
+
+
+def _decode_line(raw: bytes) -> str | Skip:
+    try:
+        return raw.decode("utf-8").rstrip("\r\n")
+    except UnicodeDecodeError:
+        return Skip("bad_utf8")
+
+
+def _json_lines(path: Path) -> Iterator[dict | Skip]:
+    with open(path, "rb") as f:
+        for raw in f:
+            line = _decode_line(raw)
+            if isinstance(line, Skip):
+                yield line
+                continue
+            if not line.strip():
+                continue  # blank separator lines are not records
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                yield Skip("bad_json")
+                continue
+            yield obj if isinstance(obj, dict) else Skip("bad_json")
+
+
+def read_text(path: str | Path, *, text_field: str = "text") -> Iterator[Record]:
+    """Text records from a ``.jsonl`` file (``text_field``) or a plain file (one text per line)."""
+    path = Path(path)
+    if path.suffix == ".jsonl":
+        for obj in _json_lines(path):
+            if isinstance(obj, Skip):
+                yield obj
+            elif not isinstance(obj.get(text_field), str):
+                yield Skip("missing_field")
+            else:
+                yield _text_record(obj[text_field])
+        return
+    with open(path, "rb") as f:
+        for raw in f:
+            line = _decode_line(raw)
+            yield line if isinstance(line, Skip) else _text_record(line)
+
+
+def _text_record(text: str) -> Record:
+    text = text.strip()
+    return {"txt": text} if text else Skip("empty_text")
+
+
+def check_image(data: bytes) -> str | Skip:
+    """The webdataset extension for encoded image bytes, or a Skip if PIL cannot decode them."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            fmt = (img.format or "").lower()
+            img.load()
+    except Exception:  # noqa: BLE001 - PIL raises many types for corrupt data
+        return Skip("bad_image")
+    ext = {"jpeg": "jpg", "mpo": "jpg", "tiff": "tif"}.get(fmt, fmt)
+    return ext if ext in IMAGE_EXTS else Skip("bad_image")
+
+
+def _image_from_path(path: Path) -> tuple[str, bytes] | Skip:
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return Skip("missing_image_file")
+    ext = check_image(data)
+    return ext if isinstance(ext, Skip) else (ext, data)
+
+
+def read_images(path: str | Path) -> Iterator[Record]:
+    """Image records from a folder (recursive, sorted) or a list file of paths (relative to it)."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix.lower().lstrip(".") in IMAGE_EXTS)
+    else:
+        files = [path.parent / line.strip() for line in path.read_text().splitlines() if line.strip()]
+    for file in files:
+        image = _image_from_path(file)
+        yield image if isinstance(image, Skip) else {image[0]: image[1]}
+
+
+def _pair_record(image_ref: str | None, image_b64: str | None, caption, root: Path) -> Record:
+    if isinstance(caption, str):
+        caption = caption.strip()
+    if not caption or not isinstance(caption, str):
+        return Skip("empty_caption")
+    if image_b64:
+        try:
+            data = base64.b64decode(image_b64, validate=True)
+        except (binascii.Error, ValueError):
+            return Skip("bad_base64")
+        ext = check_image(data)
+        image = ext if isinstance(ext, Skip) else (ext, data)
+    elif image_ref:
+        image = _image_from_path(root / image_ref)
+    else:
+        return Skip("missing_field")
+    return image if isinstance(image, Skip) else {image[0]: image[1], "txt": caption}
+
+
+def _expand_captions(obj: dict, root: Path, image_field: str, caption_field: str) -> Iterator[Record]:
+    captions = obj.get(caption_field)
+    for caption in captions if isinstance(captions, list) else [captions]:
+        yield _pair_record(obj.get(image_field), obj.get(f"{image_field}_base64"), caption, root)
+
+
+def read_pairs(path: str | Path, *, image_root: str | Path | None = None, image_field: str = "image",
+               caption_field: str = "caption") -> Iterator[Record]:
+    """Pair records from jsonl / json / tsv / COCO captions; image paths are relative to ``image_root``
+    (default: the file's folder)."""
+    path = Path(path)
+    root = Path(image_root) if image_root is not None else path.parent
+    if path.suffix == ".jsonl":
+        for obj in _json_lines(path):
+            if isinstance(obj, Skip):
+                yield obj
+            else:
+                yield from _expand_captions(obj, root, image_field, caption_field)
+    elif path.suffix == ".tsv":
+        yield from _read_tsv(path, root, image_field, caption_field)
+    else:
+        data = json.loads(path.read_text())
+        if isinstance(data, dict) and "annotations" in data:
+            yield from _read_coco(data, root)
+        else:
+            for obj in data:
+                yield from _expand_captions(obj, root, image_field, caption_field) if isinstance(obj, dict) \
+                    else [Skip("bad_json")]
+
+
+def _read_tsv(path: Path, root: Path, image_field: str, caption_field: str) -> Iterator[Record]:
+    with open(path, "rb") as f:
+        lines = iter(f)
+        first = _decode_line(next(lines, b""))
+        header = first.split("\t") if isinstance(first, str) else []
+        if caption_field in header:
+            columns = header
+        else:  # no header: image<TAB>caption, and the first line is data
+            columns, lines = [image_field, caption_field], _chain([first], lines)
+        for raw in lines:
+            line = raw if isinstance(raw, (str, Skip)) else _decode_line(raw)
+            if isinstance(line, Skip):
+                yield line
+                continue
+            if not line.strip():
+                continue
+            row = dict(zip(columns, line.split("\t")))
+            ref = row.get(image_field, "")
+            b64 = row.get(f"{image_field}_base64")
+            if b64 is None and len(ref) > 256 and not (root / ref[:200]).exists():
+                ref, b64 = None, ref  # a long non-path image column is base64 bytes
+            yield _pair_record(ref, b64, row.get(caption_field), root)
+
+
+def _chain(first: list, rest):
+    yield from first
+    yield from rest
+
+
+def _read_coco(data: dict, root: Path) -> Iterator[Record]:
+    """COCO captions: one sample per annotation (as X-VLM's pre-training json does)."""
+    files = {img["id"]: img["file_name"] for img in data.get("images", [])}
+    for ann in data["annotations"]:
+        file = files.get(ann.get("image_id"))
+        yield _pair_record(file, None, ann.get("caption"), root) if file else Skip("missing_image_file")

@@ -1,0 +1,61 @@
+"""The one module that decides which fused kernels are used, and reports what it chose.
+
+Apex (a CUDA source build; the package index's ``apex`` is an unrelated project) supplies fused
+LayerNorm and FusedAdam when installed. Otherwise the field's fallbacks: torch's LayerNorm (already
+a fused kernel on GPU), DeepSpeed's FusedAdam on GPU or torch AdamW elsewhere, and attention through
+torch's scaled_dot_product_attention (flash / memory-efficient kernels on GPU, math on CPU).
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+from dataclasses import asdict, dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class KernelChoice:
+    layer_norm: str
+    """Which LayerNorm implementation the model uses."""
+    attention: str
+    """Which attention path (always torch SDPA; the kernel it picks depends on the device)."""
+    optimizer: str
+    """Which Adam implementation the engine will use."""
+
+
+def _apex_available(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None and torch.cuda.is_available()
+    except (ImportError, ValueError):
+        return False
+
+
+@functools.cache
+def choice() -> KernelChoice:
+    if _apex_available("apex.normalization"):
+        layer_norm = "apex.normalization.FusedLayerNorm"
+    else:
+        layer_norm = "torch.nn.LayerNorm"
+    if _apex_available("apex.optimizers"):
+        optimizer = "apex.optimizers.FusedAdam"
+    elif torch.cuda.is_available():
+        optimizer = "deepspeed.ops.adam.FusedAdam"
+    else:
+        optimizer = "torch.optim.AdamW"
+    attention = ("torch SDPA (flash / memory-efficient kernels)" if torch.cuda.is_available()
+                 else "torch SDPA (math kernel on CPU)")
+    return KernelChoice(layer_norm=layer_norm, attention=attention, optimizer=optimizer)
+
+
+def report() -> dict[str, str]:
+    return asdict(choice())
+
+
+def LayerNorm(dim: int, eps: float) -> torch.nn.Module:  # noqa: N802 - a class-like factory
+    """LayerNorm with ``weight``/``bias`` parameters (same state-dict names either way)."""
+    if choice().layer_norm.startswith("apex"):
+        from apex.normalization import FusedLayerNorm
+
+        return FusedLayerNorm(dim, eps=eps)
+    return torch.nn.LayerNorm(dim, eps=eps)

@@ -1,0 +1,45 @@
+"""The fusion encoder: post-LN blocks of self-attention over text, cross-attention to image tokens,
+and an FFN (BERT's cross-attention layer). Legend: B batch, L text tokens, M image tokens,
+D text width, C image width."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from xfm_scale import kernels
+from xfm_scale.config import FusionEncoderConfig
+from xfm_scale.model.layers import MLP, CrossAttention, SelfAttention, padding_mask, run_blocks
+
+
+class FusionBlock(nn.Module):
+    def __init__(self, cfg: FusionEncoderConfig, image_width: int, mp_config, std: float):
+        super().__init__()
+        D, eps = cfg.hidden_size, cfg.layer_norm_eps
+        self.self_attn = SelfAttention(D, cfg.num_heads, bias="qkv", dropout=cfg.attention_dropout,
+                                       config=mp_config, std=std)
+        self.self_norm = kernels.LayerNorm(D, eps)
+        self.cross_attn = CrossAttention(D, image_width, cfg.num_heads, dropout=cfg.attention_dropout,
+                                         config=mp_config, std=std)
+        self.cross_norm = kernels.LayerNorm(D, eps)
+        self.mlp = MLP(D, cfg.ffn_hidden_size, config=mp_config, std=std)
+        self.mlp_norm = kernels.LayerNorm(D, eps)
+        self.dropout = nn.Dropout(cfg.hidden_dropout)
+
+    def forward(self, x_BLD: torch.Tensor, mask_B11L: torch.Tensor, image_BMC: torch.Tensor) -> torch.Tensor:
+        x_BLD = self.self_norm(x_BLD + self.dropout(self.self_attn(x_BLD, mask_B11L)))
+        x_BLD = self.cross_norm(x_BLD + self.dropout(self.cross_attn(x_BLD, image_BMC)))
+        return self.mlp_norm(x_BLD + self.dropout(self.mlp(x_BLD)))
+
+
+class FusionEncoder(nn.Module):
+    def __init__(self, cfg: FusionEncoderConfig, image_width: int, mp_config, std: float):
+        super().__init__()
+        self.cfg = cfg
+        # The vision encoder returns timm's un-normalised patch tokens (see vision.py); this norm
+        # plays the role of the reference's final `norm` on the tokens the fusion attends to.
+        self.image_norm = kernels.LayerNorm(image_width, 1e-6)
+        self.blocks = nn.ModuleList(FusionBlock(cfg, image_width, mp_config, std) for _ in range(cfg.num_layers))
+
+    def forward(self, text_BLD: torch.Tensor, text_mask_BL: torch.Tensor, image_BMC: torch.Tensor) -> torch.Tensor:
+        return run_blocks(self.blocks, self.cfg.activation_checkpointing, text_BLD,
+                          padding_mask(text_mask_BL), self.image_norm(image_BMC))

@@ -1,0 +1,95 @@
+"""Pre-training heads. Legend: B batch, L tokens, M predicted positions, D width, Vl vocab rows
+on this TP rank, E ITC width."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core import tensor_parallel as tp
+from torch import nn
+
+from xfm_scale import kernels
+from xfm_scale.batch import IGNORE_INDEX
+from xfm_scale.model.layers import init_linear_, mark_tensor_parallel, tp_rank, tp_size
+
+
+class MLMHead(nn.Module):
+    """RoBERTa/BERT LM head: dense -> GELU -> LayerNorm -> decoder tied to the (vocab-parallel) word
+    embedding, plus a vocab-parallel bias. Logits stay split over TP ranks; megatron's
+    vocab_parallel_cross_entropy reduces across them.
+
+    ``detach_decoder``: the fusion encoder's head reads the language encoder's embedding as a frozen
+    output vocabulary, so IMLM sends no gradient into the language encoder (technique 1) and the model
+    stays at the reference's size (no second V x D matrix)."""
+
+    def __init__(self, hidden: int, eps: float, padded_vocab: int, vocab_size: int,
+                 word_embedding: nn.Module, *, detach_decoder: bool, std: float, dtype: torch.dtype):
+        super().__init__()
+        self.dense = init_linear_(nn.Linear(hidden, hidden, dtype=dtype), std)
+        self.layer_norm = kernels.LayerNorm(hidden, eps)
+        local = padded_vocab // tp_size()
+        self.bias = mark_tensor_parallel(nn.Parameter(torch.zeros(local, dtype=dtype)), partition_dim=0)
+        self.detach_decoder = detach_decoder
+        # Tied, not a submodule: the embedding has one owner (the text encoder) in the state dict.
+        object.__setattr__(self, "tied_embedding", word_embedding)
+        first = tp_rank() * local
+        self.register_buffer("is_padding_row", torch.arange(first, first + local) >= vocab_size, persistent=False)
+
+    def forward(self, hidden_BLD: torch.Tensor, labels_BL: torch.Tensor, predict: bool = False) -> torch.Tensor:
+        """Mean cross-entropy over the masked positions (labels != -100); with ``predict``, the
+        arg-max token id at each of those positions instead (MLM accuracy). Called through forward
+        so ZeRO-3 gathers this head's parameters (the tied embedding is registered by the engine)."""
+        logits_MV = self._logits(hidden_BLD[labels_BL.ne(IGNORE_INDEX)])
+        if predict:
+            return self._argmax(logits_MV)
+        per_token = tp.vocab_parallel_cross_entropy(logits_MV.float(), labels_BL[labels_BL.ne(IGNORE_INDEX)])
+        return per_token.mean() if per_token.numel() else logits_MV.sum() * 0.0
+
+    def _logits(self, hidden_MD: torch.Tensor) -> torch.Tensor:
+        """Vocab-parallel logits [M, Vl]; rows past the real vocabulary are -inf."""
+        h_MD = self.layer_norm(F.gelu(self.dense(hidden_MD)))
+        h_MD = tp.copy_to_tensor_model_parallel_region(h_MD)  # identity forward, all-reduce of grad
+        weight_VD = self.tied_embedding.weight
+        if self.detach_decoder:
+            weight_VD = weight_VD.detach()
+        logits_MV = F.linear(h_MD, weight_VD) + self.bias
+        return logits_MV.masked_fill(self.is_padding_row, float("-inf"))
+
+    @staticmethod
+    def _argmax(logits_MV: torch.Tensor) -> torch.Tensor:
+        """Global arg-max over vocab-parallel logits: each rank's best, then the best of those."""
+        best, index = logits_MV.max(dim=-1)
+        index = index + tp_rank() * logits_MV.shape[-1]
+        if tp_size() == 1:
+            return index
+        pairs = tp.gather_from_tensor_model_parallel_region(torch.stack([best, index.to(best.dtype)], -1))
+        pairs = pairs.view(*pairs.shape[:-1], tp_size(), 2)
+        winner = pairs[..., 0].argmax(dim=-1, keepdim=True)
+        return pairs[..., 1].gather(-1, winner).squeeze(-1).long()
+
+
+class ContrastiveHead(nn.Module):
+    """ITC projections to E (L2-normalised) and the learnable temperature."""
+
+    def __init__(self, text_width: int, image_width: int, embed_dim: int, temperature: float,
+                 bounds: tuple[float, float], std: float, dtype: torch.dtype):
+        super().__init__()
+        self.text_proj = init_linear_(nn.Linear(text_width, embed_dim, dtype=dtype), std)
+        self.vision_proj = init_linear_(nn.Linear(image_width, embed_dim, dtype=dtype), std)
+        self.temp = nn.Parameter(torch.tensor(temperature, dtype=dtype))
+        self.bounds = bounds
+
+    def forward(self, image_pooled_BD: torch.Tensor | None, text_cls_BD: torch.Tensor | None
+                ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+        """(image features, text features, temperature); either input may be None."""
+        image = F.normalize(self.vision_proj(image_pooled_BD), dim=-1) if image_pooled_BD is not None else None
+        text = F.normalize(self.text_proj(text_cls_BD), dim=-1) if text_cls_BD is not None else None
+        # Clamped functionally: the reference clamps the parameter in place inside forward, which
+        # under ZeRO-3 would write into a gathered copy that is then discarded.
+        return image, text, self.temp.clamp(*self.bounds)
+
+
+def itm_head(width: int, std: float, dtype: torch.dtype) -> nn.Sequential:
+    """X-VLM's 2-way MLP on the fusion [CLS]: Linear(D, 2D), LayerNorm, GELU, Linear(2D, 2)."""
+    return nn.Sequential(init_linear_(nn.Linear(width, 2 * width, dtype=dtype), std),
+                         nn.LayerNorm(2 * width, dtype=dtype), nn.GELU(),
+                         init_linear_(nn.Linear(2 * width, 2, dtype=dtype), std))

@@ -1,0 +1,152 @@
+"""X-FM: language, vision and fusion encoders with every pre-training head and loss.
+
+One forward per micro-batch kind (batch.py): text -> MLM; image -> MIM; pair -> ITC, ITM, IMLM,
+MIM. The method: ../shared/design/xfm-method.md. This module knows megatron's layers and parallel
+state (to find the data-parallel group for ITC) but nothing of DeepSpeed.
+Legend: B batch, L caption tokens, N image tokens (1+P), D width, E ITC width.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state as ps
+from torch import nn
+
+from xfm_scale.batch import Batch, ImageBatch, PairBatch, TextBatch
+from xfm_scale.config import XFMConfig
+from xfm_scale.model.fusion import FusionEncoder
+from xfm_scale.model.heads import ContrastiveHead, MLMHead, itm_head
+from xfm_scale.model.layers import megatron_config, tp_size
+from xfm_scale.model.losses import contrastive_loss, mim_loss, sample_hard_negatives
+from xfm_scale.model.text import TextEncoder
+from xfm_scale.model.vision import VisionEncoder
+
+OBJECTIVES = ("mlm", "itc", "itm", "imlm", "mim")
+
+
+@dataclass
+class XFMOutput:
+    losses: dict[str, torch.Tensor]
+    """Each objective's loss on this micro-batch (only those the micro-batch kind computes)."""
+    intermediates: dict[str, torch.Tensor] = field(default_factory=dict)
+    """With ``return_intermediates``: tensors the tests inspect (image tokens, MIM target...)."""
+
+    @property
+    def total(self) -> torch.Tensor:
+        """Sum of the losses (all weights 1); a zero without grad when there is none."""
+        if not self.losses:
+            return torch.zeros(())
+        return torch.stack(list(self.losses.values())).sum()
+
+
+def data_parallel_group():
+    """The group ITC gathers over; None in a single data-parallel replica."""
+    if ps.model_parallel_is_initialized() and ps.get_data_parallel_world_size() > 1:
+        return ps.get_data_parallel_group()
+    return None
+
+
+class XFM(nn.Module):
+    def __init__(self, config: XFMConfig):
+        super().__init__()
+        config.validate(tp_size())
+        self.config = config
+        mp, std, dtype = megatron_config(config.torch_dtype), config.init_std, config.torch_dtype
+        padded_vocab = config.padded_vocab_size(tp_size())
+        t, v, f, o = config.text, config.vision, config.fusion, config.objectives
+        self.text = TextEncoder(t, padded_vocab, mp, std)
+        self.vision = VisionEncoder(v, mp, std)
+        self.fusion = FusionEncoder(f, v.hidden_size, mp, std)
+        word_embedding = self.text.embeddings.word_embeddings
+        self.text_mlm_head = MLMHead(t.hidden_size, t.layer_norm_eps, padded_vocab, t.vocab_size,
+                                     word_embedding, detach_decoder=False, std=std, dtype=dtype)
+        self.fusion_mlm_head = MLMHead(f.hidden_size, f.layer_norm_eps, padded_vocab, t.vocab_size,
+                                       word_embedding, detach_decoder=o.detach_text_for_fusion,
+                                       std=std, dtype=dtype)
+        self.itc = ContrastiveHead(t.hidden_size, v.hidden_size, o.itc_embed_dim, o.temperature_init,
+                                   (o.temperature_min, o.temperature_max), std, dtype)
+        self.itm_head = itm_head(f.hidden_size, std, dtype)
+
+    # ---- public encoders --------------------------------------------------------------------------
+    def encode_text(self, input_ids_BL: torch.Tensor, attention_mask_BL: torch.Tensor) -> torch.Tensor:
+        """Language encoder's last hidden states [B, L, D]."""
+        return self.text(input_ids_BL, attention_mask_BL)
+
+    def encode_image(self, pixel_values_BCHW: torch.Tensor, mim_mask_BP: torch.Tensor | None = None) -> torch.Tensor:
+        """Vision tokens [B, 1+P, D]: the pooled vector at index 0, patch tokens after."""
+        return self.vision(pixel_values_BCHW, mim_mask_BP)
+
+    def fuse(self, text_BLD: torch.Tensor, text_mask_BL: torch.Tensor, image_BND: torch.Tensor) -> torch.Tensor:
+        """Fusion encoder output [B, L, D]: the text stream attending to the image tokens."""
+        return self.fusion(text_BLD, text_mask_BL, image_BND)
+
+    def external_parameters(self) -> list[tuple[nn.Module, nn.Parameter]]:
+        """Parameters a module uses without owning them (the tied MLM decoders): ZeRO-3 must be told
+        (``deepspeed.zero.register_external_parameter``) or it would not gather them there."""
+        weight = self.text.embeddings.word_embeddings.weight
+        return [(self.text_mlm_head, weight), (self.fusion_mlm_head, weight)]
+
+    # ---- pre-training forward -----------------------------------------------------------------------
+    def forward(self, batch: Batch, return_intermediates: bool = False) -> XFMOutput:
+        if isinstance(batch, TextBatch):
+            return self._text_step(batch)
+        if isinstance(batch, ImageBatch):
+            return self._image_step(batch, return_intermediates)
+        if isinstance(batch, PairBatch):
+            return self._pair_step(batch, return_intermediates)
+        raise TypeError(f"unknown micro-batch type {type(batch).__name__}")
+
+    def _text_step(self, b: TextBatch) -> XFMOutput:
+        hidden_BLD = self.text(b.input_ids_BL, b.attention_mask_BL)
+        return XFMOutput({"mlm": self.text_mlm_head(hidden_BLD, b.mlm_labels_BL)})
+
+    def _image_step(self, b: ImageBatch, return_intermediates: bool) -> XFMOutput:
+        if self.config.objectives.mim_target == "none":
+            return XFMOutput({})
+        with torch.no_grad():  # the target only: the unmasked output, detached
+            target_BND = self.vision(b.pixel_values_BCHW)
+        return self._with_mim(XFMOutput({}), b, target_BND, return_intermediates)
+
+    def _with_mim(self, out: XFMOutput, b: ImageBatch | PairBatch, target_BND: torch.Tensor,
+                  return_intermediates: bool) -> XFMOutput:
+        if self.config.objectives.mim_target == "none":
+            return out
+        target_BND = target_BND.detach()
+        pred_BND = self.vision(b.pixel_values_BCHW, b.mim_mask_BP)
+        out.losses["mim"] = mim_loss(pred_BND, target_BND, b.mim_mask_BP)
+        if return_intermediates:
+            out.intermediates["mim_target"] = target_BND
+        return out
+
+    def _pair_step(self, b: PairBatch, return_intermediates: bool) -> XFMOutput:
+        detach = self.config.objectives.detach_text_for_fusion
+        image_BND = self.vision(b.pixel_values_BCHW)
+        text_BLD = self.text(b.caption_ids_BL, b.caption_mask_BL)
+        image_feat_BE, text_feat_BE, temp = self.itc(image_BND[:, 0], text_BLD[:, 0])
+        losses = {"itc": contrastive_loss(image_feat_BE, text_feat_BE, temp, data_parallel_group())}
+        fusion_text_BLD = text_BLD.detach() if detach else text_BLD  # detach point 1 (ITM)
+        losses["itm"] = self._itm_loss(image_BND, fusion_text_BLD, b.caption_mask_BL,
+                                       image_feat_BE, text_feat_BE, temp)
+        masked_text_BLD = self.text(b.imlm_input_ids_BL, b.caption_mask_BL)
+        if detach:
+            masked_text_BLD = masked_text_BLD.detach()  # detach point 2 (IMLM)
+        fused_BLD = self.fusion(masked_text_BLD, b.caption_mask_BL, image_BND)
+        losses["imlm"] = self.fusion_mlm_head(fused_BLD, b.imlm_labels_BL)
+        out = XFMOutput(losses)
+        if return_intermediates:
+            out.intermediates.update(image_tokens=image_BND, text_hidden=text_BLD)
+        return self._with_mim(out, b, image_BND, return_intermediates)
+
+    def _itm_loss(self, image_BND, text_BLD, mask_BL, image_feat_BE, text_feat_BE, temp) -> torch.Tensor:
+        """Positives, then each text with a hard-negative image, then each image with a hard-negative
+        text, in one fusion pass of 3B rows; the 2-way head on the fusion [CLS]."""
+        neg_image, neg_text = sample_hard_negatives(image_feat_BE, text_feat_BE, temp)
+        text_3B = torch.cat([text_BLD, text_BLD, text_BLD[neg_text]])
+        mask_3B = torch.cat([mask_BL, mask_BL, mask_BL[neg_text]])
+        image_3B = torch.cat([image_BND, image_BND[neg_image], image_BND])
+        logits = self.itm_head(self.fusion(text_3B, mask_3B, image_3B)[:, 0])
+        B = text_BLD.shape[0]
+        labels = torch.cat([torch.ones(B), torch.zeros(2 * B)]).long().to(logits.device)
+        return F.cross_entropy(logits.float(), labels)
