@@ -8,6 +8,7 @@ a failure on any rank into a test failure carrying that rank's traceback. Nothin
 """
 from __future__ import annotations
 
+import io
 import multiprocessing as mp
 import os
 import queue
@@ -32,12 +33,23 @@ def _rank_entry(fn, rank, world_size, port, results, args, kwargs):
 
     torch.set_num_threads(1)  # N ranks share a 2-core machine
     try:
-        results.put((rank, "ok", fn(*args, **kwargs)))
+        # Serialised to bytes here: torch would otherwise share tensors through file descriptors
+        # that disappear when this process exits, before the parent reads them.
+        buffer = io.BytesIO()
+        torch.save(fn(*args, **kwargs), buffer)
+        results.put((rank, "ok", buffer.getvalue()))
     except BaseException:  # noqa: BLE001 - any failure must reach the parent
         results.put((rank, "error", traceback.format_exc()))
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+def _load(payload: bytes):
+    import torch
+
+    # weights_only=False: the payload is this test's own result object, produced by our ranks.
+    return torch.load(io.BytesIO(payload), weights_only=False)
 
 
 def run_ranks(fn: Callable[..., Any], world_size: int, *args, timeout: float = 600, **kwargs) -> list[Any]:
@@ -59,7 +71,7 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args, timeout: float = 6
                                    f"gave no result within {timeout}s") from None
             if status == "error":
                 raise AssertionError(f"rank {rank} failed:\n{payload}")
-            collected[rank] = payload
+            collected[rank] = _load(payload)
     finally:
         for proc in procs:
             proc.join(timeout=30)

@@ -1,0 +1,89 @@
+"""The demo world (captions really describe the images) and make_shards' input formats."""
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+
+from xfm_scale.data.demo import COLOURS, Scene, caption, draw
+from xfm_scale.data.loader import load_pair_eval_set, load_tokenizer
+from xfm_scale.data.sources import read_images, read_pairs, read_text
+from xfm_scale.data.shards import Skip, iter_tar_samples, verify_manifest
+from conftest import png
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.mark.parametrize("position, box", [("left", (0, 0, 0.5, 1)), ("right", (0.5, 0, 1, 1)),
+                                           ("top", (0, 0, 1, 0.5)), ("bottom", (0, 0.5, 1, 1)),
+                                           ("centre", (0.2, 0.2, 0.8, 0.8))])
+def test_drawn_shapes_have_the_captioned_colour_position_and_count(position, box):
+    rng = random.Random(0)
+    for colour in ("red", "blue", "green"):
+        for count in (1, 2, 3):
+            img = np.asarray(draw(Scene("square", colour, position, count), 32, rng)).astype(int)
+            dist = np.abs(img - np.array(COLOURS[colour])).sum(-1)
+            ys, xs = np.nonzero(dist < 60)  # pixels of the shape's colour
+            assert len(xs) > 8 * count
+            cx, cy = xs.mean() / 32, ys.mean() / 32
+            assert box[0] <= cx <= box[2] and box[1] <= cy <= box[3], (position, cx, cy)
+            blobs = _count_blobs(dist < 60)
+            assert blobs == count, (position, colour, count, blobs)
+    text = caption(Scene("circle", "red", position, 2), rng)
+    assert "two red circles" in text and position.replace("centre", "centre") in text
+
+
+def _count_blobs(mask: np.ndarray) -> int:
+    seen, blobs = np.zeros_like(mask), 0
+    for y, x in zip(*np.nonzero(mask)):
+        if seen[y, x]:
+            continue
+        blobs += 1
+        stack = [(y, x)]
+        while stack:
+            a, b = stack.pop()
+            if 0 <= a < mask.shape[0] and 0 <= b < mask.shape[1] and mask[a, b] and not seen[a, b]:
+                seen[a, b] = True
+                stack += [(a + 1, b), (a - 1, b), (a, b + 1), (a, b - 1)]
+    return blobs
+
+
+def test_demo_outputs_tokenizer_and_eval_set(demo):
+    tok = load_tokenizer(demo.tokenizer_dir)
+    assert [tok.bos_token_id, tok.pad_token_id, tok.eos_token_id, tok.unk_token_id] == [0, 1, 2, 3]
+    assert tok.mask_token_id == 4 and len(tok) <= 1000
+    ids = tok("three blue triangles at the top").input_ids
+    assert ids[0] == 0 and ids[-1] == 2 and 3 not in ids and len(ids) <= 10  # known words: few tokens, no <unk>
+    manifests = {name: json.loads(path.read_text()) for name, path in demo.manifests.items()}
+    assert {n: m["num_samples"] for n, m in manifests.items()} == {"demo_pairs": 300, "demo_images": 120,
+                                                                    "demo_text": 300}
+    assert all(verify_manifest(path) == [] for path in demo.manifests.values())
+    ev = load_pair_eval_set(demo.eval_manifest, demo.tokenizer_dir, image_size=32, mim_grid=4)
+    assert ev.pixel_values_BCHW.shape == (40, 3, 32, 32) and len(set(ev.sample_keys)) == 40
+    train_captions = {s["txt"] for s in iter_tar_samples(demo.manifests["demo_pairs"].parent / "demo_pairs-000000.tar")}
+    assert len(train_captions) > 50
+
+
+def test_source_formats(tmp_path):
+    (tmp_path / "t.txt").write_bytes(b"first line\n\n  \nsecond\n\xff\xfe broken\n")
+    text = list(read_text(tmp_path / "t.txt"))
+    assert [r["txt"] for r in text if not isinstance(r, Skip)] == ["first line", "second"]
+    assert sorted(r.reason for r in text if isinstance(r, Skip)) == ["bad_utf8", "empty_text", "empty_text"]
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "a.png").write_bytes(png())
+    (tmp_path / "img" / "b.jpg").write_bytes(b"not a jpeg")
+    images = list(read_images(tmp_path / "img"))
+    assert [list(r) if isinstance(r, dict) else r.reason for r in images] == [["png"], "bad_image"]
+    (tmp_path / "list.txt").write_text("img/a.png\nimg/missing.png\n")
+    assert [isinstance(r, Skip) and r.reason for r in read_images(tmp_path / "list.txt")] == [False, "missing_image_file"]
+    (tmp_path / "p.tsv").write_text("img/a.png\ta red square\nimg/a.png\t\n")
+    tsv = list(read_pairs(tmp_path / "p.tsv"))
+    assert tsv[0]["txt"] == "a red square" and tsv[1] == Skip("empty_caption")
+    coco = {"images": [{"id": 1, "file_name": "img/a.png"}],
+            "annotations": [{"image_id": 1, "caption": "one"}, {"image_id": 1, "caption": "two"},
+                            {"image_id": 9, "caption": "orphan"}]}
+    (tmp_path / "coco.json").write_text(json.dumps(coco))
+    out = list(read_pairs(tmp_path / "coco.json"))
+    assert [r["txt"] if isinstance(r, dict) else r.reason for r in out] == ["one", "two", "missing_image_file"]

@@ -1,0 +1,170 @@
+"""The loader: one modality per global micro-step on all ranks, worker-count independence, exact
+resume, resume at another data-parallel size with no sample repeated or lost."""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import fields, replace
+
+import numpy as np
+import pytest
+import torch
+
+from xfm_scale.batch import IGNORE_INDEX, ImageBatch, PairBatch, TextBatch
+from xfm_scale.data.blend import build_blend
+from xfm_scale.data.loader import BlendLoader, LoaderConfig
+from xfm_scale.data.shards import DataSpecError
+
+pytestmark = pytest.mark.unit
+MBS = {"text": 6, "image": 3, "pair": 4}
+
+
+@pytest.fixture(scope="module")
+def blend(demo, tmp_path_factory):
+    return build_blend(demo.spec, num_samples=1500, seed=7, cache_dir=tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(scope="module")
+def cfg(demo):
+    return LoaderConfig(tokenizer_dir=str(demo.tokenizer_dir), micro_batch_sizes=MBS, micro_steps_per_step=3,
+                        image_size=32, mim_grid=4, mim_num_masked=6, mim_min_block=2)
+
+
+def take(loader, n):
+    out = []
+    for batch in loader:
+        out.append(batch)
+        if len(out) == n:
+            break
+    return out
+
+
+def assert_same_batches(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert type(x) is type(y) and x.sample_keys == y.sample_keys
+        for f in fields(x):
+            if isinstance(getattr(x, f.name), torch.Tensor):
+                assert torch.equal(getattr(x, f.name), getattr(y, f.name)), f.name
+
+
+def test_batches_have_the_contracts_shapes_and_masks(blend, cfg):
+    batches = take(BlendLoader(blend, cfg, dp_rank=1, dp_size=2), 12)
+    kinds = Counter(type(b).__name__ for b in batches)
+    assert set(kinds) == {"TextBatch", "ImageBatch", "PairBatch"}
+    for b in batches:
+        assert b.size == MBS[b.modality] == len(b.sample_keys)
+        if isinstance(b, (ImageBatch, PairBatch)):
+            assert b.pixel_values_BCHW.shape == (b.size, 3, 32, 32)
+            assert b.mim_mask_BP.shape == (b.size, 16) and (b.mim_mask_BP.sum(1) == 6).all()
+            assert -2.0 < b.pixel_values_BCHW.mean() < 2.0
+        if isinstance(b, TextBatch):
+            predicted = (b.mlm_labels_BL != IGNORE_INDEX).sum(1)
+            real = b.attention_mask_BL.sum(1) - 2  # <s> and </s> are never masked
+            expected = torch.clamp(torch.round(real * 0.15), min=1, max=20)
+            assert torch.equal(predicted, expected)
+        if isinstance(b, PairBatch):
+            assert b.caption_ids_BL.shape[1] <= 30
+            changed = b.imlm_labels_BL != IGNORE_INDEX
+            assert torch.equal(b.caption_ids_BL[changed], b.imlm_labels_BL[changed])
+            assert (changed.sum(1) >= 1).all()
+
+
+def test_modality_schedule_is_the_same_for_every_rank_and_dp_size(blend, cfg):
+    reference = [BlendLoader(blend, cfg, dp_size=1).step_modalities(k) for k in range(40)]
+    for dp in (2, 4):
+        for rank in range(dp):
+            loader = BlendLoader(blend, cfg, dp_rank=rank, dp_size=dp)
+            assert [loader.step_modalities(k) for k in range(40)] == reference
+    # The micro-steps of each modality consume its stream at the blend's rate.
+    loader = BlendLoader(blend, cfg)
+    micro = Counter(m for k in range(loader.num_steps) for m in loader.step_modalities(k))
+    consumed = {m: micro[m] * MBS[m] for m in MBS}
+    share = {m: len(loader.schedule.streams[m]) / blend.num_samples for m in MBS}
+    for m in MBS:
+        assert consumed[m] / sum(consumed.values()) == pytest.approx(share[m], abs=0.01)
+
+
+def test_ranks_read_disjoint_slices_of_the_same_global_micro_batch(blend, cfg):
+    ranks = [take(BlendLoader(blend, cfg, dp_rank=r, dp_size=3), 9) for r in range(3)]
+    whole = take(BlendLoader(blend, replace(cfg, micro_batch_sizes={m: 3 * n for m, n in MBS.items()})), 9)
+    for step in range(9):
+        modalities = {ranks[r][step].modality for r in range(3)}
+        assert modalities == {whole[step].modality}
+        joined = sum((ranks[r][step].sample_keys for r in range(3)), ())
+        assert joined == whole[step].sample_keys
+
+
+def test_same_samples_for_0_1_and_3_workers(blend, cfg):
+    runs = [take(BlendLoader(blend, replace(cfg, num_workers=w), dp_rank=1, dp_size=2), 10) for w in (0, 1, 3)]
+    assert_same_batches(runs[0], runs[1])
+    assert_same_batches(runs[0], runs[2])
+
+
+def test_exact_resume_at_a_step(blend, cfg):
+    uninterrupted = take(BlendLoader(blend, cfg, dp_rank=0, dp_size=2), 15)
+    first = BlendLoader(blend, replace(cfg, num_workers=2), dp_rank=0, dp_size=2)
+    steps = iter(first.iter_steps())
+    for _ in range(2):  # two optimizer steps = 6 micro-steps
+        next(steps)
+    state = first.state_dict()
+    assert state["micro_step"] == 6 and all(isinstance(v, int) for v in state.values())
+    resumed = BlendLoader(blend, cfg, dp_rank=0, dp_size=2)
+    resumed.load_state_dict(state)
+    assert_same_batches(take(resumed, 9), uninterrupted[6:15])
+
+
+def test_resume_at_another_dp_size_repeats_and_loses_nothing(blend, cfg):
+    seen: dict[str, list[str]] = {m: [] for m in MBS}
+
+    def consume(dp, state, micro_steps):
+        loaders = [BlendLoader(blend, cfg, dp_rank=r, dp_size=dp) for r in range(dp)]
+        for loader in loaders:
+            if state:
+                loader.load_state_dict(state)
+        per_rank = [take(loader, micro_steps) for loader in loaders]
+        for step in zip(*per_rank):
+            assert len({b.modality for b in step}) == 1
+            seen[step[0].modality].extend(k for b in step for k in b.sample_keys)
+        return loaders[0].state_dict()
+
+    state = consume(2, None, 6)
+    state = consume(3, state, 9)
+    state = consume(1, state, 6)
+    reference = BlendLoader(blend, cfg)
+    for m in MBS:
+        assert seen[m] == reference.stream_keys(m, 0, len(seen[m]))  # the global order, no gap, no repeat
+        assert state[f"offset_{m}"] == len(seen[m])
+    assert state["micro_step"] == 21
+
+
+def test_num_steps_stops_at_the_end_of_the_blend(blend, cfg):
+    loader = BlendLoader(blend, cfg, dp_rank=0, dp_size=2)
+    n = loader.num_steps
+    steps = list(loader.iter_steps())
+    assert len(steps) == n > 10
+    left = {m: len(loader.schedule.streams[m]) - loader.state_dict()[f"offset_{m}"] for m in MBS}
+    assert all(v >= 0 for v in left.values())
+    assert min(left[m] / (MBS[m] * 2) for m in MBS) < cfg.micro_steps_per_step  # no whole step left
+
+
+def test_trainer_rng_untouched_and_wrong_blend_state_refused(blend, cfg, demo, tmp_path):
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    take(BlendLoader(blend, cfg), 4)
+    assert torch.equal(torch.rand(3), expected)
+    other = build_blend(demo.spec, num_samples=1500, seed=8, cache_dir=tmp_path)
+    with pytest.raises(DataSpecError, match="saved with another blend"):
+        BlendLoader(other, cfg).load_state_dict(BlendLoader(blend, cfg).state_dict())
+
+
+def test_eval_transform_is_deterministic_and_augmentation_varies_by_sample(blend, cfg):
+    aug = take(BlendLoader(blend, cfg), 6)
+    plain = take(BlendLoader(blend, replace(cfg, augment=False, seed=99)), 6)
+    plain_other_seed = take(BlendLoader(blend, replace(cfg, augment=False, seed=100)), 6)
+    image = next(i for i, b in enumerate(aug) if isinstance(b, (ImageBatch, PairBatch)))
+    assert torch.equal(plain[image].pixel_values_BCHW, plain_other_seed[image].pixel_values_BCHW)
+    assert not torch.equal(plain[image].pixel_values_BCHW, aug[image].pixel_values_BCHW)
+    px = aug[image].pixel_values_BCHW
+    assert not torch.equal(px[0], px[1])
+    assert np.unique(aug[image].mim_mask_BP.numpy(), axis=0).shape[0] > 1
