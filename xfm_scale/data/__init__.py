@@ -5,11 +5,22 @@ Public entry points (see docs/data.md):
 * :class:`BlendLoader` (blend, :class:`LoaderConfig`, dp_rank, dp_size): yields Batch objects,
   ``state_dict()`` / ``load_state_dict()``, ``bad_samples``
 * :func:`build_demo_data` -> :class:`DemoData` (spec, tokenizer dir, held-out eval set)
-"""
-from .blend import Blend, build_blend, format_report
-from .demo import DemoData, build_demo_data
-from .loader import BadSampleCounter, BlendLoader, LoaderConfig, load_pair_eval_set, load_tokenizer
-from .shards import DataSpecError, write_corpus
 
-__all__ = ["Blend", "build_blend", "format_report", "DemoData", "build_demo_data", "BadSampleCounter",
-           "BlendLoader", "LoaderConfig", "load_pair_eval_set", "load_tokenizer", "DataSpecError", "write_corpus"]
+Names resolve lazily so the CLIs that only write shards or blends do not import torch.
+"""
+from importlib import import_module
+
+_WHERE = {
+    "Blend": "blend", "build_blend": "blend", "format_report": "blend",
+    "DemoData": "demo", "build_demo_data": "demo",
+    "BadSampleCounter": "loader", "BlendLoader": "loader", "LoaderConfig": "loader",
+    "load_pair_eval_set": "loader", "load_tokenizer": "loader",
+    "DataSpecError": "shards", "write_corpus": "shards",
+}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name):
+    if name in _WHERE:
+        return getattr(import_module(f".{_WHERE[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -4,7 +4,8 @@
   so the realized count of every corpus stays within one sample of ``weight x prefix`` at every
   prefix of the sequence.
 * Sample choice: the helper numbers the draws from corpus c as 0, 1, 2, ...; draw j is pass
-  (epoch) ``j // n_c``, position ``j % n_c`` of a permutation seeded by (seed, corpus name, epoch).
+  (epoch) ``j // n_c``, position ``j % n_c`` of a permutation seeded by (seed, corpus name, epoch
+  block).
   Seeding by name keeps a corpus's order unchanged when another corpus is added to the spec.
 * Cached as two ``.npy`` arrays under ``CACHE/blend-<hash of spec, shard sizes, N, seed>/``;
   loaded memory-mapped, so DataLoader workers share the pages instead of copying 9 bytes/sample.
@@ -109,21 +110,45 @@ def blend_corpus_choice(weights: list[float], num_samples: int) -> tuple[np.ndar
     return dataset_index, draw_index
 
 
-def epoch_permutation(seed: int, corpus_name: str, epoch: int, size: int) -> np.ndarray:
-    """The order of a corpus's samples in one pass (epoch) over it."""
-    return np.random.default_rng([seed, zlib.crc32(corpus_name.encode()), epoch]).permutation(size)
+def epochs_per_block(size: int) -> int:
+    """Epoch permutations drawn together: one for big corpora, many for small ones.
+
+    A small corpus repeated millions of times would otherwise cost one Generator per epoch; a
+    block of epochs is one ``argsort`` of a [block, size] random matrix. Depends on ``size``
+    only, so epoch e's order does not depend on how many epochs the blend needs.
+    """
+    return 1 << max(0, (2 ** 20 // max(size, 1)).bit_length() - 1)
+
+
+def epoch_orders(seed: int, corpus_name: str, size: int, num_epochs: int) -> np.ndarray:
+    """[num_epochs * size]: the concatenated sample orders of epochs 0..num_epochs-1 of a corpus."""
+    block = epochs_per_block(size)
+    name = zlib.crc32(corpus_name.encode())
+    parts = []
+    for b in range(-(-num_epochs // block)):
+        rng = np.random.default_rng([seed, name, b])
+        if block == 1:
+            parts.append(rng.permutation(size))
+        else:
+            parts.append(np.argsort(rng.random((block, size)), axis=1).reshape(-1))
+    return np.concatenate(parts)[:num_epochs * size]
 
 
 def shuffle_draws(corpus_index: np.ndarray, draws: np.ndarray, corpora: list[Corpus], seed: int) -> None:
-    """Replace, in place, every draw number by the sample it reads (per-epoch seeded shuffle)."""
-    for c, corpus in enumerate(corpora):
-        where = np.flatnonzero(corpus_index == c)
-        if len(where) == 0:
-            continue
-        n = corpus.num_samples
-        epochs = -(-len(where) // n)  # draws of corpus c are 0..len-1, in order
-        order = np.concatenate([epoch_permutation(seed, corpus.name, e, n) for e in range(epochs)])
-        draws[where] = order[draws[where]]
+    """Replace, in place, every draw number by the sample it reads (per-epoch seeded shuffle).
+
+    The helper numbers the draws of each corpus 0, 1, 2, ...; so draw j of corpus c reads
+    ``orders_c[j]``. All corpora's orders are concatenated and read with one vectorised gather.
+    """
+    # count_nonzero per corpus is ~6x faster than bincount on int16 (no int64 copy of N entries).
+    counts = (np.array([np.count_nonzero(corpus_index == c) for c in range(len(corpora))], dtype=np.int64)
+              if len(corpora) <= 32 else np.bincount(corpus_index, minlength=len(corpora)))
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    orders = [epoch_orders(seed, corpus.name, corpus.num_samples, -(-int(n) // corpus.num_samples))[:n]
+              for corpus, n in zip(corpora, counts) if n]
+    flat = np.concatenate(orders) if orders else np.zeros(0, np.int64)
+    np.add(draws, starts[corpus_index], out=draws)
+    np.take(flat, draws, out=draws)
 
 
 def fingerprint(corpora: list[Corpus], num_samples: int, seed: int) -> str:

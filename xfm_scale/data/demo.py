@@ -75,16 +75,16 @@ def draw(scene: Scene, size: int, rng: random.Random) -> Image.Image:
     d = ImageDraw.Draw(img)
     # The region of each position; shapes are spread along its long side.
     box = {"left": (0.0, 0.0, 0.45, 1.0), "right": (0.55, 0.0, 1.0, 1.0), "top": (0.0, 0.0, 1.0, 0.45),
-           "bottom": (0.0, 0.55, 1.0, 1.0), "centre": (0.25, 0.25, 0.75, 0.75)}[scene.position]
+           "bottom": (0.0, 0.55, 1.0, 1.0), "centre": (0.15, 0.3, 0.85, 0.7)}[scene.position]
     x0, y0, x1, y1 = (v * s for v in box)
     vertical = (y1 - y0) > (x1 - x0)
-    r = s * (0.11 if scene.position == "centre" else 0.13) * rng.uniform(0.85, 1.1)
+    spacing = max(y1 - y0, x1 - x0) / scene.count
+    # Shapes must stay apart so that their count is visible: radius well under half the spacing.
+    r = min(s * 0.13 * rng.uniform(0.85, 1.1), 0.36 * spacing)
     for k in range(scene.count):
         frac = (k + 0.5) / scene.count
         cx = (x0 + x1) / 2 if vertical else x0 + frac * (x1 - x0)
         cy = y0 + frac * (y1 - y0) if vertical else (y0 + y1) / 2
-        if scene.count == 1 and scene.position == "centre":
-            r *= 1.6
         cx += rng.uniform(-0.03, 0.03) * s
         cy += rng.uniform(-0.03, 0.03) * s
         _shape(d, scene.shape, cx, cy, r, COLOURS[scene.colour])

@@ -9,7 +9,7 @@ from torch import nn
 
 from xfm_scale import kernels
 from xfm_scale.batch import IGNORE_INDEX
-from xfm_scale.model.layers import init_linear_, mark_tensor_parallel, tp_rank, tp_size
+from xfm_scale.model.layers import NormalLinear, mark_tensor_parallel, tp_rank, tp_size
 
 
 class MLMHead(nn.Module):
@@ -24,7 +24,7 @@ class MLMHead(nn.Module):
     def __init__(self, hidden: int, eps: float, padded_vocab: int, vocab_size: int,
                  word_embedding: nn.Module, *, detach_decoder: bool, std: float, dtype: torch.dtype):
         super().__init__()
-        self.dense = init_linear_(nn.Linear(hidden, hidden, dtype=dtype), std)
+        self.dense = NormalLinear(hidden, hidden, std=std, dtype=dtype)
         self.layer_norm = kernels.LayerNorm(hidden, eps)
         local = padded_vocab // tp_size()
         self.bias = mark_tensor_parallel(nn.Parameter(torch.zeros(local, dtype=dtype)), partition_dim=0)
@@ -73,9 +73,10 @@ class ContrastiveHead(nn.Module):
     def __init__(self, text_width: int, image_width: int, embed_dim: int, temperature: float,
                  bounds: tuple[float, float], std: float, dtype: torch.dtype):
         super().__init__()
-        self.text_proj = init_linear_(nn.Linear(text_width, embed_dim, dtype=dtype), std)
-        self.vision_proj = init_linear_(nn.Linear(image_width, embed_dim, dtype=dtype), std)
-        self.temp = nn.Parameter(torch.tensor(temperature, dtype=dtype))
+        self.text_proj = NormalLinear(text_width, embed_dim, std=std, dtype=dtype)
+        self.vision_proj = NormalLinear(image_width, embed_dim, std=std, dtype=dtype)
+        # shape [1], not a scalar: ZeRO-3 broadcasts parameters as bytes, which a 0-dim tensor cannot be
+        self.temp = nn.Parameter(torch.full((1,), temperature, dtype=dtype))
         self.bounds = bounds
 
     def forward(self, image_pooled_BD: torch.Tensor | None, text_cls_BD: torch.Tensor | None
@@ -90,6 +91,6 @@ class ContrastiveHead(nn.Module):
 
 def itm_head(width: int, std: float, dtype: torch.dtype) -> nn.Sequential:
     """X-VLM's 2-way MLP on the fusion [CLS]: Linear(D, 2D), LayerNorm, GELU, Linear(2D, 2)."""
-    return nn.Sequential(init_linear_(nn.Linear(width, 2 * width, dtype=dtype), std),
+    return nn.Sequential(NormalLinear(width, 2 * width, std=std, dtype=dtype),
                          nn.LayerNorm(2 * width, dtype=dtype), nn.GELU(),
-                         init_linear_(nn.Linear(2 * width, 2, dtype=dtype), std))
+                         NormalLinear(2 * width, 2, std=std, dtype=dtype))

@@ -165,11 +165,32 @@ def run_blocks(blocks: nn.ModuleList, checkpoint: bool, x: torch.Tensor, *extra)
     return x
 
 
-def init_linear_(module: nn.Linear, std: float) -> nn.Linear:
-    nn.init.normal_(module.weight, std=std)
-    if module.bias is not None:
-        nn.init.zeros_(module.bias)
-    return module
+# Initialisation happens in each module's own reset_parameters, i.e. inside its __init__: under
+# ZeRO-3's zero.Init a module's parameters are partitioned the moment its __init__ returns, so an
+# init applied afterwards by a parent would silently touch an empty shard.
+class NormalLinear(nn.Linear):
+    """nn.Linear with N(0, std) weights and zero bias (BERT/BEiT init)."""
+
+    def __init__(self, in_features: int, out_features: int, *, std: float, dtype: torch.dtype, bias: bool = True):
+        object.__setattr__(self, "_init_std", std)
+        super().__init__(in_features, out_features, bias=bias, dtype=dtype)
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, std=self._init_std)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+
+class NormalEmbedding(nn.Embedding):
+    """nn.Embedding with N(0, std) rows (and a zero padding row when padding_idx is set)."""
+
+    def __init__(self, num: int, dim: int, *, std: float, dtype: torch.dtype, padding_idx: int | None = None):
+        object.__setattr__(self, "_init_std", std)
+        super().__init__(num, dim, padding_idx=padding_idx, dtype=dtype)
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, std=self._init_std)
+        self._fill_padding_idx_with_zero()
 
 
 def layer_scale_init(dim: int, value: float, dtype: torch.dtype) -> nn.Parameter:
@@ -177,5 +198,5 @@ def layer_scale_init(dim: int, value: float, dtype: torch.dtype) -> nn.Parameter
 
 
 __all__ = ["SelfAttention", "CrossAttention", "MLP", "padding_mask", "run_blocks", "megatron_config",
-           "tp_size", "tp_rank", "mark_tensor_parallel", "split_for_rank", "init_linear_",
+           "tp_size", "tp_rank", "mark_tensor_parallel", "split_for_rank", "NormalLinear", "NormalEmbedding",
            "layer_scale_init"]

@@ -11,7 +11,7 @@ from torch import nn
 
 from xfm_scale import kernels
 from xfm_scale.config import TextEncoderConfig, TransformerConfig
-from xfm_scale.model.layers import MLP, SelfAttention, normal_init, padding_mask, run_blocks
+from xfm_scale.model.layers import MLP, NormalEmbedding, SelfAttention, normal_init, padding_mask, run_blocks
 
 
 class TextEmbeddings(nn.Module):
@@ -23,15 +23,10 @@ class TextEmbeddings(nn.Module):
         self.word_embeddings = tp.VocabParallelEmbedding(padded_vocab, cfg.hidden_size,
                                                          init_method=normal_init(std), config=mp_config)
         pad_idx = cfg.pad_token_id if cfg.flavour == "roberta" else None
-        self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size,
-                                                padding_idx=pad_idx, dtype=mp_config.params_dtype)
-        self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size,
-                                                  dtype=mp_config.params_dtype)
-        for emb in (self.position_embeddings, self.token_type_embeddings):
-            nn.init.normal_(emb.weight, std=std)
-        if pad_idx is not None:
-            with torch.no_grad():
-                self.position_embeddings.weight[pad_idx].zero_()
+        dtype = mp_config.params_dtype
+        self.position_embeddings = NormalEmbedding(cfg.max_position_embeddings, cfg.hidden_size,
+                                                   std=std, dtype=dtype, padding_idx=pad_idx)
+        self.token_type_embeddings = NormalEmbedding(cfg.type_vocab_size, cfg.hidden_size, std=std, dtype=dtype)
         self.norm = kernels.LayerNorm(cfg.hidden_size, cfg.layer_norm_eps)
         self.dropout = nn.Dropout(cfg.hidden_dropout)
 
