@@ -132,6 +132,10 @@ class ObjectiveConfig:
     """Technique (2): MIM regresses the vision encoder's own detached output on the unmasked image
     (the output ITC/ITM/IMLM consume). "none" turns MIM off (ablation): image-only micro-batches
     then carry no loss."""
+    itm_negative_group: int = 0
+    """ITM hard negatives are drawn among groups of this many consecutive pairs of a micro-batch
+    (0: the whole local micro-batch, as the reference). Set it to a larger run's per-rank micro-batch
+    to reproduce that run's negatives on fewer ranks with bigger micro-batches."""
     mim_num_masked: int = 75
     """Patches masked per image for MIM (BEiT block masking): 75 of 196 at 224/16."""
     mim_min_block: int = 16

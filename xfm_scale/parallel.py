@@ -158,3 +158,37 @@ def shutdown() -> None:
         ps.destroy_model_parallel()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def build_engine(model_config, optim_cfg, ds_config: dict, total_steps: int):
+    """Build X-FM inside ZeRO-3's partitioned construction and wrap it in a DeepSpeed engine.
+
+    * ``zero.Init(data_parallel_group=DP group, mpu=...)``: each TP shard is partitioned over the DP
+      ranks as it is created, so a model larger than one rank's memory can be built;
+    * the tied MLM decoders are registered as external parameters of their heads (ZeRO-3 gathers a
+      module's own parameters around its forward, not parameters it borrows);
+    * ``deepspeed.initialize(..., mpu=...)`` so gradient averaging uses the DP group and the
+      clipping norm counts TP-split parameters on every TP rank and replicated ones once.
+    Returns (engine, optimizer, scheduler).
+    """
+    import deepspeed
+    from megatron.core import parallel_state as ps
+
+    from xfm_scale import optim
+    from xfm_scale.model.xfm import XFM
+
+    mpu = MegatronMPU()
+    zero = ds_config.get("zero_optimization", {})
+    stage3 = zero.get("stage", 0) == 3
+    with deepspeed.zero.Init(data_parallel_group=ps.get_data_parallel_group(), mpu=mpu,
+                             config_dict_or_path=ds_config, enabled=stage3):
+        model = XFM(model_config)
+    if stage3:
+        for module, param in model.external_parameters():
+            deepspeed.zero.register_external_parameter(module, param)
+    cpu_offload = zero.get("offload_optimizer", {}).get("device", "none") in ("cpu", "nvme")
+    optimizer = optim.build_optimizer(optim.param_groups(model, optim_cfg), optim_cfg, cpu_offload)
+    scheduler = optim.build_scheduler(optimizer, total_steps, optim_cfg)
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, mpu=mpu)
+    return engine, optimizer, scheduler

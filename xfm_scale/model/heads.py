@@ -3,6 +3,7 @@ on this TP rank, E ITC width."""
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core import tensor_parallel as tp
 from torch import nn
@@ -38,11 +39,12 @@ class MLMHead(nn.Module):
         """Mean cross-entropy over the masked positions (labels != -100); with ``predict``, the
         arg-max token id at each of those positions instead (MLM accuracy). Called through forward
         so ZeRO-3 gathers this head's parameters (the tied embedding is registered by the engine)."""
-        logits_MV = self._logits(hidden_BLD[labels_BL.ne(IGNORE_INDEX)])
+        selected = labels_BL.ne(IGNORE_INDEX)
+        logits_MV = self._logits(hidden_BLD[selected])
         if predict:
             return self._argmax(logits_MV)
-        per_token = tp.vocab_parallel_cross_entropy(logits_MV.float(), labels_BL[labels_BL.ne(IGNORE_INDEX)])
-        return per_token.mean() if per_token.numel() else logits_MV.sum() * 0.0
+        per_token = tp.vocab_parallel_cross_entropy(logits_MV.float(), labels_BL[selected])
+        return global_token_mean(per_token)
 
     def _logits(self, hidden_MD: torch.Tensor) -> torch.Tensor:
         """Vocab-parallel logits [M, Vl]; rows past the real vocabulary are -inf."""
@@ -65,6 +67,21 @@ class MLMHead(nn.Module):
         pairs = pairs.view(*pairs.shape[:-1], tp_size(), 2)
         winner = pairs[..., 0].argmax(dim=-1, keepdim=True)
         return pairs[..., 1].gather(-1, winner).squeeze(-1).long()
+
+
+def global_token_mean(per_token_M: torch.Tensor) -> torch.Tensor:
+    """Sum of this rank's token losses over the data-parallel-global token count, times the DP size:
+    after the engine averages gradients over DP ranks, that is the mean over every masked token of
+    the global batch, whatever the split of tokens between ranks (a per-rank mean would weight a
+    rank's tokens by 1/its count)."""
+    from xfm_scale.model.xfm import data_parallel_group
+
+    count = torch.tensor([float(per_token_M.numel())], device=per_token_M.device)
+    group, world = data_parallel_group(), 1
+    if group is not None:
+        world = dist.get_world_size(group)
+        dist.all_reduce(count, group=group)
+    return per_token_M.sum() * world / count.clamp_min(1.0).squeeze()
 
 
 class ContrastiveHead(nn.Module):

@@ -2,27 +2,33 @@
 data-parallel ranks), E feature width, M masked patches, D width."""
 from __future__ import annotations
 
+import zlib
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 
 class _GatherWithLocalGrad(torch.autograd.Function):
-    """All-gather over the data-parallel group; the backward returns only this rank's slice of the
-    incoming gradient (the X-VLM/X-FM AllGather): each rank computes the same global loss, so the
-    data-parallel gradient average over ranks is the gradient of that global loss."""
+    """All-gather over the data-parallel group; backward keeps this rank's slice of the gradient.
+
+    Every rank computes the same global loss L from the gathered features, so the gradient of the
+    sum over ranks w.r.t. this rank's features is W x its slice; the engine then averages over the
+    W data-parallel ranks, which leaves exactly dL/dtheta: the gradient a single rank holding the
+    whole global batch would get. (X-VLM's AllGather returns the slice unscaled, i.e. 1/W of that
+    gradient: the ITC step size would shrink as the cluster grows.)"""
 
     @staticmethod
     def forward(ctx, x_BE: torch.Tensor, group) -> torch.Tensor:
         world = dist.get_world_size(group)
         parts = [torch.empty_like(x_BE) for _ in range(world)]
         dist.all_gather(parts, x_BE.contiguous(), group=group)
-        ctx.rank, ctx.local = dist.get_rank(group), x_BE.shape[0]
+        ctx.rank, ctx.local, ctx.world = dist.get_rank(group), x_BE.shape[0], world
         return torch.cat(parts, dim=0)
 
     @staticmethod
     def backward(ctx, grad_GE: torch.Tensor):
-        return grad_GE[ctx.rank * ctx.local:(ctx.rank + 1) * ctx.local], None
+        return grad_GE[ctx.rank * ctx.local:(ctx.rank + 1) * ctx.local] * ctx.world, None
 
 
 def gather_with_local_grad(x_BE: torch.Tensor, group) -> torch.Tensor:
@@ -41,20 +47,41 @@ def contrastive_loss(image_feat_BE: torch.Tensor, text_feat_BE: torch.Tensor, te
     return (F.cross_entropy(logits_GG.float(), labels) + F.cross_entropy(logits_GG.t().float(), labels)) / 2
 
 
+def _key_seed(step_seed: int, key: str) -> int:
+    return (zlib.crc32(key.encode()) * 1_000_003 + step_seed) % (2**63 - 1)
+
+
+def _draw(weights_BB: torch.Tensor, keys: tuple[str, ...], salt: str) -> torch.Tensor:
+    """One index per row from the row's weights. With sample keys: Gumbel-max with noise from a
+    generator keyed by (step seed, sample key), so the draw depends on the sample, not on the
+    rank, the micro-batch size or the order of rows; without keys: the default generator."""
+    if not keys:
+        return torch.multinomial(weights_BB, 1).squeeze(1)
+    step_seed = torch.initial_seed()
+    noise = torch.stack([torch.rand(weights_BB.shape[1], generator=torch.Generator().manual_seed(
+        _key_seed(step_seed, salt + key))) for key in keys]).to(weights_BB.device)
+    gumbel = -torch.log(-torch.log(noise.clamp_min(1e-20)))
+    return (weights_BB.log() + gumbel).argmax(dim=1)
+
+
 @torch.no_grad()
-def sample_hard_negatives(image_feat_BE: torch.Tensor, text_feat_BE: torch.Tensor,
-                          temp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_hard_negatives(image_feat_BE: torch.Tensor, text_feat_BE: torch.Tensor, temp: torch.Tensor,
+                          sample_keys: tuple[str, ...] = (), group: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """For each pair, one negative image (for its text) and one negative text (for its image), drawn
-    from the ITC softmax over the local batch with the positive excluded. Draws from the default
-    generator, which is identical on all TP ranks, so every TP rank picks the same negatives."""
-    sim_i2t_BB = (image_feat_BE @ text_feat_BE.t() / temp).float()
-    weights_t2i = F.softmax(sim_i2t_BB.t(), dim=1) + 1e-5
-    weights_i2t = F.softmax(sim_i2t_BB, dim=1) + 1e-5
+    from the ITC softmax with the positive excluded, among the pairs of its negative group:
+    ``group`` consecutive rows of the micro-batch (0: the whole local micro-batch, as X-VLM).
+    All TP ranks draw the same negatives (same keys, or the same default generator)."""
+    B = image_feat_BE.shape[0]
+    G = group or B
+    if B % G:
+        raise ValueError(f"objectives.itm_negative_group={G} must divide the micro-batch size {B}")
+    same_group = (torch.arange(B)[:, None] // G == torch.arange(B)[None, :] // G).to(image_feat_BE.device)
+    sim_i2t_BB = (image_feat_BE @ text_feat_BE.t() / temp).float().masked_fill(~same_group, float("-inf"))
+    weights_t2i = F.softmax(sim_i2t_BB.t(), dim=1) + 1e-5 * same_group
+    weights_i2t = F.softmax(sim_i2t_BB, dim=1) + 1e-5 * same_group
     weights_t2i.fill_diagonal_(0)
     weights_i2t.fill_diagonal_(0)
-    neg_image_for_text = torch.multinomial(weights_t2i, 1).squeeze(1)
-    neg_text_for_image = torch.multinomial(weights_i2t, 1).squeeze(1)
-    return neg_image_for_text, neg_text_for_image
+    return _draw(weights_t2i, sample_keys, "img:"), _draw(weights_i2t, sample_keys, "txt:")
 
 
 def mim_loss(pred_BND: torch.Tensor, target_BND: torch.Tensor, mask_BP: torch.Tensor) -> torch.Tensor:

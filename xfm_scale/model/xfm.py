@@ -7,8 +7,6 @@ Legend: B batch, L caption tokens, N image tokens (1+P), D width, E ITC width.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state as ps
@@ -26,12 +24,24 @@ from xfm_scale.model.vision import VisionEncoder
 OBJECTIVES = ("mlm", "itc", "itm", "imlm", "mim")
 
 
-@dataclass
-class XFMOutput:
-    losses: dict[str, torch.Tensor]
-    """Each objective's loss on this micro-batch (only those the micro-batch kind computes)."""
-    intermediates: dict[str, torch.Tensor] = field(default_factory=dict)
-    """With ``return_intermediates``: tensors the tests inspect (image tokens, MIM target...)."""
+class XFMOutput(dict):
+    """``{"losses": {...}, "intermediates": {...}}`` with attribute access.
+
+    A dict, not a dataclass: ZeRO-3 wraps the tensors of a module's output to fire its backward
+    hooks, and it can only find them inside tuples, lists and dicts."""
+
+    def __init__(self, losses: dict[str, torch.Tensor], intermediates: dict[str, torch.Tensor] | None = None):
+        super().__init__(losses=losses, intermediates=intermediates or {})
+
+    @property
+    def losses(self) -> dict[str, torch.Tensor]:
+        """Each objective's loss on this micro-batch (only those the micro-batch kind computes)."""
+        return self["losses"]
+
+    @property
+    def intermediates(self) -> dict[str, torch.Tensor]:
+        """With ``return_intermediates``: tensors the tests inspect (image tokens, MIM target...)."""
+        return self["intermediates"]
 
     @property
     def total(self) -> torch.Tensor:
@@ -128,7 +138,7 @@ class XFM(nn.Module):
         losses = {"itc": contrastive_loss(image_feat_BE, text_feat_BE, temp, data_parallel_group())}
         fusion_text_BLD = text_BLD.detach() if detach else text_BLD  # detach point 1 (ITM)
         losses["itm"] = self._itm_loss(image_BND, fusion_text_BLD, b.caption_mask_BL,
-                                       image_feat_BE, text_feat_BE, temp)
+                                       image_feat_BE, text_feat_BE, temp, b.sample_keys)
         masked_text_BLD = self.text(b.imlm_input_ids_BL, b.caption_mask_BL)
         if detach:
             masked_text_BLD = masked_text_BLD.detach()  # detach point 2 (IMLM)
@@ -139,10 +149,11 @@ class XFM(nn.Module):
             out.intermediates.update(image_tokens=image_BND, text_hidden=text_BLD)
         return self._with_mim(out, b, image_BND, return_intermediates)
 
-    def _itm_loss(self, image_BND, text_BLD, mask_BL, image_feat_BE, text_feat_BE, temp) -> torch.Tensor:
+    def _itm_loss(self, image_BND, text_BLD, mask_BL, image_feat_BE, text_feat_BE, temp, keys) -> torch.Tensor:
         """Positives, then each text with a hard-negative image, then each image with a hard-negative
         text, in one fusion pass of 3B rows; the 2-way head on the fusion [CLS]."""
-        neg_image, neg_text = sample_hard_negatives(image_feat_BE, text_feat_BE, temp)
+        neg_image, neg_text = sample_hard_negatives(image_feat_BE, text_feat_BE, temp, keys,
+                                                    self.config.objectives.itm_negative_group)
         text_3B = torch.cat([text_BLD, text_BLD, text_BLD[neg_text]])
         mask_3B = torch.cat([mask_BL, mask_BL, mask_BL[neg_text]])
         image_3B = torch.cat([image_BND, image_BND[neg_image], image_BND])

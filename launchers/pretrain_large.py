@@ -1,0 +1,84 @@
+#!/usr/bin/env python
+"""X-FM pre-training entry point.
+
+    deepspeed launchers/pretrain_large.py --hostfile HOSTFILE --config RUN.yaml [--set key=value ...]
+    deepspeed --num_gpus 8 launchers/pretrain_large.py --config RUN.yaml
+    torchrun --nnodes 2 --nproc_per_node 8 ... launchers/pretrain_large.py --config RUN.yaml
+    python launchers/pretrain_large.py --check --config RUN.yaml [--hostfile H | --num_gpus N]
+
+Every rank loads and validates the run config before it touches the process group, so a bad
+config fails at once with a message naming the fix. ``--check`` validates without starting ranks
+(hostfile, TP size vs ranks, batch divisibility, config keys, data paths): the sweep script and
+cluster users run it before submitting.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+DEFAULT_CONFIG = None  # pretrain_base.py sets a default run config
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="X-FM pre-training (DeepSpeed ZeRO-3 + megatron TP)")
+    parser.add_argument("--config", default=DEFAULT_CONFIG, required=DEFAULT_CONFIG is None,
+                        help="run config YAML (launchers/configs/)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a run-config field, e.g. --set optim.lr=2e-4 (repeatable)")
+    parser.add_argument("--output-dir", help="shortcut for --set train.output_dir=DIR")
+    parser.add_argument("--check", action="store_true", help="validate the launch and exit (starts no rank)")
+    parser.add_argument("--hostfile", help="with --check: the DeepSpeed hostfile the job will use")
+    parser.add_argument("--num_gpus", type=int, help="with --check: ranks per node without a hostfile")
+    parser.add_argument("--num_nodes", type=int, help="with --check: nodes used from the hostfile")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # DeepSpeed's runner adds it
+    return parser.parse_args(argv)
+
+
+def load_config(args):
+    from xfm_scale import run_config
+
+    overrides = run_config.parse_overrides(args.set)
+    if args.output_dir:
+        overrides["train.output_dir"] = args.output_dir
+    return run_config.load(args.config, overrides)
+
+
+def check_launch(args, cfg) -> int:
+    from xfm_scale.launch import check_launch as check_layout, world_size_from
+
+    world = world_size_from(hostfile=args.hostfile, num_nodes=args.num_nodes, num_gpus=args.num_gpus)
+    check_layout(world, cfg.parallel.tensor_parallel_size, cfg.batch.global_batch_size, cfg.batch.micro_batch_size)
+    cfg.validate(world)
+    print(f"ok: {world} ranks, TP={cfg.parallel.tensor_parallel_size}, "
+          f"DP={world // cfg.parallel.tensor_parallel_size}, global batch {cfg.batch.global_batch_size}")
+    return 0
+
+
+def main(argv=None) -> int:
+    from xfm_scale.config import ConfigError
+
+    args = parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        cfg = load_config(args)
+        if args.check:
+            return check_launch(args, cfg)
+        cfg.validate(int(os.environ.get("WORLD_SIZE", "1")))  # before any process group exists
+    except (ConfigError, ValueError, FileNotFoundError) as err:
+        if rank == 0:
+            print(f"error: {err}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from xfm_scale.trainer import Trainer
+
+    Trainer(cfg).run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""Checkpoints through DeepSpeed's save_checkpoint, published only when complete.
+
+Layout: ``OUTPUT/checkpoints/stepNNNNNNNN/`` (DeepSpeed's files for every rank) plus our
+``COMPLETE.json`` written by rank 0 after every rank has returned from save_checkpoint and a
+barrier: a checkpoint without it (a crash mid-write) is never resumed from. ``latest_complete``
+(an atomically replaced file) names the newest; the last K complete ones are kept.
+
+Client state: the data cursor, the step, the resolved run config, the TP layout
+(``universal_checkpoint_info`` for DeepSpeed's ds_to_universal, with our strided parameters), and
+the seed (dropout and ITM sampling are reseeded from (seed, step) every step, so the seed and the
+step determine every RNG stream: nothing else needs saving).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+import torch.distributed as dist
+
+from xfm_scale.model.tp_layout import partition_spec
+
+COMPLETE = "COMPLETE.json"
+POINTER = "latest_complete"
+_TAG = re.compile(r"^step(\d{8})$")
+
+
+def tag_for(step: int) -> str:
+    return f"step{step:08d}"
+
+
+def complete_steps(ckpt_dir: str | Path) -> list[int]:
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return []
+    steps = []
+    for child in ckpt_dir.iterdir():
+        match = _TAG.match(child.name)
+        if match and (child / COMPLETE).is_file():
+            steps.append(int(match.group(1)))
+    return sorted(steps)
+
+
+def latest_complete(ckpt_dir: str | Path) -> int | None:
+    steps = complete_steps(ckpt_dir)
+    return steps[-1] if steps else None
+
+
+def universal_checkpoint_info(model, vocab_size: int, padded_vocab_size: int) -> dict:
+    """DeepSpeed's universal-checkpoint patterns from the parameters' megatron TP attributes:
+    replicated, row-parallel (split on dim 1), vocabulary (padded), and our strided (fused QKV/KV)."""
+    replicated, row, strided = [], [], {}
+    for name, param in model.named_parameters():
+        spec = partition_spec(param)
+        pattern = "^" + re.escape(name) + "$"
+        if spec is None:
+            replicated.append(pattern)
+        elif spec[0] == 1:
+            row.append(pattern)
+        if spec is not None and spec[1] > 1:
+            strided[name] = spec[1]
+    return {"tp_replicated_parameter_patterns": replicated,
+            "parameter_with_row_parallelism_patterns": row,
+            "vocabulary_parameter_patterns": [r"word_embeddings\.weight$", r"mlm_head\.bias$"],
+            "original_vocab_size": vocab_size, "padded_vocab_size": padded_vocab_size,
+            "xfm_strided_parameters": strided}
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save(engine, ckpt_dir: str | Path, step: int, client_state: dict, keep_last: int) -> Path:
+    """Every rank writes its part; rank 0 publishes the checkpoint once all have finished."""
+    ckpt_dir = Path(ckpt_dir)
+    tag = tag_for(step)
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        meta = {"step": step, "time": time.time(), "world_size": dist.get_world_size()}
+        _write_atomically(ckpt_dir / tag / COMPLETE, json.dumps(meta))
+        _write_atomically(ckpt_dir / POINTER, tag)
+        for old in complete_steps(ckpt_dir)[:-keep_last] if keep_last > 0 else []:
+            shutil.rmtree(ckpt_dir / tag_for(old), ignore_errors=True)
+    dist.barrier()
+    return ckpt_dir / tag
+
+
+def load(engine, ckpt_dir: str | Path, step: int) -> dict:
+    """Load model, optimizer and scheduler state of a complete checkpoint; return its client state."""
+    path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag_for(step), load_optimizer_states=True,
+                                                load_lr_scheduler_states=True)
+    if path is None:
+        raise RuntimeError(f"DeepSpeed could not load checkpoint {tag_for(step)} from {ckpt_dir}")
+    return client_state

@@ -1,0 +1,289 @@
+"""The run config: one typed, validated description of a pre-training run.
+
+A run config is a YAML file (see launchers/configs/) whose sections map to the dataclasses below;
+``--set dotted.key=value`` on the command line overrides any field (values parsed as YAML).
+Relative paths are resolved against the config file's folder. Errors name the key and the fix.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from xfm_scale.config import ConfigError, XFMConfig
+
+
+@dataclass(kw_only=True)
+class ModelSection:
+    preset: str = "tiny"
+    """Name of an X-FM preset (tiny, base, large, giant)."""
+    overrides: dict[str, Any] = field(default_factory=dict)
+    """Dotted-key overrides of the preset, e.g. {"text.num_layers": 4}."""
+    activation_checkpointing: bool = False
+    """Recompute every encoder block in backward (DeepSpeed checkpointing)."""
+    vocab_from_tokenizer: bool = True
+    """Set text.vocab_size and pad id from the data section's tokenizer."""
+
+
+@dataclass(kw_only=True)
+class DataSection:
+    spec: str
+    """Blend spec YAML (corpora, modalities, weights): see README "Data"."""
+    tokenizer_dir: str
+    """A transformers tokenizer directory (roberta-base / bert-base style, or the demo's)."""
+    eval_manifest: str | None = None
+    """Held-out pair corpus manifest for zero-shot retrieval and MLM accuracy; None disables eval."""
+    eval_max_pairs: int = 1000
+    """At most this many held-out pairs are evaluated."""
+    cache_dir: str = "cache/blends"
+    """Where built blends (and tar indexes) are cached."""
+    num_workers: int = 0
+    """DataLoader workers per rank (samples are the same for any number)."""
+    seed: int = 0
+    """Blend shuffling and per-sample augmentation/masking seed."""
+    augment: bool = True
+    """Random crops/flips/RandAugment for training images."""
+
+
+@dataclass(kw_only=True)
+class BatchSection:
+    micro_batch_size: int
+    """Per-rank samples in a pair or image micro-batch."""
+    text_micro_batch_size: int | None = None
+    """Per-rank samples in a text micro-batch (default: micro_batch_size; the method uses 256 vs 96)."""
+    global_batch_size: int
+    """micro_batch_size x micro-steps per optimizer step x data-parallel size (DeepSpeed's
+    train_batch_size). Must be divisible by micro_batch_size x data-parallel size."""
+
+    def micro_batch_sizes(self) -> dict[str, int]:
+        text = self.text_micro_batch_size or self.micro_batch_size
+        return {"pair": self.micro_batch_size, "image": self.micro_batch_size, "text": text}
+
+
+@dataclass(kw_only=True)
+class OptimSection:
+    lr: float = 1e-4
+    """Peak learning rate of pretrained (encoder) parameters."""
+    new_param_lr_scale: float = 2.0
+    """Learning-rate multiplier for newly initialised parameters (fusion encoder and heads)."""
+    pretrained_modules: list[str] = field(default_factory=lambda: ["text", "vision"])
+    """Top-level model modules counted as pretrained (the rest get new_param_lr_scale)."""
+    weight_decay: float = 0.01
+    """AdamW decoupled weight decay; not applied to norms, biases, gammas, tokens, bias tables."""
+    betas: tuple[float, float] = (0.9, 0.98)
+    """Adam betas."""
+    eps: float = 1e-8
+    """Adam epsilon."""
+    warmup_steps: int = 2500
+    """Linear warm-up from 0 to the peak learning rate."""
+    schedule: Literal["linear", "cosine"] = "linear"
+    """Decay after warm-up, to min_lr_ratio x peak at the last step."""
+    min_lr_ratio: float = 0.0
+    """Final learning rate as a fraction of the peak."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clipping (TP-correct: DeepSpeed's norm with the mpu)."""
+
+
+@dataclass(kw_only=True)
+class TrainSection:
+    steps: int
+    """Optimizer steps of the run."""
+    seed: int = 1234
+    """Model init and dropout seed (dropout is reseeded from (seed, step) every step)."""
+    output_dir: str = "runs/xfm"
+    """Checkpoints, metrics.jsonl, TensorBoard events, final_metrics.json."""
+    log_every: int = 10
+    """Log losses, throughput, MFU, memory and lr every N steps."""
+    eval_every: int = 0
+    """Evaluate every N steps (0: only at the end)."""
+    save_every: int = 0
+    """Checkpoint every N steps (0: only at the end)."""
+    keep_last: int = 3
+    """Complete checkpoints kept; older ones are deleted after a newer one is published."""
+    resume: bool = True
+    """Resume from the newest complete checkpoint in output_dir if there is one."""
+    progress_bar: bool = True
+    """Show a progress bar on rank 0."""
+    tensorboard: bool = True
+    """Write TensorBoard events under output_dir/tb."""
+
+
+@dataclass(kw_only=True)
+class ParallelSection:
+    tensor_parallel_size: int = 1
+    """Ranks sharing one model copy (megatron TP); must divide the world size and every head count."""
+
+
+@dataclass(kw_only=True)
+class DeepSpeedSection:
+    config: str = "ds_configs/cpu_fp32.json"
+    """A DeepSpeed JSON config (ds_configs/); batch sizes and clipping are filled in from this file."""
+    overrides: dict[str, Any] = field(default_factory=dict)
+    """Dotted-key overrides of that JSON, e.g. {"zero_optimization.stage": 2}."""
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection
+    batch: BatchSection
+    optim: OptimSection = field(default_factory=OptimSection)
+    train: TrainSection
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def model_config(self) -> XFMConfig:
+        config = XFMConfig.from_preset(self.model.preset, **self.model.overrides)
+        config.set_activation_checkpointing(self.model.activation_checkpointing)
+        return config
+
+    def deepspeed_config(self, data_parallel_size: int) -> dict[str, Any]:
+        """The DeepSpeed JSON with batch sizes, accumulation and clipping from this run config."""
+        with open(self.deepspeed.config) as f:
+            ds = json.load(f)
+        ds.pop("_comment", None)
+        for dotted, value in self.deepspeed.overrides.items():
+            _set_dotted(ds, dotted, value)
+        ds.update(train_batch_size=self.batch.global_batch_size,
+                  train_micro_batch_size_per_gpu=self.batch.micro_batch_size,
+                  gradient_accumulation_steps=self.micro_steps_per_step(data_parallel_size),
+                  gradient_clipping=self.optim.grad_clip)
+        return ds
+
+    def micro_steps_per_step(self, data_parallel_size: int) -> int:
+        per_micro_step = self.batch.micro_batch_size * data_parallel_size
+        if self.batch.global_batch_size % per_micro_step:
+            raise ConfigError(
+                f"batch.global_batch_size={self.batch.global_batch_size} is not divisible by "
+                f"batch.micro_batch_size ({self.batch.micro_batch_size}) x data-parallel size "
+                f"({data_parallel_size}) = {per_micro_step}; choose a multiple of {per_micro_step}")
+        return self.batch.global_batch_size // per_micro_step
+
+    def validate(self, world_size: int | None = None) -> None:
+        """Checks that need no ranks: files exist, sizes are consistent, the model config is valid."""
+        for key, path in (("data.spec", self.data.spec), ("data.tokenizer_dir", self.data.tokenizer_dir),
+                          ("deepspeed.config", self.deepspeed.config)):
+            if not os.path.exists(path):
+                raise ConfigError(f"{key}: {path} does not exist; fix the path (relative paths are "
+                                  f"resolved against the run config's folder)")
+        if self.data.eval_manifest and not os.path.exists(self.data.eval_manifest):
+            raise ConfigError(f"data.eval_manifest: {self.data.eval_manifest} does not exist; fix the "
+                              f"path or set it to null to disable evaluation")
+        for key in ("batch.micro_batch_size", "batch.global_batch_size", "train.steps"):
+            section, name = key.split(".")
+            if getattr(getattr(self, section), name) < 1:
+                raise ConfigError(f"{key} must be >= 1")
+        if self.optim.schedule not in ("linear", "cosine"):
+            raise ConfigError(f"optim.schedule={self.optim.schedule!r}: use 'linear' or 'cosine'")
+        tp = self.parallel.tensor_parallel_size
+        self.model_config().validate(tp)
+        if world_size is not None:
+            if world_size % tp:
+                raise ConfigError(f"parallel.tensor_parallel_size={tp} does not divide the {world_size} "
+                                  f"ranks; choose a divisor of {world_size}")
+            self.micro_steps_per_step(world_size // tp)
+
+
+# ---- loading --------------------------------------------------------------------------------------
+_SECTIONS = {"model": ModelSection, "data": DataSection, "batch": BatchSection, "optim": OptimSection,
+             "train": TrainSection, "parallel": ParallelSection, "deepspeed": DeepSpeedSection}
+_PATH_KEYS = {("data", "spec"), ("data", "tokenizer_dir"), ("data", "eval_manifest"), ("data", "cache_dir"),
+              ("train", "output_dir")}
+_REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        tree = tree.setdefault(part, {})
+    tree[leaf] = value
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """``["optim.lr=2e-4", "model.overrides={text.num_layers: 4}"]`` -> dotted dict (YAML values)."""
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"--set {pair!r}: expected dotted.key=value")
+        key, raw = pair.split("=", 1)
+        out[key.strip()] = yaml.safe_load(raw)
+    return out
+
+
+def _build_section(name: str, cls, values: Any):
+    if not isinstance(values, dict):
+        raise ConfigError(f"section {name!r} must be a mapping")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown key(s) {', '.join(f'{name}.{k}' for k in unknown)}; "
+                          f"known keys of {name}: {', '.join(sorted(known))}")
+    required = [f.name for f in dataclasses.fields(cls)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [k for k in required if k not in values]
+    if missing:
+        raise ConfigError(f"missing required key(s) {', '.join(f'{name}.{k}' for k in missing)} in the run config")
+    if "betas" in values:
+        values = {**values, "betas": tuple(values["betas"])}
+    return cls(**values)
+
+
+def _resolve(path: str | None, base: Path, key: tuple[str, str]) -> str | None:
+    if path is None or os.path.isabs(path):
+        return path
+    # Outputs and caches are relative to where the run is launched; inputs to the config's folder,
+    # falling back to the repository (so configs can name ds_configs/... like the README does).
+    if key in {("train", "output_dir"), ("data", "cache_dir")}:
+        return os.path.abspath(path)
+    for root in (base, _REPO_ROOT):
+        if (root / path).exists():
+            return str((root / path).resolve())
+    return str((base / path).resolve())
+
+
+def from_dict(raw: dict[str, Any], base_dir: str | Path = ".", overrides: dict[str, Any] | None = None) -> RunConfig:
+    raw = copy.deepcopy(raw or {})
+    for dotted, value in (overrides or {}).items():
+        if dotted.split(".")[0] not in _SECTIONS:
+            raise ConfigError(f"--set {dotted}: unknown section {dotted.split('.')[0]!r}; "
+                              f"sections: {', '.join(_SECTIONS)}")
+        section, *rest = dotted.split(".")
+        if section in ("model", "deepspeed") and rest and rest[0] == "overrides" and len(rest) > 1:
+            raw.setdefault(section, {}).setdefault("overrides", {})[".".join(rest[1:])] = value
+        else:
+            _set_dotted(raw, dotted, value)
+    unknown = sorted(set(raw) - set(_SECTIONS))
+    if unknown:
+        raise ConfigError(f"unknown section(s) {', '.join(unknown)}; sections: {', '.join(_SECTIONS)}")
+    for required in ("data", "batch", "train"):
+        if required not in raw:
+            raise ConfigError(f"missing section {required!r} in the run config")
+    base = Path(base_dir).resolve()
+    for section, key in _PATH_KEYS:
+        if section in raw and key in raw[section]:
+            raw[section][key] = _resolve(raw[section][key], base, (section, key))
+    if "deepspeed" in raw and "config" in raw["deepspeed"]:
+        raw["deepspeed"]["config"] = _resolve(raw["deepspeed"]["config"], base, ("deepspeed", "config"))
+    else:
+        raw.setdefault("deepspeed", {})["config"] = str(_REPO_ROOT / DeepSpeedSection().config)
+    return RunConfig(**{name: _build_section(name, cls, raw[name]) for name, cls in _SECTIONS.items() if name in raw})
+
+
+def load(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"run config {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"run config {path} is not valid YAML: {err}") from None
+    return from_dict(raw, path.parent, overrides)

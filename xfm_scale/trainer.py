@@ -1,0 +1,325 @@
+"""The training loop: blended micro-batches -> DeepSpeed ZeRO-3 engine -> logs, eval, checkpoints.
+
+Read top to bottom: ``Trainer.__init__`` sets up (parallel state, data, engine, resume), ``run``
+loops over optimizer steps, ``train_step`` is one step (gradient accumulation over the step's
+micro-batches, each of one modality, the same modality on every data-parallel rank),
+``log``/``maybe_eval``/``maybe_save`` do the rest.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from xfm_scale import checkpoint, kernels, parallel
+from xfm_scale.config import ConfigError
+from xfm_scale.run_config import RunConfig
+
+log = logging.getLogger("xfm_scale.trainer")
+
+
+class MetricsWriter:
+    """Rank 0 only: metrics.jsonl (one object per logged step) and TensorBoard events."""
+
+    def __init__(self, output_dir: Path, tensorboard: bool):
+        self.jsonl = open(output_dir / "metrics.jsonl", "a")
+        self.tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(output_dir / "tb"))
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.jsonl.flush()
+        if self.tb is not None:
+            for key, value in metrics.items():
+                self.tb.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        self.jsonl.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.layout = parallel.initialize(cfg.parallel.tensor_parallel_size, seed=cfg.train.seed)
+        cfg.validate(self.layout.world_size)
+        self.is_main = self.layout.rank == 0
+        self.output_dir = Path(cfg.train.output_dir)
+        self.ckpt_dir = self.output_dir / "checkpoints"
+        if self.is_main:
+            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "run_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        self.micro_steps = cfg.micro_steps_per_step(self.layout.data_parallel_size)
+        self.tokenizer, self.model_config = self._model_config()
+        self.loader = self._build_loader()
+        ds_config = cfg.deepspeed_config(self.layout.data_parallel_size)
+        self.engine, self.optimizer, self.scheduler = parallel.build_engine(
+            self.model_config, cfg.optim, ds_config, cfg.train.steps)
+        self.eval_data = self._eval_data()
+        self.step = self._resume()
+        self.writer = MetricsWriter(self.output_dir, cfg.train.tensorboard) if self.is_main else None
+        self.window: dict[str, list[float]] = defaultdict(list)
+        self.last_eval: dict[str, float] = {}
+        self._log_setup(ds_config)
+
+    # ---- setup ------------------------------------------------------------------------------------
+    def _model_config(self):
+        from xfm_scale.data import load_tokenizer
+
+        tokenizer = load_tokenizer(self.cfg.data.tokenizer_dir)
+        config = self.cfg.model_config()
+        if self.cfg.model.vocab_from_tokenizer:
+            config.text.vocab_size = len(tokenizer)
+            config.text.pad_token_id = tokenizer.pad_token_id
+        config.validate(self.layout.tensor_parallel_size)
+        return tokenizer, config
+
+    def _num_blend_samples(self) -> int:
+        """Enough samples for the run whatever the DP size (so a resume at another size builds the
+        same blend): each step uses at most global_batch x (largest / pair micro-batch) samples."""
+        sizes = self.cfg.batch.micro_batch_sizes()
+        per_step = self.cfg.batch.global_batch_size * max(sizes.values()) / sizes["pair"]
+        return int(math.ceil(per_step * self.cfg.train.steps * 1.3)) + 64
+
+    def _build_loader(self):
+        from xfm_scale.data import BlendLoader, LoaderConfig, build_blend
+
+        d, obj, vision = self.cfg.data, self.model_config.objectives, self.model_config.vision
+        build = lambda: build_blend(d.spec, num_samples=self._num_blend_samples(), seed=d.seed,  # noqa: E731
+                                    cache_dir=d.cache_dir)
+        if self.is_main:  # one rank builds, the others load the cached blend
+            build()
+        dist.barrier()
+        blend = build()
+        loader_cfg = LoaderConfig(
+            tokenizer_dir=d.tokenizer_dir, micro_batch_sizes=self.cfg.batch.micro_batch_sizes(),
+            micro_steps_per_step=self.micro_steps, image_size=vision.image_size, mim_grid=vision.grid_size,
+            mim_num_masked=obj.mim_num_masked, mim_min_block=obj.mim_min_block,
+            text_max_len=obj.text_max_length, caption_max_len=obj.caption_max_length,
+            augment=d.augment, num_workers=d.num_workers, seed=d.seed)
+        loader = BlendLoader(blend, loader_cfg, dp_rank=self.layout.data_parallel_rank,
+                             dp_size=self.layout.data_parallel_size)
+        if obj.mim_target == "none" and "image" in loader.schedule.present:
+            raise ConfigError("objectives.mim_target='none' leaves image-only micro-batches without a loss; "
+                              "drop the image corpora from the blend or keep MIM on")
+        return loader
+
+    def _eval_data(self):
+        from xfm_scale.data import load_pair_eval_set
+        from xfm_scale.evaluation import mask_captions
+
+        if not self.cfg.data.eval_manifest:
+            return None
+        vision = self.model_config.vision
+        pairs = load_pair_eval_set(self.cfg.data.eval_manifest, self.cfg.data.tokenizer_dir,
+                                   image_size=vision.image_size, mim_grid=vision.grid_size,
+                                   caption_max_len=self.model_config.objectives.caption_max_length)
+        n = self.cfg.data.eval_max_pairs
+        if pairs.size > n:
+            pairs = dataclasses.replace(pairs, sample_keys=pairs.sample_keys[:n], **{
+                k: v[:n] for k, v in vars(pairs).items() if isinstance(v, torch.Tensor)})
+        masked, labels = mask_captions(pairs, self.tokenizer.mask_token_id, len(self.tokenizer),
+                                       self.tokenizer.all_special_ids, seed=self.cfg.data.seed)
+        return pairs, masked, labels
+
+    def _resume(self) -> int:
+        step = checkpoint.latest_complete(self.ckpt_dir) if self.cfg.train.resume else None
+        if step is None:
+            return 0
+        client = checkpoint.load(self.engine, self.ckpt_dir, step)
+        self.loader.load_state_dict(client["data_cursor"])
+        if self.is_main:
+            log.info("resumed from %s (step %d)", checkpoint.tag_for(step), step)
+        return step
+
+    def _log_setup(self, ds_config: dict) -> None:
+        if not self.is_main:
+            return
+        n_params = sum(getattr(p, "ds_numel", p.numel()) for p in self.engine.module.parameters())
+        log.info("layout: %s", self.layout)
+        log.info("model: %.2fM parameters per TP rank; kernels: %s; optimizer: %s", n_params / 1e6,
+                 kernels.report(), getattr(self.optimizer, "xfm_implementation", type(self.optimizer).__name__))
+        log.info("batch: global %d, %d micro-steps per step, ZeRO stage %s", self.cfg.batch.global_batch_size,
+                 self.micro_steps, ds_config.get("zero_optimization", {}).get("stage"))
+
+    # ---- the loop -----------------------------------------------------------------------------------
+    def run(self) -> dict[str, float]:
+        from tqdm import tqdm
+
+        total = self.cfg.train.steps
+        bar = tqdm(total=total, initial=self.step, disable=not (self.is_main and self.cfg.train.progress_bar),
+                   desc="pretrain", dynamic_ncols=True)
+        steps = self.loader.iter_steps()
+        while self.step < total:
+            try:
+                batches = next(steps)
+            except StopIteration:
+                raise RuntimeError(f"the blend ran out at step {self.step} of {total}; rebuild it with more samples") from None
+            stats = self.train_step(batches)
+            self.step += 1
+            self._accumulate(stats)
+            bar.update(1)
+            bar.set_postfix(loss=f"{stats['loss/total']:.3f}")
+            if self.step % self.cfg.train.log_every == 0 or self.step == total:
+                self.log()
+            self.maybe_eval()
+            self.maybe_save()
+        bar.close()
+        return self.finish()
+
+    def train_step(self, batches: list) -> dict[str, float]:
+        """One optimizer step: forward/backward every micro-batch, the engine steps at the boundary."""
+        # Dropout, drop-path and ITM sampling streams are a function of (seed, step): a resumed run
+        # draws exactly what an uninterrupted one would, with no RNG state to carry.
+        parallel.seed_everything(self.cfg.train.seed * 1_000_003 + self.step)
+        self.engine.train()
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        sync()
+        start = time.perf_counter()
+        sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros(2))  # (sum, count) per key
+        samples: dict[str, int] = defaultdict(int)
+        flops = 0.0
+        for batch in batches:
+            out = self.engine(batch.to(self.device))
+            self.engine.backward(out.total)
+            self.engine.step()
+            for name, value in out.losses.items():
+                sums[f"loss/{name}"] += torch.stack([value.detach().float().cpu(), torch.tensor(1.0)])
+            sums["loss/total"] += torch.stack([out.total.detach().float().cpu(), torch.tensor(1.0)])
+            samples[batch.modality] += batch.size * self.layout.data_parallel_size
+            flops += self._flops(batch)
+        sync()
+        seconds = time.perf_counter() - start
+        stats = self._reduce_losses(sums)
+        stats.update({f"samples_per_s/{m}": n / seconds for m, n in samples.items()})
+        stats["samples_per_s/all"] = sum(samples.values()) / seconds
+        stats["step_seconds"] = seconds
+        stats["lr"] = self.scheduler.get_last_lr()[0] if self.scheduler else self.cfg.optim.lr
+        stats.update(self._flops_stats(flops, seconds))
+        return stats
+
+    def _reduce_losses(self, sums: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Mean over micro-steps, averaged over data-parallel ranks (TP ranks hold equal values)."""
+        keys = sorted(sums)
+        packed = torch.stack([sums[k] for k in keys])
+        group = parallel_dp_group()
+        if group is not None:
+            dist.all_reduce(packed, group=group)
+            packed[:, 0] /= dist.get_world_size(group)
+            packed[:, 1] /= dist.get_world_size(group)
+        return {k: (packed[i, 0] / packed[i, 1]).item() for i, k in enumerate(keys)}
+
+    def _flops(self, batch) -> float:
+        from xfm_scale.flops import micro_batch_flops
+
+        # Model FLOPs of this rank's micro-batch; under TP each rank does 1/TP of them.
+        return micro_batch_flops(self.model_config, batch).total / self.layout.tensor_parallel_size
+
+    def _flops_stats(self, flops_per_rank: float, seconds: float) -> dict[str, float]:
+        from xfm_scale.flops import device_peak_flops
+
+        dtype = torch.bfloat16 if self.engine.bfloat16_enabled() else torch.float32
+        peak, _ = device_peak_flops(dtype)
+        achieved = flops_per_rank / seconds
+        return {"tflops_per_rank": achieved / 1e12, "mfu": achieved / peak if peak else 0.0}
+
+    def _accumulate(self, stats: dict[str, float]) -> None:
+        for key, value in stats.items():
+            self.window[key].append(value)
+
+    # ---- logging, evaluation, checkpoints ---------------------------------------------------------
+    def log(self) -> None:
+        metrics = {k: sum(v) / len(v) for k, v in self.window.items()}
+        metrics.update(self._memory())
+        metrics["bad_samples"] = float(self._bad_sample_total())
+        self.window.clear()
+        if self.is_main:
+            self.writer.write(self.step, metrics)
+            log.info("step %d: %s", self.step, " ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())
+                                                     if k.startswith("loss/")))
+        self.last_log = metrics
+
+    def _memory(self) -> dict[str, float]:
+        if self.device.type == "cuda":
+            return {"memory/max_allocated_gb": torch.cuda.max_memory_allocated() / 2**30}
+        import psutil
+
+        return {"memory/rss_gb": psutil.Process().memory_info().rss / 2**30}
+
+    def _bad_sample_total(self) -> int:
+        count = torch.tensor([float(self.loader.bad_samples.total())])
+        dist.all_reduce(count)
+        return int(count.item()) // self.layout.tensor_parallel_size
+
+    def maybe_eval(self, force: bool = False) -> None:
+        every = self.cfg.train.eval_every
+        if self.eval_data is None or not (force or (every and self.step % every == 0)):
+            return
+        if self.last_eval.get("step") == self.step:
+            return
+        from xfm_scale.evaluation import evaluate
+
+        pairs, masked, labels = self.eval_data
+        self.engine.eval()
+        metrics = evaluate(self.engine.module, pairs, masked, labels, micro_batch=self.cfg.batch.micro_batch_size,
+                           dp_rank=self.layout.data_parallel_rank, dp_size=self.layout.data_parallel_size,
+                           group=parallel_dp_group(), device=self.device)
+        self.engine.train()
+        self.last_eval = {**metrics, "step": self.step}
+        if self.is_main:
+            self.writer.write(self.step, metrics)
+            log.info("eval at step %d: %s", self.step, " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+
+    def maybe_save(self, force: bool = False) -> None:
+        every = self.cfg.train.save_every
+        if not (force or (every and self.step % every == 0)):
+            return
+        if checkpoint.latest_complete(self.ckpt_dir) == self.step:
+            return
+        module = self.engine.module
+        client = {"step": self.step, "data_cursor": self.loader.state_dict(), "run_config": self.cfg.to_dict(),
+                  "model_config": self.model_config.to_dict(), "seed": self.cfg.train.seed,
+                  "layout": {"tensor_parallel_size": self.layout.tensor_parallel_size,
+                             "data_parallel_size": self.layout.data_parallel_size},
+                  "universal_checkpoint_info": checkpoint.universal_checkpoint_info(
+                      module, self.model_config.text.vocab_size,
+                      self.model_config.padded_vocab_size(self.layout.tensor_parallel_size))}
+        checkpoint.save(self.engine, self.ckpt_dir, self.step, client, self.cfg.train.keep_last)
+
+    def finish(self) -> dict[str, float]:
+        if self.window:
+            self.log()
+        self.maybe_eval(force=True)
+        self.maybe_save(force=True)
+        final = {**{k: v for k, v in getattr(self, "last_log", {}).items()}, **self.last_eval,
+                 "step": float(self.step)}
+        if self.is_main:
+            _write_json_atomically(self.output_dir / "final_metrics.json", final)
+            self.writer.close()
+        dist.barrier()
+        return final
+
+
+def parallel_dp_group():
+    from megatron.core import parallel_state as ps
+
+    return ps.get_data_parallel_group() if ps.get_data_parallel_world_size() > 1 else None
+
+
+def _write_json_atomically(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
