@@ -12,8 +12,6 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import torch
-
 
 class ConfigError(ValueError):
     """A configuration error whose message says what to change."""
@@ -204,7 +202,9 @@ class XFMConfig:
         return -(-self.text.vocab_size // multiple) * multiple
 
     @property
-    def torch_dtype(self) -> torch.dtype:
+    def torch_dtype(self):
+        import torch  # lazily: the CLIs that only read configs should not pay for torch
+
         return getattr(torch, self.params_dtype)
 
     def set_activation_checkpointing(self, enabled: bool) -> None:

@@ -232,9 +232,21 @@ def _build_section(name: str, cls, values: Any):
     missing = [k for k in required if k not in values]
     if missing:
         raise ConfigError(f"missing required key(s) {', '.join(f'{name}.{k}' for k in missing)} in the run config")
-    if "betas" in values:
-        values = {**values, "betas": tuple(values["betas"])}
+    values = {k: _coerce(name, k, v, types[k]) for k, v in values.items()} if (
+        types := {f.name: str(f.type) for f in dataclasses.fields(cls)}) else values
     return cls(**values)
+
+
+def _coerce(section: str, key: str, value: Any, annotation: str) -> Any:
+    """YAML 1.1 reads ``2e-4`` (no dot) as a string; numbers are coerced by the field's type."""
+    if isinstance(value, str) and annotation.split(" |")[0] in ("float", "int"):
+        try:
+            return float(value) if annotation.startswith("float") else int(value)
+        except ValueError:
+            raise ConfigError(f"{section}.{key}={value!r} is not a number") from None
+    if annotation.startswith("tuple") and isinstance(value, (list, tuple)):
+        return tuple(float(v) for v in value)
+    return value
 
 
 def _resolve(path: str | None, base: Path, key: tuple[str, str]) -> str | None:

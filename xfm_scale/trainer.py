@@ -226,7 +226,8 @@ class Trainer:
         from xfm_scale.flops import micro_batch_flops
 
         # Model FLOPs of this rank's micro-batch; under TP each rank does 1/TP of them.
-        return micro_batch_flops(self.model_config, batch).total / self.layout.tensor_parallel_size
+        return micro_batch_flops(self.model_config, batch, data_parallel_size=self.layout.data_parallel_size
+                                 ).total / self.layout.tensor_parallel_size
 
     def _flops_stats(self, flops_per_rank: float, seconds: float) -> dict[str, float]:
         from xfm_scale.flops import device_peak_flops

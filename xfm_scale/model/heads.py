@@ -63,8 +63,14 @@ class MLMHead(nn.Module):
         index = index + tp_rank() * logits_MV.shape[-1]
         if tp_size() == 1:
             return index
-        pairs = tp.gather_from_tensor_model_parallel_region(torch.stack([best, index.to(best.dtype)], -1))
-        pairs = pairs.view(*pairs.shape[:-1], tp_size(), 2)
+        # A plain all_gather over the TP group: megatron's gather_from_tensor_model_parallel_region
+        # asks for the CUDA device and fails on CPU.
+        from megatron.core import parallel_state as ps
+
+        local = torch.stack([best.float(), index.float()], -1)  # [M, 2]
+        parts = [torch.empty_like(local) for _ in range(tp_size())]
+        dist.all_gather(parts, local, group=ps.get_tensor_model_parallel_group())
+        pairs = torch.stack(parts, dim=1)  # [M, TP, 2]
         winner = pairs[..., 0].argmax(dim=-1, keepdim=True)
         return pairs[..., 1].gather(-1, winner).squeeze(-1).long()
 
