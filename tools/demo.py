@@ -34,7 +34,8 @@ def build_data(out: Path):
     from xfm_scale.data import build_demo_data
 
     start = time.time()
-    data = build_demo_data(out)
+    # Pairs carry ITC/ITM/IMLM: the demo leans to them so the short run gets enough pair steps.
+    data = build_demo_data(out, weights={"demo_pairs": 0.6, "demo_images": 0.15, "demo_text": 0.25})
     print(f"[demo] demo world built in {time.time() - start:.1f}s: {out}", flush=True)
     return data
 

@@ -153,3 +153,24 @@ def test_strided_shard_and_merge_round_trip():
     assert torch.equal(tp_layout.merge(shards, 0, 3), full)
     with pytest.raises(ValueError, match="equal chunks"):
         tp_layout.shard(torch.zeros(10, 2), 0, 3, 0, 2)
+
+
+def test_itm_negatives_do_not_depend_on_the_micro_batch_split():
+    """Two ranks with 4 pairs each draw the same hard negatives as one rank with the 8 pairs in
+    negative groups of 4: the draw is keyed by (step seed, sample key)."""
+    from xfm_scale.model.losses import sample_hard_negatives
+
+    g = torch.Generator().manual_seed(3)
+    img = torch.nn.functional.normalize(torch.randn(8, 5, generator=g), dim=-1)
+    txt = torch.nn.functional.normalize(torch.randn(8, 5, generator=g), dim=-1)
+    keys, temp = tuple(f"corpus/{i}" for i in range(8)), torch.tensor([0.07])
+    torch.manual_seed(11)
+    whole = sample_hard_negatives(img, txt, temp, keys, group=4)
+    first = sample_hard_negatives(img[:4], txt[:4], temp, keys[:4])
+    second = sample_hard_negatives(img[4:], txt[4:], temp, keys[4:])
+    for k in range(2):
+        assert torch.equal(whole[k], torch.cat([first[k], second[k] + 4]))
+        assert not torch.any(whole[k] == torch.arange(8))  # never the positive
+        assert torch.all(whole[k] // 4 == torch.arange(8) // 4)  # within the group
+    torch.manual_seed(12)  # another step draws other negatives
+    assert any(not torch.equal(a, b) for a, b in zip(whole, sample_hard_negatives(img, txt, temp, keys, group=4)))

@@ -51,17 +51,22 @@ def _key_seed(step_seed: int, key: str) -> int:
     return (zlib.crc32(key.encode()) * 1_000_003 + step_seed) % (2**63 - 1)
 
 
-def _draw(weights_BB: torch.Tensor, keys: tuple[str, ...], salt: str) -> torch.Tensor:
-    """One index per row from the row's weights. With sample keys: Gumbel-max with noise from a
-    generator keyed by (step seed, sample key), so the draw depends on the sample, not on the
-    rank, the micro-batch size or the order of rows; without keys: the default generator."""
+def _draw(weights_BB: torch.Tensor, keys: tuple[str, ...], salt: str, group: int) -> torch.Tensor:
+    """One index per row from the row's weights (non-zero only inside the row's group of ``group``
+    consecutive columns). With sample keys: Gumbel-max, with noise over the group's columns drawn
+    from a generator keyed by (step seed, sample key), so the draw depends on the sample and its
+    place in its group, not on the rank or the micro-batch size; without keys: the default generator."""
     if not keys:
         return torch.multinomial(weights_BB, 1).squeeze(1)
+    B = weights_BB.shape[0]
     step_seed = torch.initial_seed()
-    noise = torch.stack([torch.rand(weights_BB.shape[1], generator=torch.Generator().manual_seed(
-        _key_seed(step_seed, salt + key))) for key in keys]).to(weights_BB.device)
-    gumbel = -torch.log(-torch.log(noise.clamp_min(1e-20)))
-    return (weights_BB.log() + gumbel).argmax(dim=1)
+    noise_BG = torch.stack([torch.rand(group, generator=torch.Generator().manual_seed(
+        _key_seed(step_seed, salt + key))) for key in keys])
+    first = (torch.arange(B) // group) * group  # first column of each row's group
+    candidates_BG = first[:, None] + torch.arange(group)[None, :]
+    gumbel_BG = -torch.log(-torch.log(noise_BG.clamp_min(1e-20))).to(weights_BB.device)
+    scores_BG = weights_BB.gather(1, candidates_BG.to(weights_BB.device)).log() + gumbel_BG
+    return candidates_BG.to(weights_BB.device).gather(1, scores_BG.argmax(dim=1, keepdim=True)).squeeze(1)
 
 
 @torch.no_grad()
@@ -81,11 +86,19 @@ def sample_hard_negatives(image_feat_BE: torch.Tensor, text_feat_BE: torch.Tenso
     weights_i2t = F.softmax(sim_i2t_BB, dim=1) + 1e-5 * same_group
     weights_t2i.fill_diagonal_(0)
     weights_i2t.fill_diagonal_(0)
-    return _draw(weights_t2i, sample_keys, "img:"), _draw(weights_i2t, sample_keys, "txt:")
+    return _draw(weights_t2i, sample_keys, "img:", G), _draw(weights_i2t, sample_keys, "txt:", G)
 
 
 def mim_loss(pred_BND: torch.Tensor, target_BND: torch.Tensor, mask_BP: torch.Tensor) -> torch.Tensor:
-    """MSE over masked patch tokens + MSE between the pooled vectors (token 0)."""
-    patches = F.mse_loss(pred_BND[:, 1:][mask_BP].float(), target_BND[:, 1:][mask_BP].float())
+    """MSE over masked patch tokens + MSE between the pooled vectors (token 0).
+
+    Patch tokens are compared after a per-token LayerNorm (no affine): the reference's tokens carry
+    a final norm, timm's export form (ours) does not, and raw residual-stream tokens would make the
+    loss grow with the features' scale (and reward shrinking them). The pooled vector is already
+    normalised by fc_norm."""
+    def norm(x_MD: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x_MD.float(), x_MD.shape[-1:])
+
+    patches = F.mse_loss(norm(pred_BND[:, 1:][mask_BP]), norm(target_BND[:, 1:][mask_BP]))
     pooled = F.mse_loss(pred_BND[:, 0].float(), target_BND[:, 0].float())
     return patches + pooled

@@ -1,0 +1,105 @@
+"""The entry point as users run it: set-up errors before any rank trains (each naming the fix),
+and a two-node job (two torchrun node processes on localhost) that trains and checkpoints."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from engine_fixtures import run_config_dict
+from harness import free_port, tool_env
+
+pytestmark = pytest.mark.dist
+ROOT = Path(__file__).resolve().parents[2]
+ENTRY = str(ROOT / "launchers/pretrain_large.py")
+
+
+def write_config(tmp_path: Path, raw: dict) -> Path:
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def check(config: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, ENTRY, "--check", "--config", str(config), *extra],
+                          capture_output=True, text=True, env=tool_env(), timeout=120)
+
+
+@pytest.fixture
+def good(demo_world, tmp_path):
+    return run_config_dict(demo_world, tmp_path / "out", steps=3, micro_batch=4, global_batch=8)
+
+
+def test_check_accepts_a_good_launch(good, tmp_path):
+    hosts = tmp_path / "hosts"
+    hosts.write_text("# two nodes\nnode-a slots=2\nnode-b slots=2\n")
+    result = check(write_config(tmp_path, {**good, "parallel": {"tensor_parallel_size": 2}}), "--hostfile", str(hosts))
+    assert result.returncode == 0, result.stderr
+    assert "ok: 4 ranks, TP=2, DP=2, global batch 8" in result.stdout
+
+
+@pytest.mark.parametrize("case, extra, message", [
+    ("hostfile", ["--hostfile", "HOSTS"], "line 2"),
+    ("tp", ["--num_gpus", "3"], "tensor_parallel_size=2 does not divide the 3 ranks"),
+    ("batch", ["--num_gpus", "2"], "global_batch_size=10 is not divisible by micro_batch_size (4) x data-parallel size (2) = 8"),
+    ("missing_key", ["--num_gpus", "1"], "missing required key(s) batch.global_batch_size"),
+    ("missing_section", ["--num_gpus", "1"], "missing section 'train'"),
+    ("unknown_key", ["--num_gpus", "1"], "unknown key(s) optim.learning_rate"),
+    ("missing_data", ["--num_gpus", "1"], "does not exist; fix the path"),
+])
+def test_setup_errors_name_the_fix_before_any_rank_starts(good, tmp_path, case, extra, message):
+    raw = json.loads(json.dumps(good))
+    if case == "hostfile":
+        hosts = tmp_path / "hosts"
+        hosts.write_text("node-a slots=2\nnode-b slots two\n")
+        extra = ["--hostfile", str(hosts)]
+    elif case == "tp":
+        raw["parallel"]["tensor_parallel_size"] = 2
+    elif case == "batch":
+        raw["batch"]["global_batch_size"] = 10
+    elif case == "missing_key":
+        del raw["batch"]["global_batch_size"]
+    elif case == "missing_section":
+        del raw["train"]
+    elif case == "unknown_key":
+        raw["optim"]["learning_rate"] = 1e-3
+    elif case == "missing_data":
+        raw["data"]["spec"] = str(tmp_path / "nowhere" / "blend.yaml")
+    result = check(write_config(tmp_path, raw), *extra)
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert message in result.stderr, result.stderr
+
+
+def torchrun_node(config: Path, node_rank: int, port: int, nnodes: int = 2, nproc: int = 1) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}", f"--node_rank={node_rank}",
+         f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1", f"--master_port={port}", ENTRY,
+         "--config", str(config)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=tool_env(), cwd=ROOT)
+
+
+def test_bad_layout_fails_in_every_rank_before_training(good, tmp_path):
+    raw = {**good, "parallel": {"tensor_parallel_size": 3}}
+    nodes = [torchrun_node(write_config(tmp_path, raw), 0, free_port(), nnodes=1, nproc=2)]
+    out, _ = nodes[0].communicate(timeout=300)
+    assert nodes[0].returncode != 0
+    assert "num_heads=4 is not divisible by the tensor-parallel size 3" in out
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()
+
+
+def test_two_node_processes_on_localhost_train_and_checkpoint(good, tmp_path):
+    config = write_config(tmp_path, good)
+    port = free_port()
+    nodes = [torchrun_node(config, rank, port) for rank in (0, 1)]
+    outputs = [node.communicate(timeout=600)[0] for node in nodes]
+    assert [n.returncode for n in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    out = tmp_path / "out"
+    complete = json.loads((out / "checkpoints" / "step00000003" / "COMPLETE.json").read_text())
+    assert complete["world_size"] == 2 and complete["step"] == 3
+    assert json.loads((out / "final_metrics.json").read_text())["step"] == 3
+    # both nodes' ranks wrote their ZeRO partitions into the one checkpoint
+    shards = sorted(p.name for p in (out / "checkpoints" / "step00000003").glob("*optim_states.pt"))
+    assert len(shards) == 2, shards
