@@ -108,6 +108,9 @@ class TrainSection:
     """Complete checkpoints kept; older ones are deleted after a newer one is published."""
     resume: bool = True
     """Resume from the newest complete checkpoint in output_dir if there is one."""
+    stop_at_step: int | None = None
+    """End this invocation after this step with a checkpoint, as if interrupted (a cluster job's
+    wall-time slice); relaunching the same command continues the run. None: run to ``steps``."""
     progress_bar: bool = True
     """Show a progress bar on rank 0."""
     tensorboard: bool = True

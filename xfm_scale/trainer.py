@@ -177,8 +177,20 @@ class Trainer:
                 self.log()
             self.maybe_eval()
             self.maybe_save()
+            if self.step == self.cfg.train.stop_at_step and self.step < total:
+                bar.close()
+                return self.pause()
         bar.close()
         return self.finish()
+
+    def pause(self) -> dict[str, float]:
+        """Stop early with a checkpoint; no final_metrics.json, so the run is not complete."""
+        self.maybe_save(force=True)
+        if self.is_main:
+            self.writer.close()
+            log.info("stopped at step %d (train.stop_at_step); relaunch to continue", self.step)
+        dist.barrier()
+        return {"step": float(self.step)}
 
     def train_step(self, batches: list) -> dict[str, float]:
         """One optimizer step: forward/backward every micro-batch, the engine steps at the boundary."""

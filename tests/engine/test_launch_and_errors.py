@@ -42,7 +42,7 @@ def test_check_accepts_a_good_launch(good, tmp_path):
 
 
 @pytest.mark.parametrize("case, extra, message", [
-    ("hostfile", ["--hostfile", "HOSTS"], "line 2"),
+    ("hostfile", ["--hostfile", "HOSTS"], "hosts:2: malformed slots: 'node-b slots two'; write `slots=N`"),
     ("tp", ["--num_gpus", "3"], "tensor_parallel_size=2 does not divide the 3 ranks"),
     ("batch", ["--num_gpus", "2"], "global_batch_size=10 is not divisible by micro_batch_size (4) x data-parallel size (2) = 8"),
     ("missing_key", ["--num_gpus", "1"], "missing required key(s) batch.global_batch_size"),
