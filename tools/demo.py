@@ -47,7 +47,11 @@ def launch(data, run_dir: Path, ranks: int, extra: list[str]) -> int:
            "--set", f"data.spec={data.spec}", "--set", f"data.tokenizer_dir={data.tokenizer_dir}",
            "--set", f"data.eval_manifest={data.eval_manifest}",
            "--set", f"data.cache_dir={run_dir.parent / 'cache'}", "--output-dir", str(run_dir), *extra]
-    env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"), "PYTHONUNBUFFERED": "1"}
+    # One intra-op thread per rank unless told otherwise: the ranks already use every core, and
+    # torch's default (a thread per core in every rank) oversubscribes them.
+    threads = str(max(1, (os.cpu_count() or 1) // ranks))
+    env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"), "PYTHONUNBUFFERED": "1",
+           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", threads)}
     return subprocess.call(cmd, cwd=ROOT, env=env)
 
 
