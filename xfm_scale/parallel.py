@@ -123,7 +123,7 @@ def initialize(tensor_parallel_size: int = 1, seed: int = 1234) -> ParallelLayou
     _single_process_env()
     if _on_cpu() and "OMP_NUM_THREADS" not in os.environ:
         # DeepSpeed's runner (unlike torchrun) leaves every rank at one thread per core, so N CPU
-        # ranks oversubscribe the machine N-fold (measured: the 2-rank demo ran 1.8x slower).
+        # ranks oversubscribe the machine N-fold.
         local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
     world_size = int(os.environ["WORLD_SIZE"])
