@@ -69,7 +69,8 @@ def universal_checkpoint_info(model, vocab_size: int, padded_vocab_size: int) ->
             "xfm_strided_parameters": strided}
 
 
-def _write_atomically(path: Path, text: str) -> None:
+def write_atomically(path: Path, text: str) -> None:
+    """Readers see the old file or the new one, never a partial write."""
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     tmp.write_text(text)
     os.replace(tmp, path)
@@ -83,8 +84,8 @@ def save(engine, ckpt_dir: str | Path, step: int, client_state: dict, keep_last:
     dist.barrier()
     if dist.get_rank() == 0:
         meta = {"step": step, "time": time.time(), "world_size": dist.get_world_size()}
-        _write_atomically(ckpt_dir / tag / COMPLETE, json.dumps(meta))
-        _write_atomically(ckpt_dir / POINTER, tag)
+        write_atomically(ckpt_dir / tag / COMPLETE, json.dumps(meta))
+        write_atomically(ckpt_dir / POINTER, tag)
         for old in complete_steps(ckpt_dir)[:-keep_last] if keep_last > 0 else []:
             shutil.rmtree(ckpt_dir / tag_for(old), ignore_errors=True)
     dist.barrier()

@@ -80,6 +80,11 @@ def _on_cpu() -> bool:
     return os.environ.get("DS_ACCELERATOR", "") == "cpu" or not torch.cuda.is_available()
 
 
+def device() -> torch.device:
+    """This rank's compute device, by the same decision that chose the process-group backend."""
+    return torch.device("cpu") if _on_cpu() else torch.device("cuda", torch.cuda.current_device())
+
+
 def _single_process_env() -> None:
     """Let a plain ``python script.py`` (no launcher) run as a world of one."""
     if "RANK" in os.environ:

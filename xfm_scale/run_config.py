@@ -225,19 +225,17 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
 def _build_section(name: str, cls, values: Any):
     if not isinstance(values, dict):
         raise ConfigError(f"section {name!r} must be a mapping")
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
     if unknown:
         raise ConfigError(f"unknown key(s) {', '.join(f'{name}.{k}' for k in unknown)}; "
-                          f"known keys of {name}: {', '.join(sorted(known))}")
-    required = [f.name for f in dataclasses.fields(cls)
+                          f"known keys of {name}: {', '.join(sorted(fields))}")
+    required = [k for k, f in fields.items()
                 if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     missing = [k for k in required if k not in values]
     if missing:
         raise ConfigError(f"missing required key(s) {', '.join(f'{name}.{k}' for k in missing)} in the run config")
-    values = {k: _coerce(name, k, v, types[k]) for k, v in values.items()} if (
-        types := {f.name: str(f.type) for f in dataclasses.fields(cls)}) else values
-    return cls(**values)
+    return cls(**{k: _coerce(name, k, v, str(fields[k].type)) for k, v in values.items()})
 
 
 def _coerce(section: str, key: str, value: Any, annotation: str) -> Any:

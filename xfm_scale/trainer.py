@@ -11,7 +11,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -61,7 +60,7 @@ class Trainer:
         if self.is_main:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / "run_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        self.device = parallel.device()
         self.micro_steps = cfg.micro_steps_per_step(self.layout.data_parallel_size)
         self.tokenizer, self.model_config = self._model_config()
         self.loader = self._build_loader()
@@ -72,6 +71,7 @@ class Trainer:
         self.step = self._resume()
         self.writer = MetricsWriter(self.output_dir, cfg.train.tensorboard) if self.is_main else None
         self.window: dict[str, list[float]] = defaultdict(list)
+        self.last_log: dict[str, float] = {}
         self.last_eval: dict[str, float] = {}
         self._log_setup(ds_config)
 
@@ -317,10 +317,9 @@ class Trainer:
             self.log()
         self.maybe_eval(force=True)
         self.maybe_save(force=True)
-        final = {**{k: v for k, v in getattr(self, "last_log", {}).items()}, **self.last_eval,
-                 "step": float(self.step)}
+        final = {**self.last_log, **self.last_eval, "step": float(self.step)}
         if self.is_main:
-            _write_json_atomically(self.output_dir / "final_metrics.json", final)
+            checkpoint.write_atomically(self.output_dir / "final_metrics.json", json.dumps(final, indent=2))
             self.writer.close()
         dist.barrier()
         return final
@@ -331,8 +330,3 @@ def parallel_dp_group():
 
     return ps.get_data_parallel_group() if ps.get_data_parallel_world_size() > 1 else None
 
-
-def _write_json_atomically(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)

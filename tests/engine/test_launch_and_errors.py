@@ -1,7 +1,6 @@
 """The entry point as users run it: set-up errors before any rank trains (each naming the fix),
 and a two-node job (two torchrun node processes on localhost) that trains and checkpoints."""
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path

@@ -32,8 +32,6 @@ def _grads(model) -> dict[str, torch.Tensor]:
 def tp_parity_rank(tp: int, weights_path: str):
     """Build the tiny model at TP=tp holding the full weights in ``weights_path`` (written by the
     TP=1 run if absent); return outputs and this rank's gradient shards."""
-    import os
-
     from xfm_scale import parallel
     from xfm_scale.model import tp_layout
     from xfm_scale.model.xfm import XFM

@@ -49,11 +49,6 @@ def mark_tensor_parallel(param: nn.Parameter, partition_dim: int, stride: int = 
     return param
 
 
-def split_for_rank(full: torch.Tensor, dim: int) -> torch.Tensor:
-    """This rank's contiguous slice of a freshly initialised full tensor (non-strided params)."""
-    return full.chunk(tp_size(), dim=dim)[tp_rank()].clone()
-
-
 def column(in_features: int, out_features: int, *, bias: bool, stride: int, config: ModelParallelConfig,
            std: float) -> tp.ColumnParallelLinear:
     return tp.ColumnParallelLinear(in_features, out_features, config=config, init_method=normal_init(std),
@@ -198,5 +193,5 @@ def layer_scale_init(dim: int, value: float, dtype: torch.dtype) -> nn.Parameter
 
 
 __all__ = ["SelfAttention", "CrossAttention", "MLP", "padding_mask", "run_blocks", "megatron_config",
-           "tp_size", "tp_rank", "mark_tensor_parallel", "split_for_rank", "NormalLinear", "NormalEmbedding",
+           "tp_size", "tp_rank", "mark_tensor_parallel", "NormalLinear", "NormalEmbedding",
            "layer_scale_init"]
