@@ -202,3 +202,29 @@ def build_engine(model_config, optim_cfg, ds_config: dict, total_steps: int):
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, mpu=mpu)
     return engine, optimizer, scheduler
+
+
+def begin_optimizer_step(engine) -> None:
+    """Clear ZeRO-3's gradient partitions before an optimizer step's first micro-batch.
+
+    DeepSpeed 0.19's ZeRO-3 copies a parameter's reduced gradient into its fp32 partition at
+    micro-step 0 and adds to it at later micro-steps, but never clears a partition that no
+    micro-batch of the window wrote. X-FM steps leave parameters untouched (the vision and fusion
+    encoders on a text-only step), so without this such a parameter is updated with the previous
+    step's gradient again, and one first touched at micro-step k > 0 accumulates onto it. That
+    made a run depend on its history in the process: a resumed run (fresh zeros) and an
+    uninterrupted one diverged at the first step after the resume. Untouched parameters now get
+    an exact zero gradient, the same in every run.
+    """
+    zero_optimizer = engine.optimizer
+    flat = getattr(zero_optimizer, "grad_partitions_flat_buffer", None)
+    if flat is None:  # ZeRO-1/2 build each window's partitions afresh (None grads become zeros)
+        return
+    flat.zero_()
+    if getattr(zero_optimizer, "offload_optimizer", False):
+        # with optimizer offload the boundary copies only this window's parameters into the fp32
+        # grads; the others would keep last step's values. (NVMe-swapped sub-groups keep theirs
+        # on disk: DeepSpeed offers no call to clear them.)
+        for fp32_partition in zero_optimizer.fp32_partitioned_groups_flat:
+            if fp32_partition.grad is not None:
+                fp32_partition.grad.zero_()

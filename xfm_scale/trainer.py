@@ -198,6 +198,7 @@ class Trainer:
         # draws exactly what an uninterrupted one would, with no RNG state to carry.
         parallel.seed_everything(self.cfg.train.seed * 1_000_003 + self.step)
         self.engine.train()
+        parallel.begin_optimizer_step(self.engine)
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
         sync()
         start = time.perf_counter()
