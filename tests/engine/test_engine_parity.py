@@ -66,9 +66,9 @@ def test_resume_restores_model_data_cursor_and_step_exactly(resumed_and_full):
 
 
 def test_every_step_after_resume_equals_uninterrupted(resumed_and_full):
-    """Steps 12..20 after the resume equal the uninterrupted run's. Step 11 is text-only, so this
-    fails if ZeRO-3 steps the untouched vision/fusion parameters with a stale gradient
-    (parallel.begin_optimizer_step)."""
+    """Steps 12..20 after the resume equal the uninterrupted run's. The blend has steps that leave
+    the vision and fusion encoders untouched, so this fails if ZeRO-3 steps them with the previous
+    step's gradient (see parallel.begin_optimizer_step)."""
     expected, resumed = step_losses(resumed_and_full / "full"), step_losses(resumed_and_full / "resumed")
     for step in range(12, STEPS + 1):
         assert abs(resumed[step] - expected[step]) <= 1e-6 * abs(expected[step]), (step, resumed[step], expected[step])
