@@ -147,6 +147,27 @@ def test_num_steps_stops_at_the_end_of_the_blend(blend, cfg):
     assert min(left[m] / (MBS[m] * 2) for m in MBS) < cfg.micro_steps_per_step  # no whole step left
 
 
+def test_a_longer_blend_of_the_same_spec_continues_a_cursor(blend, cfg, demo, tmp_path):
+    """A run whose train.steps grew builds a longer blend: its sequence and micro-step schedule
+    extend the shorter blend's, so the saved cursor continues exactly where it stopped."""
+    longer = build_blend(demo.spec, num_samples=2 * blend.num_samples + 17, seed=blend.seed, cache_dir=tmp_path)
+    assert longer.fingerprint != blend.fingerprint and longer.sequence_id == blend.sequence_id
+    n = blend.num_samples
+    assert np.array_equal(longer.corpus_index[:n], blend.corpus_index)
+    assert np.array_equal(longer.sample_index[:n], blend.sample_index)
+    short_loader, long_loader = BlendLoader(blend, cfg, dp_rank=1, dp_size=2), BlendLoader(longer, cfg, dp_rank=1, dp_size=2)
+    common = len(short_loader.schedule.modality)
+    assert np.array_equal(long_loader.schedule.modality[:common], short_loader.schedule.modality)
+
+    finished = BlendLoader(blend, cfg, dp_rank=1, dp_size=2)
+    last = list(finished.iter_steps())[-1]  # the short blend used up
+    continued = BlendLoader(longer, cfg, dp_rank=1, dp_size=2)
+    continued.load_state_dict(finished.state_dict())
+    reference = take(BlendLoader(longer, cfg, dp_rank=1, dp_size=2), finished.state_dict()["micro_step"] + 6)
+    assert_same_batches(last, reference[-6 - len(last):-6])
+    assert_same_batches(take(continued, 6), reference[-6:])
+
+
 def test_trainer_rng_untouched_and_wrong_blend_state_refused(blend, cfg, demo, tmp_path):
     torch.manual_seed(123)
     expected = torch.rand(3)

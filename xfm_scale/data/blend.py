@@ -45,13 +45,32 @@ class Blend:
     seed: int
     """Seed of the per-epoch shuffles (and default seed of the loader's augmentation)."""
     fingerprint: str
-    """Hash of everything the blend depends on: the cache key, and a guard on resume."""
+    """Hash of everything the blend depends on: the cache key."""
     path: Path | None = None
     """Cache folder holding the arrays, if cached."""
     cache_hit: bool = False
     """True when loaded from the cache rather than built."""
     cache_dir: Path | None = None
     """Where shard indexes not written beside their shards are cached."""
+
+    @property
+    def sequence_id(self) -> str:
+        """Hash of what the sample sequence depends on, its length excluded: the resume guard.
+
+        Every step of the build is prefix-stable (megatron's helper decides sample i from the
+        counts before it; epoch orders are seeded per epoch block), so blends that differ only in
+        num_samples agree on their common prefix, and a run whose train.steps grew resumes.
+        """
+        return fingerprint(self.corpora, 0, self.seed)
+
+    def modality_weights(self) -> dict[str, float]:
+        """Normalised spec weight of each modality present (the sum over its corpora)."""
+        total = sum(c.weight for c in self.corpora)
+        out: dict[str, float] = {}
+        for c in self.corpora:
+            if c.weight > 0:
+                out[c.modality] = out.get(c.modality, 0.0) + c.weight / total
+        return out
 
     def modality_codes(self) -> np.ndarray:
         """[N] int8: index into ``MODALITIES`` of every global sample."""

@@ -126,7 +126,10 @@ class _Schedule:
         present = [m for m in MODALITIES if len(self.streams[m])]
         self.present = set(present)
         mbs = {m: micro_batch_sizes.get(m, 1) for m in present}
-        weights = [len(self.streams[m]) / mbs[m] for m in present]
+        # Micro-steps per modality in proportion to the spec's weights (not the realised stream
+        # lengths, which shift with num_samples): the schedule of a longer blend extends a shorter one's.
+        spec_weights = blend.modality_weights()
+        weights = [spec_weights[m] / mbs[m] for m in present]
         # Enough micro-steps for DP size 1 (the most micro-steps any DP size can use).
         length = sum(-(-len(self.streams[m]) // mbs[m]) for m in present) + 1
         choice, _ = blend_corpus_choice(weights, length)
@@ -242,13 +245,14 @@ class BlendLoader:
                 step = []
 
     def state_dict(self) -> dict[str, int]:
-        """The cursor: global micro-step, one offset per modality stream, a blend checksum."""
-        return {**self._cursor, "blend_crc": zlib.crc32(self.blend.fingerprint.encode())}
+        """The cursor: global micro-step, one offset per modality stream, a checksum of the blend's
+        sample sequence (its length excluded: a longer blend of the same spec continues it)."""
+        return {**self._cursor, "blend_crc": zlib.crc32(self.blend.sequence_id.encode())}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        if state.get("blend_crc") != zlib.crc32(self.blend.fingerprint.encode()):
-            raise DataSpecError("the loader state was saved with another blend (spec, shards, "
-                                "num_samples or seed differ); resume with the same blend")
+        if state.get("blend_crc") != zlib.crc32(self.blend.sequence_id.encode()):
+            raise DataSpecError("the loader state was saved with another blend (spec, shards or "
+                                "seed differ); resume with the blend spec and data.seed it was saved with")
         self._cursor = {k: int(state[k]) for k in ("micro_step", *(f"offset_{m}" for m in MODALITIES))}
 
 
