@@ -1,5 +1,6 @@
 """The entry point as users run it: set-up errors before any rank trains (each naming the fix),
-and a two-node job (two torchrun node processes on localhost) that trains and checkpoints."""
+and a two-node job on localhost (two node processes, under torchrun and under DeepSpeed's runner
+with --no_ssh and a node rank) that trains and checkpoints."""
 import json
 import subprocess
 import sys
@@ -80,6 +81,15 @@ def torchrun_node(config: Path, node_rank: int, port: int, nnodes: int = 2, npro
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=tool_env(), cwd=ROOT)
 
 
+def deepspeed_node(config: Path, node_rank: int, port: int, hostfile: Path) -> subprocess.Popen:
+    """What `deepspeed --hostfile H --no_ssh --node_rank R ...` runs on node R of a cluster without ssh."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile), "--no_ssh",
+         f"--node_rank={node_rank}", "--master_addr=127.0.0.1", f"--master_port={port}", ENTRY,
+         "--config", str(config)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=tool_env(), cwd=ROOT)
+
+
 def test_bad_layout_fails_in_every_rank_before_training(good, tmp_path):
     raw = {**good, "parallel": {"tensor_parallel_size": 3}}
     nodes = [torchrun_node(write_config(tmp_path, raw), 0, free_port(), nnodes=1, nproc=2)]
@@ -89,10 +99,16 @@ def test_bad_layout_fails_in_every_rank_before_training(good, tmp_path):
     assert not (tmp_path / "out" / "metrics.jsonl").exists()
 
 
-def test_two_node_processes_on_localhost_train_and_checkpoint(good, tmp_path):
+@pytest.mark.parametrize("runner", ["torchrun", "deepspeed --no_ssh"])
+def test_two_node_processes_on_localhost_train_and_checkpoint(good, tmp_path, runner):
     config = write_config(tmp_path, good)
     port = free_port()
-    nodes = [torchrun_node(config, rank, port) for rank in (0, 1)]
+    if runner == "torchrun":
+        nodes = [torchrun_node(config, rank, port) for rank in (0, 1)]
+    else:  # two "hosts" of one slot each; only the node rank says which one a process is
+        hostfile = tmp_path / "hostfile"
+        hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
+        nodes = [deepspeed_node(config, rank, port, hostfile) for rank in (0, 1)]
     outputs = [node.communicate(timeout=600)[0] for node in nodes]
     assert [n.returncode for n in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
     out = tmp_path / "out"
