@@ -17,6 +17,7 @@ from typing import Any, Literal
 import yaml
 
 from xfm_scale.config import ConfigError, XFMConfig
+from xfm_scale.yaml_files import read_yaml
 
 
 @dataclass(kw_only=True)
@@ -293,10 +294,5 @@ def from_dict(raw: dict[str, Any], base_dir: str | Path = ".", overrides: dict[s
 
 def load(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
     path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"run config {path} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"run config {path} is not valid YAML: {err}") from None
+    raw = read_yaml(path, what="run config", error=ConfigError)
     return from_dict(raw, path.parent, overrides)

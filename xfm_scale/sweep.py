@@ -49,6 +49,7 @@ from typing import Any, Callable
 import yaml
 
 from xfm_scale.launch import LaunchError, check_launch, world_size_of_command
+from xfm_scale.yaml_files import read_yaml
 
 DEFAULT_COMMAND = "deepspeed --num_gpus {num_gpus} --master_port {master_port} launchers/pretrain_large.py"
 TOP_LEVEL_KEYS = ("base_config", "output_root", "command", "grid", "fixed", "names")
@@ -183,12 +184,7 @@ def load_sweep(path: str | os.PathLike) -> SweepSpec:
 
 
 def _read_yaml(path: Path) -> dict:
-    if not path.is_file():
-        raise SweepError(f"sweep file {path} does not exist; fix the path")
-    try:
-        raw = yaml.load(path.read_text(), Loader=_SweepLoader)
-    except yaml.YAMLError as err:
-        raise SweepError(f"sweep file {path} is not valid YAML: {err}") from None
+    raw = read_yaml(path, what="sweep file", error=SweepError, loader=_SweepLoader)
     if not isinstance(raw, dict):
         raise SweepError(f"sweep file {path} must be a mapping with keys {', '.join(TOP_LEVEL_KEYS)}")
     return raw

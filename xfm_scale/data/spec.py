@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import braceexpand
-import yaml
 
+from ..yaml_files import read_yaml
 from .shards import MANIFEST_SUFFIX, MODALITIES, DataSpecError, detect_modality, load_index
 
 _SHARD_HINT = "run tools/make_shards.py to (re)build it"
@@ -67,12 +67,7 @@ class Corpus:
 def load_spec(path: str | Path) -> tuple[list[CorpusSpec], Path]:
     """Parse a YAML spec; returns the corpus specs and the folder relative paths resolve against."""
     path = Path(path)
-    if not path.exists():
-        raise DataSpecError(f"spec file {path} does not exist; pass the path of a YAML blend spec")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise DataSpecError(f"spec file {path} is not valid YAML ({exc}); fix its syntax") from None
+    raw = read_yaml(path, what="blend spec file", error=DataSpecError)
     entries = raw.get("corpora") if isinstance(raw, dict) else None
     if not isinstance(entries, list) or not entries:
         raise DataSpecError(f"spec file {path} has no 'corpora' list; write 'corpora:' with one entry "
