@@ -30,6 +30,16 @@ class ModelSection:
     """Recompute every encoder block in backward (DeepSpeed checkpointing)."""
     vocab_from_tokenizer: bool = True
     """Set text.vocab_size and pad id from the data section's tokenizer."""
+    init_from: str | None = None
+    """Start a new run from an xfm weights folder (OUT/xfm of tools/export_weights.py or
+    tools/import_weights.py): its config.json replaces the preset (overrides still apply) and its
+    tensors fill the model at this run's TP/DP. Ignored when resuming from a checkpoint."""
+    init_text_from: str | None = None
+    """Start the language encoder from a transformers BERT/RoBERTa folder (its config sets
+    text.*); the tokenizer in data.tokenizer_dir must have its vocabulary size."""
+    init_vision_from: str | None = None
+    """Start the vision encoder from a timm BEiT-v2 folder (config.json + model.safetensors) or
+    a beitv2_base_patch16_224 weights file (its sizes set vision.*)."""
 
 
 @dataclass(kw_only=True)
@@ -145,8 +155,11 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def model_config(self) -> XFMConfig:
-        config = XFMConfig.from_preset(self.model.preset, **self.model.overrides)
+    def model_config(self, base: XFMConfig | None = None) -> XFMConfig:
+        """The preset (or ``base``, e.g. the config of the weights a run starts from) with the
+        overrides and activation checkpointing applied."""
+        config = XFMConfig.from_dict(base.to_dict()) if base else XFMConfig.from_preset(self.model.preset)
+        config.apply_overrides(self.model.overrides)
         config.set_activation_checkpointing(self.model.activation_checkpointing)
         return config
 
@@ -201,7 +214,8 @@ class RunConfig:
 _SECTIONS = {"model": ModelSection, "data": DataSection, "batch": BatchSection, "optim": OptimSection,
              "train": TrainSection, "parallel": ParallelSection, "deepspeed": DeepSpeedSection}
 _PATH_KEYS = {("data", "spec"), ("data", "tokenizer_dir"), ("data", "eval_manifest"), ("data", "cache_dir"),
-              ("train", "output_dir")}
+              ("train", "output_dir"), ("model", "init_from"), ("model", "init_text_from"),
+              ("model", "init_vision_from")}
 _REPO_ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -18,9 +18,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from xfm_scale import checkpoint, kernels, parallel
-from xfm_scale.config import ConfigError
+from xfm_scale import checkpoint, engine_state, kernels, parallel, pretrained
+from xfm_scale.config import ConfigError, XFMConfig
 from xfm_scale.run_config import RunConfig
+from xfm_scale.zero_checkpoint import ZeroCheckpoint, saved_layout
 
 log = logging.getLogger("xfm_scale.trainer")
 
@@ -62,11 +63,16 @@ class Trainer:
             (self.output_dir / "run_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
         self.device = parallel.device()
         self.micro_steps = cfg.micro_steps_per_step(self.layout.data_parallel_size)
-        self.tokenizer, self.model_config = self._model_config()
+        self.resume_step = checkpoint.latest_complete(self.ckpt_dir) if cfg.train.resume else None
+        self.tokenizer, self.model_config, init_source = self._model_config()
         self.loader = self._build_loader()
         ds_config = cfg.deepspeed_config(self.layout.data_parallel_size)
         self.engine, self.optimizer, self.scheduler = parallel.build_engine(
             self.model_config, cfg.optim, ds_config, cfg.train.steps)
+        if init_source is not None:
+            given = engine_state.load_full_state(self.engine, init_source)
+            if self.is_main:
+                log.info("started from pretrained weights: %d parameter tensors loaded", given)
         self.eval_data = self._eval_data()
         self.step = self._resume()
         self.writer = MetricsWriter(self.output_dir, cfg.train.tensorboard) if self.is_main else None
@@ -77,15 +83,42 @@ class Trainer:
 
     # ---- setup ------------------------------------------------------------------------------------
     def _model_config(self):
+        """(tokenizer, model config, source of the weights a new run starts from or None)."""
         from xfm_scale.data import load_tokenizer
 
         tokenizer = load_tokenizer(self.cfg.data.tokenizer_dir)
-        config = self.cfg.model_config()
-        if self.cfg.model.vocab_from_tokenizer:
+        base, source = self._initial_weights()
+        config = self.cfg.model_config(base)
+        if source is not None:  # the weights fix the vocabulary; the tokenizer must fit in it
+            if len(tokenizer) > config.text.vocab_size:
+                raise ConfigError(f"the tokenizer in {self.cfg.data.tokenizer_dir} has {len(tokenizer)} tokens but "
+                                  f"the initial weights' vocabulary {config.text.vocab_size}; use the tokenizer "
+                                  "those weights were trained with")
+        elif self.cfg.model.vocab_from_tokenizer:
             config.text.vocab_size = len(tokenizer)
             config.text.pad_token_id = tokenizer.pad_token_id
         config.validate(self.layout.tensor_parallel_size)
-        return tokenizer, config
+        return tokenizer, config, source
+
+    def _initial_weights(self) -> tuple[XFMConfig | None, engine_state.Source | None]:
+        """model.init_from / init_text_from / init_vision_from, for a run that does not resume."""
+        m = self.cfg.model
+        if self.resume_step is not None or not (m.init_from or m.init_text_from or m.init_vision_from):
+            return None, None
+        base, sources = None, []
+        if m.init_from:
+            base, source = pretrained.read_xfm_folder(m.init_from)
+            sources.append(source)
+        base = base or XFMConfig.from_preset(m.preset)
+        if m.init_text_from:
+            base.text, source = pretrained.read_hf_text(m.init_text_from)
+            sources.insert(0, source)
+        if m.init_vision_from:
+            drop_path = base.vision.drop_path_rate
+            base.vision, source = pretrained.read_timm_vision(m.init_vision_from)
+            base.vision.drop_path_rate = drop_path
+            sources.insert(0, source)
+        return base, pretrained.combine(*sources)
 
     def _num_blend_samples(self) -> int:
         """Enough samples for the run whatever the DP size (so a resume at another size builds the
@@ -136,14 +169,32 @@ class Trainer:
         return pairs, masked, labels
 
     def _resume(self) -> int:
-        step = checkpoint.latest_complete(self.ckpt_dir) if self.cfg.train.resume else None
+        step = self.resume_step
         if step is None:
             return 0
-        client = checkpoint.load(self.engine, self.ckpt_dir, step)
+        folder = self.ckpt_dir / checkpoint.tag_for(step)
+        saved = saved_layout(folder)
+        here = (self.layout.tensor_parallel_size, self.layout.data_parallel_size)
+        if saved == here:
+            client = checkpoint.load(self.engine, self.ckpt_dir, step)
+        else:
+            client = self._load_resharded(folder)
         self.loader.load_state_dict(client["data_cursor"])
         if self.is_main:
-            log.info("resumed from %s (step %d)", checkpoint.tag_for(step), step)
+            log.info("resumed from %s (step %d, saved at TP %d x DP %d, running at TP %d x DP %d)",
+                     folder.name, step, *saved, *here)
         return step
+
+    def _load_resharded(self, folder: Path) -> dict:
+        """A checkpoint saved at another (TP, DP): merge every tensor and re-partition it here."""
+        ck = ZeroCheckpoint(folder)
+        engine_state.load_full_state(self.engine, ck.full, optimizer_state=True,
+                                     step_count=ck.optimizer_step_count(), param_groups=ck.param_groups())
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(ck.meta["lr_scheduler"])
+        for counter in ("global_steps", "global_samples", "skipped_steps"):
+            setattr(self.engine, counter, ck.meta[counter])
+        return ck.client_state
 
     def _log_setup(self, ds_config: dict) -> None:
         if not self.is_main:
@@ -303,15 +354,17 @@ class Trainer:
             return
         if checkpoint.latest_complete(self.ckpt_dir) == self.step:
             return
-        module = self.engine.module
-        client = {"step": self.step, "data_cursor": self.loader.state_dict(), "run_config": self.cfg.to_dict(),
-                  "model_config": self.model_config.to_dict(), "seed": self.cfg.train.seed,
-                  "layout": {"tensor_parallel_size": self.layout.tensor_parallel_size,
-                             "data_parallel_size": self.layout.data_parallel_size},
-                  "universal_checkpoint_info": checkpoint.universal_checkpoint_info(
-                      module, self.model_config.text.vocab_size,
-                      self.model_config.padded_vocab_size(self.layout.tensor_parallel_size))}
-        checkpoint.save(self.engine, self.ckpt_dir, self.step, client, self.cfg.train.keep_last)
+        checkpoint.save(self.engine, self.ckpt_dir, self.step, self.client_state(), self.cfg.train.keep_last)
+
+    def client_state(self) -> dict:
+        """What a checkpoint carries besides DeepSpeed's own state (see xfm_scale/checkpoint.py)."""
+        return {"step": self.step, "data_cursor": self.loader.state_dict(), "run_config": self.cfg.to_dict(),
+                "model_config": self.model_config.to_dict(), "seed": self.cfg.train.seed,
+                "layout": {"tensor_parallel_size": self.layout.tensor_parallel_size,
+                           "data_parallel_size": self.layout.data_parallel_size},
+                "universal_checkpoint_info": checkpoint.universal_checkpoint_info(
+                    self.engine.module, self.model_config.text.vocab_size,
+                    self.model_config.padded_vocab_size(self.layout.tensor_parallel_size))}
 
     def finish(self) -> dict[str, float]:
         if self.window:

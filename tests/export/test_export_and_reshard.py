@@ -1,0 +1,182 @@
+"""Export of a TP=2 x DP=2 ZeRO-3 checkpoint to transformers / timm / xfm weights, the export
+loaded at TP=1, and the checkpoint resumed at TP=1 x DP=2 and TP=2 x DP=1 (weights, Adam moments,
+scheduler and data cursor), each compared as numbers with the live run."""
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine_fixtures import run_config_dict, step_losses
+from export_fixtures import (MODEL_OVERRIDES, build_resave_probe, build_then_probe, random_pixels, random_text,
+                             train_then_probe)
+from harness import run_ranks, tool_env
+
+pytestmark = pytest.mark.dist
+ROOT = Path(__file__).resolve().parents[2]
+STEPS, SAVED_AT = 5, 3
+
+
+def run_dict(demo_world, output_dir: Path, tp: int) -> dict:
+    raw = run_config_dict(demo_world, output_dir, steps=STEPS, micro_batch=4, global_batch=8, tp=tp,
+                          save_every=SAVED_AT, model_overrides=MODEL_OVERRIDES)
+    raw["data"]["eval_manifest"] = str(demo_world.eval_manifest)
+    raw["train"].update(eval_every=0, keep_last=5)
+    return raw
+
+
+@pytest.fixture(scope="module")
+def original(demo_world, tmp_path_factory):
+    """A TP=2 x DP=2 run of 5 steps (checkpoints at 3 and 5), probed live at the end, and its export."""
+    from xfm_scale.export import export_checkpoint
+
+    root = tmp_path_factory.mktemp("export")
+    raw = run_dict(demo_world, root / "run", tp=2)
+    live = run_ranks(train_then_probe, 4, raw)[0]
+    assert live["layout"] == (2, 2) and live["step"] == STEPS
+    export_checkpoint(root / "run" / "checkpoints", root / "export", progress=False)
+    return {"raw": raw, "live": live, "root": root, "export": root / "export"}
+
+
+def assert_losses_equal(got: dict, want: dict, rel: float = 1e-5):
+    assert sorted(got) == sorted(want) == ["imlm", "itc", "itm", "mim"]
+    for name in want:
+        assert abs(got[name] - want[name]) <= rel * abs(want[name]), (name, got[name], want[name])
+
+
+def test_text_encoder_loads_in_transformers_and_matches_the_live_model(original):
+    from transformers import AutoModel, AutoTokenizer
+
+    folder = original["export"] / "text_encoder"
+    model = AutoModel.from_pretrained(folder).eval()
+    assert type(model).__name__ == "RobertaModel"
+    cfg = json.loads((folder / "config.json").read_text())
+    ids, mask = random_text(cfg["vocab_size"], cfg["pad_token_id"])
+    with torch.no_grad():
+        hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(hidden, original["live"]["text"], rtol=0, atol=1e-5)
+    assert len(AutoTokenizer.from_pretrained(folder)) == cfg["vocab_size"]
+
+
+def test_vision_encoder_loads_in_timm_and_matches_the_live_model(original):
+    import timm
+
+    folder = original["export"] / "vision_encoder"
+    cfg = json.loads((folder / "config.json").read_text())
+    by_file = timm.create_model(cfg["architecture"], pretrained=True, **cfg["model_args"],
+                                pretrained_cfg_overlay=dict(file=str(folder / "model.safetensors"))).eval()
+    by_folder = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    live = original["live"]["image"]  # [pooled fc_norm(mean), patch tokens...]
+    pixels = random_pixels(cfg["model_args"]["img_size"])
+    for model in (by_file, by_folder):
+        with torch.no_grad():
+            tokens = model.forward_features(pixels)
+            pooled = model.forward_head(tokens, pre_logits=True)
+        torch.testing.assert_close(tokens[:, 1:], live[:, 1:], rtol=0, atol=1e-5)
+        torch.testing.assert_close(pooled, live[:, 0], rtol=0, atol=1e-5)
+
+
+def test_xfm_export_loaded_at_tp1_gives_the_same_losses_and_outputs(original, tmp_path):
+    raw = copy.deepcopy(original["raw"])
+    raw["train"]["output_dir"] = str(tmp_path / "from_export")
+    raw["parallel"]["tensor_parallel_size"] = 1
+    raw["model"]["init_from"] = str(original["export"] / "xfm")
+    got = run_ranks(build_then_probe, 1, raw)[0]
+    assert got["layout"] == (1, 1) and got["resumed_at"] == 0
+    assert_losses_equal(got["losses"], original["live"]["losses"])
+    torch.testing.assert_close(got["text"], original["live"]["text"], rtol=0, atol=1e-5)
+    torch.testing.assert_close(got["image"], original["live"]["image"], rtol=0, atol=1e-5)
+
+
+def test_bf16_export_and_the_xfm_folder_hold_every_parameter(original, tmp_path):
+    from safetensors import safe_open
+
+    from xfm_scale.export import export_checkpoint
+    from xfm_scale.zero_checkpoint import ZeroCheckpoint, resolve_checkpoint
+
+    export_checkpoint(original["root"] / "run" / "checkpoints", tmp_path, dtype="bf16", progress=False)
+    ck = ZeroCheckpoint(resolve_checkpoint(original["root"] / "run" / "checkpoints"))
+    with safe_open(str(tmp_path / "xfm" / "model.safetensors"), "pt") as bf16, \
+            safe_open(str(original["export"] / "xfm" / "model.safetensors"), "pt") as fp32:
+        assert set(bf16.keys()) == set(fp32.keys()) == set(ck.param_names)
+        for name in fp32.keys():
+            a, b = fp32.get_tensor(name), bf16.get_tensor(name)
+            assert b.dtype == torch.bfloat16 and a.dtype == torch.float32
+            torch.testing.assert_close(b.float(), a, rtol=1e-2, atol=1e-2)
+
+
+def stopped_at_3(original, folder: Path) -> Path:
+    """A copy of the original run as it was after step 3 (its step-5 checkpoint removed)."""
+    shutil.copytree(original["root"] / "run", folder)
+    shutil.rmtree(folder / "checkpoints" / f"step{STEPS:08d}")
+    (folder / "final_metrics.json").unlink()
+    return folder
+
+
+@pytest.fixture(scope="module")
+def original_at_3(original, tmp_path_factory):
+    """The original layout (TP=2 x DP=2, DeepSpeed's own load) probed at its step-3 checkpoint."""
+    raw = copy.deepcopy(original["raw"])
+    raw["train"]["output_dir"] = str(stopped_at_3(original, tmp_path_factory.mktemp("same_layout") / "run"))
+    return run_ranks(build_then_probe, 4, raw)[0]
+
+
+@pytest.mark.parametrize("tp,dp", [(1, 2), (2, 1)])
+def test_resume_at_another_layout_restores_weights_optimizer_and_scheduler(original, original_at_3, tmp_path, tp, dp):
+    """The step-3 checkpoint of TP=2 x DP=2 resumed at (tp, dp): the loss on a fixed batch equals
+    the original layout's, and the state saved right after the load equals the original checkpoint
+    tensor for tensor (fp32 weights, both Adam moments), with the same step count and scheduler."""
+    from xfm_scale.zero_checkpoint import STATE_KEYS, ZeroCheckpoint
+
+    run = stopped_at_3(original, tmp_path / "run")
+    raw = copy.deepcopy(original["raw"])
+    raw["train"]["output_dir"] = str(run)
+    raw["parallel"]["tensor_parallel_size"] = tp
+    got = run_ranks(build_resave_probe, tp * dp, raw, str(tmp_path / "resaved"))[0]
+    assert got["resumed_at"] == SAVED_AT and got["layout"] == (tp, dp)
+    assert_losses_equal(got["losses"], original_at_3["losses"])
+    torch.testing.assert_close(got["text"], original_at_3["text"], rtol=0, atol=1e-5)
+
+    saved = ZeroCheckpoint(original["root"] / "run" / "checkpoints" / f"step{SAVED_AT:08d}")
+    resaved = ZeroCheckpoint(tmp_path / "resaved" / f"step{SAVED_AT:08d}")
+    assert (resaved.tp, resaved.dp) == (tp, dp) and resaved.param_names == saved.param_names
+    for name in saved.param_names:
+        for key in STATE_KEYS:
+            assert torch.equal(resaved.full(name, key), saved.full(name, key)), (name, key)
+    assert resaved.optimizer_step_count() == saved.optimizer_step_count() == SAVED_AT
+    assert resaved.meta["lr_scheduler"] == saved.meta["lr_scheduler"]
+    assert [g["lr"] for g in resaved.param_groups()] == [g["lr"] for g in saved.param_groups()]
+    assert resaved.meta["data_cursor"] == saved.meta["data_cursor"]
+
+
+def test_resume_at_another_tp_size_continues_the_run_exactly(original, tmp_path):
+    """At the same DP size the blend feeds the same steps, so steps 4 and 5 after resuming at TP=1
+    equal the original TP=2 run's (the second also uses the re-partitioned Adam moments)."""
+    run = stopped_at_3(original, tmp_path / "run")
+    raw = copy.deepcopy(original["raw"])
+    raw["train"]["output_dir"] = str(run)
+    raw["parallel"]["tensor_parallel_size"] = 1
+    got = run_ranks(train_then_probe, 2, raw)[0]
+    assert got["resumed_at"] == SAVED_AT and got["layout"] == (1, 2)
+    want, resumed = step_losses(original["root"] / "run"), step_losses(run)
+    for step in (SAVED_AT + 1, STEPS):
+        assert abs(resumed[step] - want[step]) <= 1e-5 * abs(want[step]), (step, resumed[step], want[step])
+    assert_losses_equal(got["losses"], original["live"]["losses"])
+
+
+def test_export_cli_refuses_an_unfinished_checkpoint(original, tmp_path):
+    broken = tmp_path / "checkpoints"
+    shutil.copytree(original["root"] / "run" / "checkpoints" / f"step{SAVED_AT:08d}", broken / "step00000003")
+    (broken / "step00000003" / "COMPLETE.json").unlink()
+    result = subprocess.run([sys.executable, str(ROOT / "tools/export_weights.py"), "--checkpoint", str(broken),
+                             "--out", str(tmp_path / "out"), "--no-progress"],
+                            capture_output=True, text=True, env=tool_env(), timeout=300)
+    assert result.returncode == 2, result.stderr
+    assert "holds no complete checkpoint" in result.stderr
+    assert not (tmp_path / "out" / "xfm" / "model.safetensors").exists()

@@ -1,0 +1,87 @@
+"""Weights a run starts from: an exported xfm folder, a transformers BERT/RoBERTa folder, a timm
+BEiT-v2 checkpoint. Each reader returns the encoder config the weights imply and a
+:data:`xfm_scale.engine_state.Source` of full tensors, which the trainer writes into its
+TP-sharded, ZeRO-3-partitioned model (:func:`xfm_scale.engine_state.load_full_state`) at any layout.
+Files are read as safetensors, or with ``weights_only=True`` (no unpickling of code).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from xfm_scale import formats
+from xfm_scale.config import ConfigError, TextEncoderConfig, VisionEncoderConfig, XFMConfig
+from xfm_scale.engine_state import Source
+
+XFM_WEIGHTS = "model.safetensors"
+
+
+def read_xfm_folder(folder: str | Path) -> tuple[XFMConfig, Source]:
+    """An ``OUT/xfm`` folder written by tools/export_weights.py or tools/import_weights.py."""
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    config_path, weights = folder / "config.json", folder / XFM_WEIGHTS
+    if not config_path.is_file() or not weights.is_file():
+        raise ConfigError(f"{folder} is not an xfm weights folder (config.json and {XFM_WEIGHTS}); "
+                          "pass the xfm/ folder that tools/export_weights.py or tools/import_weights.py wrote")
+    meta = json.loads(config_path.read_text())
+    cfg = XFMConfig.from_dict(meta["model_config"])
+    handle = safe_open(str(weights), framework="pt")
+    names = set(handle.keys())
+
+    def source(name: str, key: str):
+        return handle.get_tensor(name).float() if key == "fp32" and name in names else None
+
+    return cfg, source
+
+
+def _prefixed(prefix: str, state: dict[str, torch.Tensor]) -> Source:
+    full = {prefix + k: v for k, v in state.items()}
+    return lambda name, key: full.get(name).float() if key == "fp32" and name in full else None
+
+
+def read_hf_text(folder: str | Path) -> tuple[TextEncoderConfig, Source]:
+    """A transformers BERT or RoBERTa folder (``save_pretrained``/hub layout); its config decides
+    layers, width, heads and vocabulary. Only the encoder is read (no pooler or LM head)."""
+    from transformers import AutoConfig, AutoModel
+
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise ConfigError(f"{folder} is not a transformers model folder (no config.json); pass a folder "
+                          "written by save_pretrained, e.g. a downloaded roberta-base")
+    cfg = formats.text_config_from_hf(AutoConfig.from_pretrained(folder))
+    model = AutoModel.from_pretrained(folder, dtype=torch.float32, add_pooling_layer=False)
+    state = formats.text_from_hf(model.state_dict(), cfg)  # vocab padding rows are added at load
+    return cfg, _prefixed("text.", state)
+
+
+def read_timm_vision(path: str | Path, architecture: str = formats.TIMM_ARCHITECTURE) -> tuple[VisionEncoderConfig, Source]:
+    """A timm BEiT-v2 checkpoint: a folder with config.json + model.safetensors (timm's hub layout,
+    as the exporter writes) or a weights file of ``architecture`` at its default sizes. timm itself
+    loads it (its BEiT checkpoint filter included); the sizes are read off the built model."""
+    import timm
+
+    path = Path(path)
+    if path.is_dir():
+        model = timm.create_model(f"local-dir:{path}", pretrained=True, num_classes=0)
+    elif path.is_file():
+        model = timm.create_model(architecture, pretrained=True, num_classes=0,
+                                  pretrained_cfg_overlay=dict(file=str(path)))
+    else:
+        raise ConfigError(f"vision weights {path} do not exist; pass a timm BEiT-v2 folder or weights file")
+    cfg = formats.vision_config_from_timm_model(model)
+    return cfg, _prefixed("vision.", formats.vision_from_timm(model.state_dict(), mask_token=None))
+
+
+def combine(*sources: Source) -> Source:
+    """The first source that has a tensor gives it."""
+    def source(name: str, key: str):
+        for s in sources:
+            tensor = s(name, key)
+            if tensor is not None:
+                return tensor
+        return None
+    return source

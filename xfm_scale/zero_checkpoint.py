@@ -1,0 +1,220 @@
+"""Read a checkpoint our trainer wrote through DeepSpeed ZeRO-3, at any (DP, TP), as full tensors.
+
+A tag folder holds, per TP rank t and DP rank d, ``zero_pp_rank_{d}_mp_rank_{t:02d}_optim_states.pt``
+(this rank's slice of every sub-group's flat fp32 master weights and Adam moments) and
+``..._model_states.pt`` (parameter shapes per sub-group, the scheduler, our client state). A
+parameter of TP shard t is the concatenation over d of its ceil(numel / DP) slice in sub-group g's
+flat partition, cut to numel; the TP shards merge by the layout recorded in the client state
+(``universal_checkpoint_info``: row-parallel on dim 1, replicated, strided fused QKV/KV).
+
+Why not DeepSpeed's own tools: zero_to_fp32 refuses TP > 1, and its universal checkpoint loader
+partitions over DP only (see ../shared/design/stack-notes.md). This reader streams: the files are
+memory-mapped, and one merged tensor at a time is materialised.
+
+Trust: files are opened with ``weights_only=True``; the only classes allowed besides tensors are
+DeepSpeed's ZeroStageEnum and LossScaler, which its optimizer state holds.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from xfm_scale.model import tp_layout
+
+STATE_KEYS = ("fp32", "exp_avg", "exp_avg_sq")
+_FILE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_(optim|model)_states\.pt$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that cannot be read; the message names the folder and the fix."""
+
+
+@contextmanager
+def _deepspeed_safe_globals():
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    with torch.serialization.safe_globals([ZeroStageEnum, LossScaler]):
+        yield
+
+
+def load_trusted(path: Path):
+    """torch.load with weights_only=True (and memory-mapped): no arbitrary unpickling."""
+    with _deepspeed_safe_globals():
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Where a parameter lives in the flat partitions: sub-group and element offset."""
+    group: int
+    offset: int
+    shard_shape: torch.Size
+
+
+class ZeroCheckpoint:
+    """One complete checkpoint folder (a tag such as ``step00000200``)."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise CheckpointError(f"checkpoint folder {self.folder} does not exist; pass a folder such as "
+                                  "OUTPUT/checkpoints/step00000200 (or --checkpoint OUTPUT/checkpoints)")
+        files: dict[tuple[str, int, int], Path] = {}
+        for path in self.folder.iterdir():
+            match = _FILE.match(path.name)
+            if match:
+                files[(match.group(3), int(match.group(1)), int(match.group(2)))] = path
+        model_files = sorted(k for k in files if k[0] == "model")
+        if not model_files:
+            raise CheckpointError(f"{self.folder} holds no DeepSpeed ZeRO model_states files; pass a checkpoint "
+                                  "tag folder written by the trainer")
+        self.tp = 1 + max(t for _, _, t in model_files)
+        meta = load_trusted(files[("model", 0, 0)])
+        if "universal_checkpoint_info" not in meta or "model_config" not in meta:
+            raise CheckpointError(f"{self.folder} was not written by xfm_scale's trainer (no TP layout or model "
+                                  "config in its client state)")
+        self.dp = int(meta["dp_world_size"])
+        if int(meta.get("mp_world_size", self.tp)) != self.tp:
+            raise CheckpointError(f"{self.folder}: model_states files for {self.tp} TP ranks, but it was saved "
+                                  f"with {meta['mp_world_size']}; the folder is incomplete")
+        missing = [f"zero_pp_rank_{d}_mp_rank_{t:02d}_optim_states.pt" for t in range(self.tp)
+                   for d in range(self.dp) if ("optim", d, t) not in files]
+        if missing:
+            raise CheckpointError(f"{self.folder} is incomplete: {len(missing)} optimizer partition file(s) missing, "
+                                  f"e.g. {missing[0]}; use another checkpoint (one with COMPLETE.json)")
+        self.meta = meta
+        self._files = files
+        self._optim: dict[tuple[int, int], dict] = {}
+
+    # ---- what the checkpoint says ------------------------------------------------------------------
+    @property
+    def step(self) -> int:
+        return int(self.meta["step"])
+
+    @property
+    def client_state(self) -> dict:
+        return self.meta
+
+    @cached_property
+    def partition_specs(self) -> dict[str, tuple[int, int] | None]:
+        """(dim, stride) per parameter name, None when replicated over TP."""
+        info = self.meta["universal_checkpoint_info"]
+        replicated = [re.compile(p) for p in info["tp_replicated_parameter_patterns"]]
+        row = [re.compile(p) for p in info["parameter_with_row_parallelism_patterns"]]
+        strided = info.get("xfm_strided_parameters", {})
+        specs = {}
+        for name in self.param_names:
+            if any(p.match(name) for p in replicated):
+                specs[name] = None
+            else:
+                specs[name] = (1 if any(p.match(name) for p in row) else 0, int(strided.get(name, 1)))
+        return specs
+
+    @cached_property
+    def _slots(self) -> list[dict[str, Slot]]:
+        """Per TP rank: parameter name -> slot (the param_shapes order is the flat groups' order)."""
+        out = []
+        for t in range(self.tp):
+            meta = self.meta if t == 0 else load_trusted(self._files[("model", 0, t)])
+            slots = {}
+            for group, shapes in enumerate(meta["param_shapes"]):
+                offset = 0
+                for name, shape in shapes.items():
+                    slots[name] = Slot(group, offset, torch.Size(shape))
+                    offset += math.ceil(math.prod(shape) / self.dp)
+            out.append(slots)
+        return out
+
+    @property
+    def param_names(self) -> list[str]:
+        return list(self._slots[0])
+
+    def full_shape(self, name: str) -> torch.Size:
+        shape = list(self._slots[0][name].shard_shape)
+        spec = self.partition_specs[name]
+        if spec is not None:
+            shape[spec[0]] *= self.tp
+        return torch.Size(shape)
+
+    def optimizer_step_count(self) -> float:
+        state = self._optim_file(0, 0)["optimizer_state_dict"]["optimizer_state_dict"]["state"]
+        return float(next(iter(state.values()))["step"])
+
+    def param_groups(self) -> list[dict]:
+        """The optimizer's param-group hyperparameters (lr, weight decay, ...), without params."""
+        groups = self._optim_file(0, 0)["optimizer_state_dict"]["optimizer_state_dict"]["param_groups"]
+        return [{k: v for k, v in g.items() if k != "params"} for g in groups]
+
+    # ---- tensors ---------------------------------------------------------------------------------------
+    def _optim_file(self, d: int, t: int) -> dict:
+        if (d, t) not in self._optim:
+            self._optim[(d, t)] = load_trusted(self._files[("optim", d, t)])
+        return self._optim[(d, t)]
+
+    def _flat(self, d: int, t: int, group: int, key: str) -> torch.Tensor:
+        sd = self._optim_file(d, t)["optimizer_state_dict"]
+        if key == "fp32":
+            return sd["fp32_flat_groups"][group].detach()
+        return sd["optimizer_state_dict"]["state"][group][key].detach()
+
+    def shard(self, name: str, key: str, t: int) -> torch.Tensor:
+        """TP shard t of one parameter's ``key`` state (fp32 weights or an Adam moment)."""
+        slot = self._slots[t][name]
+        numel = math.prod(slot.shard_shape)
+        part = math.ceil(numel / self.dp)
+        pieces = [self._flat(d, t, slot.group, key).narrow(0, slot.offset, part) for d in range(self.dp)]
+        return torch.cat(pieces)[:numel].view(slot.shard_shape)
+
+    def full(self, name: str, key: str = "fp32") -> torch.Tensor:
+        """One parameter, merged over DP and TP."""
+        if key not in STATE_KEYS:
+            raise ValueError(f"key {key!r}; one of {STATE_KEYS}")
+        spec = self.partition_specs[name]
+        if spec is None:
+            return self.shard(name, key, 0).clone()
+        return tp_layout.merge([self.shard(name, key, t) for t in range(self.tp)], *spec)
+
+    def tensors(self, key: str = "fp32") -> Iterator[tuple[str, torch.Tensor]]:
+        for name in self.param_names:
+            yield name, self.full(name, key)
+
+
+def saved_layout(folder: str | Path) -> tuple[int, int]:
+    """(TP, DP) of a checkpoint folder, from its optimizer partition file names (no loading)."""
+    ranks = [(int(m.group(1)), int(m.group(2))) for p in Path(folder).iterdir()
+             if (m := _FILE.match(p.name)) and m.group(3) == "optim"]
+    if not ranks:
+        raise CheckpointError(f"{folder} holds no ZeRO optimizer partition files; it is not a complete checkpoint")
+    return 1 + max(t for _, t in ranks), 1 + max(d for d, _ in ranks)
+
+
+def resolve_checkpoint(path: str | Path, tag: str | None = None) -> Path:
+    """A tag folder from a tag folder, or from a checkpoints folder (+ ``tag``, default the latest
+    complete one). Refuses a folder without COMPLETE.json (a save that did not finish)."""
+    from xfm_scale import checkpoint
+
+    path = Path(path)
+    if tag is not None:
+        path = path / tag
+    elif not (path / checkpoint.COMPLETE).exists() and path.is_dir() and not any(_FILE.match(p.name) for p in path.iterdir()):
+        step = checkpoint.latest_complete(path)
+        if step is None:
+            raise CheckpointError(f"{path} holds no complete checkpoint (no stepNNNNNNNN/COMPLETE.json); "
+                                  "pass the trainer's OUTPUT/checkpoints folder or one tag folder")
+        path = path / checkpoint.tag_for(step)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path} does not exist; fix --checkpoint/--tag")
+    if not (path / checkpoint.COMPLETE).is_file():
+        raise CheckpointError(f"{path} has no {checkpoint.COMPLETE}: its save did not finish; use an earlier "
+                              "checkpoint")
+    json.loads((path / checkpoint.COMPLETE).read_text())
+    return path
