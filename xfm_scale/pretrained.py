@@ -38,9 +38,15 @@ def read_xfm_folder(folder: str | Path) -> tuple[XFMConfig, Source]:
     return cfg, source
 
 
-def _prefixed(prefix: str, state: dict[str, torch.Tensor]) -> Source:
-    full = {prefix + k: v for k, v in state.items()}
-    return lambda name, key: full.get(name).float() if key == "fp32" and name in full else None
+class _Prefixed:
+    """A Source over an in-memory state dict whose names get ``prefix`` (text. / vision.)."""
+
+    def __init__(self, prefix: str, state: dict[str, torch.Tensor]):
+        self.full = {prefix + k: v for k, v in state.items()}
+        self.names = list(self.full)
+
+    def __call__(self, name: str, key: str):
+        return self.full[name].float() if key == "fp32" and name in self.full else None
 
 
 def read_hf_text(folder: str | Path) -> tuple[TextEncoderConfig, Source]:
@@ -55,7 +61,7 @@ def read_hf_text(folder: str | Path) -> tuple[TextEncoderConfig, Source]:
     cfg = formats.text_config_from_hf(AutoConfig.from_pretrained(folder))
     model = AutoModel.from_pretrained(folder, dtype=torch.float32, add_pooling_layer=False)
     state = formats.text_from_hf(model.state_dict(), cfg)  # vocab padding rows are added at load
-    return cfg, _prefixed("text.", state)
+    return cfg, _Prefixed("text.", state)
 
 
 def read_timm_vision(path: str | Path, architecture: str = formats.TIMM_ARCHITECTURE) -> tuple[VisionEncoderConfig, Source]:
@@ -73,7 +79,14 @@ def read_timm_vision(path: str | Path, architecture: str = formats.TIMM_ARCHITEC
     else:
         raise ConfigError(f"vision weights {path} do not exist; pass a timm BEiT-v2 folder or weights file")
     cfg = formats.vision_config_from_timm_model(model)
-    return cfg, _prefixed("vision.", formats.vision_from_timm(model.state_dict(), mask_token=None))
+    return cfg, _Prefixed("vision.", formats.vision_from_timm(model.state_dict(), mask_token=None))
+
+
+def fit_fusion_to_text(cfg: XFMConfig) -> None:
+    """The fusion encoder continues the text stream: give it the imported text encoder's width,
+    heads and MLP width (X-FM's fusion layers are shaped like its language layers)."""
+    for attr in ("hidden_size", "num_heads", "ffn_hidden_size"):
+        setattr(cfg.fusion, attr, getattr(cfg.text, attr))
 
 
 def combine(*sources: Source) -> Source:
@@ -85,3 +98,45 @@ def combine(*sources: Source) -> Source:
                 return tensor
         return None
     return source
+
+
+def write_xfm_folder(out: str | Path, cfg: XFMConfig, tensors: dict[str, torch.Tensor], meta: dict) -> Path:
+    """OUT/xfm as the exporter writes it (config.json + model.safetensors), from in-memory tensors."""
+    from safetensors.torch import save_file
+
+    from xfm_scale.export import XFM_FORMAT
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / XFM_WEIGHTS), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps({"format": XFM_FORMAT, **meta, "model_config": cfg.to_dict()}, indent=2))
+    return out
+
+
+def import_encoders(out: str | Path, *, preset: str, text: str | Path | None = None,
+                    vision: str | Path | None = None, vision_architecture: str = formats.TIMM_ARCHITECTURE) -> Path:
+    """An xfm weights folder holding the language encoder from a transformers BERT/RoBERTa folder
+    and/or the vision encoder from a timm BEiT-v2 checkpoint; the rest of the config (fusion
+    encoder, heads, objectives) comes from ``preset`` and is initialised fresh when a run starts
+    from it (``model.init_from``)."""
+    if text is None and vision is None:
+        raise ConfigError("nothing to import: give --text and/or --vision")
+    cfg = XFMConfig.from_preset(preset)
+    tensors: dict[str, torch.Tensor] = {}
+    if text is not None:
+        cfg.text, source = read_hf_text(text)
+        fit_fusion_to_text(cfg)
+        tensors.update(_materialise(source, "text."))
+    if vision is not None:
+        drop_path = cfg.vision.drop_path_rate
+        cfg.vision, source = read_timm_vision(vision, vision_architecture)
+        cfg.vision.drop_path_rate = drop_path
+        tensors.update(_materialise(source, "vision."))
+    cfg.validate()
+    return write_xfm_folder(out, cfg, tensors, {"imported_from": {"text": str(text) if text else None,
+                                                                 "vision": str(vision) if vision else None}})
+
+
+def _materialise(source: Source, prefix: str) -> dict[str, torch.Tensor]:
+    return {name: tensor for name in source.names if name.startswith(prefix)
+            for tensor in [source(name, "fp32")] if tensor is not None}

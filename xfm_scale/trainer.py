@@ -112,6 +112,7 @@ class Trainer:
         base = base or XFMConfig.from_preset(m.preset)
         if m.init_text_from:
             base.text, source = pretrained.read_hf_text(m.init_text_from)
+            pretrained.fit_fusion_to_text(base)
             sources.insert(0, source)
         if m.init_vision_from:
             drop_path = base.vision.drop_path_rate
