@@ -13,13 +13,9 @@
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
-import platform
 import tempfile
 import time
 from dataclasses import replace
-from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
@@ -27,32 +23,17 @@ import torch
 import webdataset as wds
 import yaml
 
+import results  # benchmarks/results.py
 from xfm_scale.data.blend import blend_corpus_choice, build_blend, megatron_blending_helper, shuffle_draws
 from xfm_scale.data.demo import build_demo_data
 from xfm_scale.data.loader import BlendLoader, LoaderConfig, _MicroBatchDataset, decode_sample
 from xfm_scale.data.spec import Corpus
 
-RESULTS = Path(__file__).with_name("RESULTS.md")
-HEADER = ("# Benchmark results\n\nOne dated row per run; rows are only added. Each row names its script.\n\n"
-          "| date | script / benchmark | hardware | versions | result |\n|---|---|---|---|---|\n")
-
-
-def hardware() -> str:
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor())
-    return f"{model}, {os.cpu_count()} cores, no GPU"
-
-
-def versions() -> str:
-    pkgs = ("torch", "torchvision", "webdataset", "megatron-core", "numpy", "tokenizers")
-    return f"py {platform.python_version()}, " + ", ".join(f"{p} {version(p)}" for p in pkgs)
+PACKAGES = ("torch", "torchvision", "webdataset", "megatron-core", "numpy", "tokenizers")
 
 
 def add_row(benchmark: str, result: str) -> None:
-    if not RESULTS.exists():
-        RESULTS.write_text(HEADER)
-    with open(RESULTS, "a") as f:
-        f.write(f"| {datetime.date.today()} | {benchmark} | {hardware()} | {versions()} | {result} |\n")
+    results.add_row(benchmark, result, PACKAGES)
 
 
 def bench_loader(root: Path, samples: int, image_size: int, mbs: int) -> str:

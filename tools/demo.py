@@ -97,7 +97,18 @@ def main(argv=None) -> int:
         print(f"[demo] training failed with exit code {code}", file=sys.stderr)
         return code
     print(f"[demo] training took {time.time() - start:.0f}s", flush=True)
-    return summarise(run_dir)
+    summarise(run_dir)
+    return export(run_dir, out / "export")
+
+
+def export(run_dir: Path, out: Path) -> int:
+    """The merged weights of the last checkpoint, as downstream users load them (README "Export")."""
+    from xfm_scale.export import export_checkpoint
+
+    start = time.time()
+    folders = export_checkpoint(run_dir / "checkpoints", out, progress=False)
+    print(f"[demo] merged export in {time.time() - start:.1f}s: " + ", ".join(f"{k} {v}" for k, v in folders.items()))
+    return 0
 
 
 if __name__ == "__main__":

@@ -110,7 +110,7 @@ def _write_configs(cfg: XFMConfig, ck: ZeroCheckpoint, targets: dict[str, _Targe
                 "model_config": cfg.to_dict()}
     (targets["xfm"].folder / "config.json").write_text(json.dumps(xfm_meta, indent=2))
     hf_config = formats.text_config_to_hf(cfg.text)
-    hf_config.torch_dtype = "float32" if dtype == "fp32" else "bfloat16"
+    hf_config.dtype = "float32" if dtype == "fp32" else "bfloat16"
     hf_config.save_pretrained(targets["text_encoder"].folder)
     if not Path(tokenizer_dir).is_dir():
         raise FileNotFoundError(f"tokenizer folder {tokenizer_dir} does not exist; pass --tokenizer with the "
