@@ -10,6 +10,11 @@ Every rank loads and validates the run config before it touches the process grou
 config fails at once with a message naming the fix. ``--check`` validates without starting ranks
 (hostfile, TP size vs ranks, batch divisibility, config keys, data paths): the sweep script and
 cluster users run it before submitting.
+
+Exit codes: 0 finished (or stopped at train.stop_at_step), 2 bad input (the message names the fix),
+3 the run stopped itself after saving a checkpoint (too many skipped non-finite steps or bad
+samples) or a checkpoint could not be saved (disk full: the previous one is intact); a crash or a
+killed rank gives another non-zero code, and relaunching the same command resumes.
 """
 from __future__ import annotations
 
@@ -74,9 +79,15 @@ def main(argv=None) -> int:
         return 2
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    from xfm_scale.trainer import Trainer
+    from xfm_scale.checkpoint import CheckpointSaveError
+    from xfm_scale.trainer import Trainer, TrainingStopped
 
-    Trainer(cfg).run()
+    try:
+        Trainer(cfg).run()
+    except (TrainingStopped, CheckpointSaveError) as err:  # a diagnosis, not a crash: no traceback
+        if rank == 0:
+            print(f"error: {err}", file=sys.stderr)
+        return 3
     return 0
 
 

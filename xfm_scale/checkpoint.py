@@ -76,20 +76,72 @@ def write_atomically(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+class CheckpointSaveError(RuntimeError):
+    """A save that failed on some rank (disk full, storage gone); nothing was published."""
+
+
 def save(engine, ckpt_dir: str | Path, step: int, client_state: dict, keep_last: int) -> Path:
-    """Every rank writes its part; rank 0 publishes the checkpoint once all have finished."""
+    """Write, verify, then publish: every rank writes its part; if any rank failed (disk full...)
+    all raise CheckpointSaveError and the partial folder is removed; otherwise rank 0 checks that
+    every rank's files are there and readable, then writes COMPLETE.json and the pointer."""
+    import torch
+
     ckpt_dir = Path(ckpt_dir)
     tag = tag_for(step)
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
-    dist.barrier()
+    error: OSError | None = None
+    try:
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+    except OSError as err:
+        error = err
+    failed = torch.tensor([float(error is not None)])
+    dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+    if failed.item() == 0 and dist.get_rank() == 0:
+        problem = verify(ckpt_dir / tag, client_state["layout"])
+        failed.fill_(float(problem is not None))
+        error = error or (OSError(problem) if problem else None)
+    dist.broadcast(failed, src=0)
+    if failed.item():
+        if dist.get_rank() == 0:
+            shutil.rmtree(ckpt_dir / tag, ignore_errors=True)  # never published, so never resumed from
+        dist.barrier()
+        previous = latest_complete(ckpt_dir)
+        kept = (f"the previous checkpoint {tag_for(previous)} is intact and a relaunch resumes from it"
+                if previous is not None else "there is no earlier checkpoint")
+        raise CheckpointSaveError(f"saving checkpoint {tag} in {ckpt_dir} failed ({error or 'on another rank'}); "
+                                  f"free space there or point train.output_dir at other storage; {kept}")
     if dist.get_rank() == 0:
         meta = {"step": step, "time": time.time(), "world_size": dist.get_world_size()}
         write_atomically(ckpt_dir / tag / COMPLETE, json.dumps(meta))
         write_atomically(ckpt_dir / POINTER, tag)
         for old in complete_steps(ckpt_dir)[:-keep_last] if keep_last > 0 else []:
             shutil.rmtree(ckpt_dir / tag_for(old), ignore_errors=True)
+        _remove_unfinished(ckpt_dir, below=step)
     dist.barrier()
     return ckpt_dir / tag
+
+
+def verify(folder: Path, layout: dict) -> str | None:
+    """None when every rank's model and optimizer files are present and readable archives."""
+    import zipfile
+
+    tp, dp = layout["tensor_parallel_size"], layout["data_parallel_size"]
+    expected = [f"zero_pp_rank_{d}_mp_rank_{t:02d}_optim_states.pt" for t in range(tp) for d in range(dp)]
+    expected += [f"zero_pp_rank_0_mp_rank_{t:02d}_model_states.pt" for t in range(tp)]
+    for name in expected:
+        path = folder / name
+        if not path.is_file() and (folder / f"bf16_{name}").is_file():
+            path = folder / f"bf16_{name}"
+        if not path.is_file() or not zipfile.is_zipfile(path):
+            return f"{path} is missing or unreadable after the save"
+    return None
+
+
+def _remove_unfinished(ckpt_dir: Path, below: int) -> None:
+    """Folders of saves that never completed (a crash mid-write) before the one just published."""
+    for child in ckpt_dir.iterdir():
+        match = _TAG.match(child.name)
+        if match and int(match.group(1)) < below and not (child / COMPLETE).exists():
+            shutil.rmtree(child, ignore_errors=True)
 
 
 def load(engine, ckpt_dir: str | Path, step: int) -> dict:

@@ -12,6 +12,7 @@ The engine (ZeRO-3 ``zero.Init`` + ``deepspeed.initialize``) builds on the same 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 import random
 import socket
@@ -119,7 +120,7 @@ def seed_everything(seed: int) -> None:
     ds_ckpt.model_parallel_cuda_manual_seed(seed)
 
 
-def initialize(tensor_parallel_size: int = 1, seed: int = 1234) -> ParallelLayout:
+def initialize(tensor_parallel_size: int = 1, seed: int = 1234, timeout_s: float = 600) -> ParallelLayout:
     """Initialise the process group, megatron TP groups, DeepSpeed checkpointing and model hooks."""
     import deepspeed
     from deepspeed.runtime.activation_checkpointing import checkpointing as ds_ckpt
@@ -136,7 +137,8 @@ def initialize(tensor_parallel_size: int = 1, seed: int = 1234) -> ParallelLayou
     if not torch.distributed.is_initialized():
         # DeepSpeed announces its JIT-loaded comm op on stdout; keep stdout for the tools' output.
         with contextlib.redirect_stdout(sys.stderr):
-            deepspeed.init_distributed(dist_backend="gloo" if _on_cpu() else "nccl", verbose=False)
+            deepspeed.init_distributed(dist_backend="gloo" if _on_cpu() else "nccl", verbose=False,
+                                       timeout=datetime.timedelta(seconds=timeout_s))
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
     ps.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel_size)
@@ -201,7 +203,20 @@ def build_engine(model_config, optim_cfg, ds_config: dict, total_steps: int):
     scheduler = optim.build_scheduler(optimizer, total_steps, optim_cfg)
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, mpu=mpu)
+    _load_checkpoints_weights_only(engine)
     return engine, optimizer, scheduler
+
+
+def _load_checkpoints_weights_only(engine) -> None:
+    """DeepSpeed's TorchCheckpointEngine unpickles checkpoint files with weights_only=False, which
+    runs whatever code a file names. Ours hold only tensors, containers and two DeepSpeed classes,
+    so load them with weights_only=True (xfm_scale.zero_checkpoint.load_trusted)."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    from xfm_scale.zero_checkpoint import load_trusted
+
+    if type(engine.checkpoint_engine) is TorchCheckpointEngine:
+        engine.checkpoint_engine.load = lambda path, map_location=None: load_trusted(path, map_location)
 
 
 def begin_optimizer_step(engine) -> None:

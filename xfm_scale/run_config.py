@@ -60,6 +60,12 @@ class DataSection:
     """Blend shuffling and per-sample augmentation/masking seed."""
     augment: bool = True
     """Random crops/flips/RandAugment for training images."""
+    max_bad_sample_rate: float = 0.01
+    """Bad samples (corrupt image, empty or over-long caption, truncated or missing shard) are
+    skipped and counted per corpus and reason; above this share of the samples read, the run stops
+    with the counts."""
+    bad_sample_grace: int = 200
+    """The rate is checked once this many samples have been read (a few early bad ones are noise)."""
 
 
 @dataclass(kw_only=True)
@@ -122,6 +128,13 @@ class TrainSection:
     stop_at_step: int | None = None
     """End this invocation after this step with a checkpoint, as if interrupted (a cluster job's
     wall-time slice); relaunching the same command continues the run. None: run to ``steps``."""
+    max_skipped_in_a_row: int = 5
+    """Optimizer steps whose losses or gradient norm are not finite are skipped (weights and Adam
+    state untouched) and counted; this many in a row save a checkpoint and stop the run with a
+    diagnosis (which objective, which micro-batch kind)."""
+    collective_timeout_s: int = 600
+    """Process-group timeout: when a rank dies, the others stop within this many seconds (the
+    launcher usually stops them sooner)."""
     progress_bar: bool = True
     """Show a progress bar on rank 0."""
     tensorboard: bool = True

@@ -26,6 +26,11 @@ from xfm_scale.zero_checkpoint import ZeroCheckpoint, saved_layout
 log = logging.getLogger("xfm_scale.trainer")
 
 
+class TrainingStopped(RuntimeError):
+    """The run stopped itself (after saving a checkpoint): too many skipped steps or bad samples.
+    The message is the diagnosis and what to change."""
+
+
 class MetricsWriter:
     """Rank 0 only: metrics.jsonl (one object per logged step) and TensorBoard events."""
 
@@ -53,7 +58,8 @@ class MetricsWriter:
 class Trainer:
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
-        self.layout = parallel.initialize(cfg.parallel.tensor_parallel_size, seed=cfg.train.seed)
+        self.layout = parallel.initialize(cfg.parallel.tensor_parallel_size, seed=cfg.train.seed,
+                                          timeout_s=cfg.train.collective_timeout_s)
         cfg.validate(self.layout.world_size)
         self.is_main = self.layout.rank == 0
         self.output_dir = Path(cfg.train.output_dir)
@@ -77,6 +83,8 @@ class Trainer:
         self.step = self._resume()
         self.writer = MetricsWriter(self.output_dir, cfg.train.tensorboard) if self.is_main else None
         self.window: dict[str, list[float]] = defaultdict(list)
+        self.skipped_in_a_row = 0
+        self.samples_read = 0  # by all ranks, this process's lifetime (the bad-sample rate's base)
         self.last_log: dict[str, float] = {}
         self.last_eval: dict[str, float] = {}
         self._log_setup(ds_config)
@@ -223,6 +231,7 @@ class Trainer:
             stats = self.train_step(batches)
             self.step += 1
             self._accumulate(stats)
+            self._check_health(stats)
             bar.update(1)
             bar.set_postfix(loss=f"{stats['loss/total']:.3f}")
             if self.step % self.cfg.train.log_every == 0 or self.step == total:
@@ -257,10 +266,16 @@ class Trainer:
         sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros(2))  # (sum, count) per key
         samples: dict[str, int] = defaultdict(int)
         flops = 0.0
-        for batch in batches:
+        skipped_before = self.engine.skipped_steps
+        self.nonfinite: list[str] = []
+        for index, batch in enumerate(batches):
             out = self.engine(batch.to(self.device))
             self.engine.backward(out.total)
+            # At the step's last micro-batch DeepSpeed skips the update (and counts it) when the
+            # global gradient norm is not finite; nothing non-finite reaches weights or Adam state.
             self.engine.step()
+            self.nonfinite += [f"{name} on the {batch.modality} micro-batch #{index}" for name, value in
+                               out.losses.items() if not torch.isfinite(value.detach()).all()]
             for name, value in out.losses.items():
                 sums[f"loss/{name}"] += torch.stack([value.detach().float().cpu(), torch.tensor(1.0)])
             sums["loss/total"] += torch.stack([out.total.detach().float().cpu(), torch.tensor(1.0)])
@@ -271,10 +286,44 @@ class Trainer:
         stats = self._reduce_losses(sums)
         stats.update({f"samples_per_s/{m}": n / seconds for m, n in samples.items()})
         stats["samples_per_s/all"] = sum(samples.values()) / seconds
+        stats["skipped_steps"] = float(self.engine.skipped_steps - skipped_before)
+        self.samples_read += sum(samples.values())
         stats["step_seconds"] = seconds
         stats["lr"] = self.scheduler.get_last_lr()[0] if self.scheduler else self.cfg.optim.lr
         stats.update(self._flops_stats(flops, seconds))
         return stats
+
+    def _check_health(self, stats: dict[str, float]) -> None:
+        """Count skipped steps and bad samples; stop (after a checkpoint) past the configured limits."""
+        if stats["skipped_steps"]:
+            self.skipped_in_a_row += 1
+            where = sorted({w for ws in _gather_objects(self.nonfinite) for w in ws})
+            diagnosis = ("non-finite " + ", ".join(where)) if where else "a non-finite gradient norm with finite losses"
+            if self.is_main:
+                log.warning("step %d skipped (%d in a row): %s", self.step, self.skipped_in_a_row, diagnosis)
+            if self.skipped_in_a_row >= self.cfg.train.max_skipped_in_a_row:
+                self._stop(f"{self.skipped_in_a_row} optimizer steps in a row were skipped for non-finite values "
+                           f"(last, step {self.step}: {diagnosis}); lower optim.lr or check that corpus's data, or "
+                           "resume from an earlier checkpoint")
+        else:
+            self.skipped_in_a_row = 0
+        d = self.cfg.data
+        bad = self._bad_sample_total()
+        read = self.samples_read + bad
+        if read >= d.bad_sample_grace and bad > d.max_bad_sample_rate * read:
+            counts: dict[str, int] = defaultdict(int)
+            for part in _gather_objects(self.loader.bad_samples.as_dict()):
+                for key, n in part.items():
+                    counts[key] += n // self.layout.tensor_parallel_size  # TP ranks read the same samples
+            self._stop(f"{bad} of {read} samples read were bad ({bad / read:.1%} > data.max_bad_sample_rate="
+                       f"{d.max_bad_sample_rate}): " + ", ".join(f"{k}={n}" for k, n in sorted(counts.items()))
+                       + "; repair or drop those shards (tools/make_shards.py), or raise data.max_bad_sample_rate")
+
+    def _stop(self, why: str) -> None:
+        self.maybe_save(force=True)
+        if self.is_main:
+            log.error("stopping at step %d: %s", self.step, why)
+        raise TrainingStopped(f"stopped at step {self.step} (checkpoint saved): {why}")
 
     def _reduce_losses(self, sums: dict[str, torch.Tensor]) -> dict[str, float]:
         """Mean over micro-steps, averaged over data-parallel ranks (TP ranks hold equal values)."""
@@ -378,6 +427,13 @@ class Trainer:
             self.writer.close()
         dist.barrier()
         return final
+
+
+def _gather_objects(obj) -> list:
+    """Every rank's ``obj`` (small: diagnoses and counters, on rare events)."""
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def parallel_dp_group():

@@ -46,10 +46,10 @@ def _deepspeed_safe_globals():
         yield
 
 
-def load_trusted(path: Path):
+def load_trusted(path: str | Path, map_location="cpu"):
     """torch.load with weights_only=True (and memory-mapped): no arbitrary unpickling."""
     with _deepspeed_safe_globals():
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=True)
 
 
 @dataclass(frozen=True)

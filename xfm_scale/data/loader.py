@@ -22,6 +22,7 @@ Legend: B batch, L text length, P patches, C channels, H/W image size.
 from __future__ import annotations
 
 import io
+import tarfile
 import zlib
 from bisect import bisect_right
 from collections import Counter
@@ -71,6 +72,8 @@ class LoaderConfig:
     """Micro-batches prefetched per worker."""
     seed: int | None = None
     """Seed of augmentation and masks; ``None``: the blend's seed."""
+    max_caption_chars: int = 2000
+    """A pair's caption longer than this (characters) is skipped as bad."""
     max_bad_in_a_row: int = 100
     """Give up (with an error naming the corpus) after this many consecutive bad replacements."""
 
@@ -293,8 +296,13 @@ class _MicroBatchDataset(Dataset):
         position = global_index
         for _ in range(self.cfg.max_bad_in_a_row + 1):
             c = int(self.blend.corpus_index[position])
-            key, members = self._read(c, int(self.blend.sample_index[position]))
-            decoded = decode_sample(members, modality)
+            try:
+                key, members = self._read(c, int(self.blend.sample_index[position]))
+            except FileNotFoundError:  # a shard that disappeared after the blend was built
+                key, members = None, "missing_shard"
+            except (EOFError, OSError, tarfile.TarError):  # cut short, or unreadable storage
+                key, members = None, "truncated_shard"
+            decoded = members if isinstance(members, str) else decode_sample(members, modality, self.cfg.max_caption_chars)
             if not isinstance(decoded, str):
                 return global_index, f"{self.blend.corpora[c].name}/{key}", decoded
             bad.append((self.blend.corpora[c].name, decoded))
@@ -372,8 +380,9 @@ class _MicroBatchDataset(Dataset):
                          sample_keys=tuple(s[1] for s in samples))
 
 
-def decode_sample(members: dict[str, bytes], modality: str) -> dict | str:
-    """Decoded members (``txt``: str, ``image``: RGB PIL image) or the reason the sample is bad."""
+def decode_sample(members: dict[str, bytes], modality: str, max_caption_chars: int = 2000) -> dict | str:
+    """Decoded members (``txt``: str, ``image``: RGB PIL image) or the reason the sample is bad.
+    A caption longer than ``max_caption_chars`` is bad (corrupt or mislabeled text, not a caption)."""
     out = {}
     if modality in ("text", "pair"):
         if "txt" not in members:
@@ -384,6 +393,8 @@ def decode_sample(members: dict[str, bytes], modality: str) -> dict | str:
             return "bad_utf8"
         if not text:
             return "empty_caption" if modality == "pair" else "empty_text"
+        if modality == "pair" and len(text) > max_caption_chars:
+            return "overlong_caption"
         out["txt"] = text
     if modality in ("image", "pair"):
         ext = image_ext(members)

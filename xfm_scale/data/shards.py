@@ -199,7 +199,10 @@ class ShardReader:
             f = self._files[shard] = open(shard, "rb")
         offset, size = member
         f.seek(offset)
-        return f.read(size)
+        data = f.read(size)
+        if len(data) != size:  # the shard was cut after it was indexed
+            raise EOFError(f"{shard}: {size} bytes expected at offset {offset}, {len(data)} there")
+        return data
 
     def close(self) -> None:
         for f in self._files.values():
