@@ -88,10 +88,10 @@ def save(engine, ckpt_dir: str | Path, step: int, client_state: dict, keep_last:
 
     ckpt_dir = Path(ckpt_dir)
     tag = tag_for(step)
-    error: OSError | None = None
+    error: Exception | None = None
     try:
         engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
-    except OSError as err:
+    except (OSError, RuntimeError) as err:  # torch.save reports a failed write as RuntimeError
         error = err
     failed = torch.tensor([float(error is not None)])
     dist.all_reduce(failed, op=dist.ReduceOp.MAX)

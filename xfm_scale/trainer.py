@@ -320,6 +320,8 @@ class Trainer:
                        + "; repair or drop those shards (tools/make_shards.py), or raise data.max_bad_sample_rate")
 
     def _stop(self, why: str) -> None:
+        if self.window:  # the metrics of the steps that led here
+            self.log()
         self.maybe_save(force=True)
         if self.is_main:
             log.error("stopping at step %d: %s", self.step, why)

@@ -1,6 +1,6 @@
 """launchers/pretrain_large.py with faults injected from the environment (tests only).
 
-XFM_FAULT_NAN_STEPS="3,4"     the ITC loss is NaN at these optimizer steps (1-based, as logged)
+XFM_FAULT_NAN_STEPS="3,4"     one objective's loss (the first by name) is NaN at these steps (1-based, as logged)
 XFM_FAULT_KILL_IN_SAVE=4      rank 1 SIGKILLs itself after writing its part of checkpoint 4
 XFM_FAULT_DISK_FULL_AT=4      files stop growing (RLIMIT_FSIZE = 0) from the save of step 4 on
 """
@@ -36,8 +36,9 @@ def _install() -> None:
 
         def poisoned(self, batch, *args, **kwargs):
             out = forward(self, batch, *args, **kwargs)
-            if state["step"] in nan_steps and "itc" in out.losses:
-                out.losses["itc"] = out.losses["itc"] * torch.tensor(float("nan"))
+            if state["step"] in nan_steps and out.losses:
+                name = sorted(out.losses)[0]
+                out.losses[name] = out.losses[name] * torch.tensor(float("nan"))
             return out
 
         XFM.forward = poisoned
