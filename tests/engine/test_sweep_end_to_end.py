@@ -1,5 +1,5 @@
 """A sweep over the real trainer: DeepSpeed's runner launches launchers/pretrain_large.py for each
-grid point (TP size x learning rate), on 2 CPU ranks; a second invocation with a grown grid runs
+grid point (learning rate x TP size), on 2 CPU ranks; a second invocation with a grown grid runs
 only the new point; results.csv holds each run's real final metrics."""
 from __future__ import annotations
 
@@ -39,8 +39,8 @@ def test_sweep_runs_the_trainer_resumes_and_collects(demo_world, tmp_path):
     base.write_text(yaml.safe_dump(raw))
     logs: list[str] = []
 
-    first = run_sweep(load_sweep(sweep_file(tmp_path, base, [1e-3], [1, 2])), env=tool_env(), log=logs.append)
-    assert first.complete and sorted(first.finished) == ["lr=0.001,tp=1", "lr=0.001,tp=2"], logs
+    first = run_sweep(load_sweep(sweep_file(tmp_path, base, [1e-3], [2])), env=tool_env(), log=logs.append)
+    assert first.complete and first.finished == ["lr=0.001,tp=2"], logs
 
     grown = load_sweep(sweep_file(tmp_path, base, [1e-3, 3e-3], [2]))
     second = run_sweep(grown, env=tool_env(), log=logs.append)

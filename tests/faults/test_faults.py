@@ -84,12 +84,17 @@ def samples_lost(cursor: dict, reference: dict) -> int:
 
 
 @pytest.fixture(scope="module")
-def reference(demo_world, tmp_path_factory, ledger):
+def reference_run(demo_world, tmp_path_factory, ledger) -> Path:
     """The uninterrupted run every faulted run must end equal to."""
     tmp = tmp_path_factory.mktemp("reference")
     code, out = run(write_run(tmp, demo_world, "run"), ledger)
     assert code == 0, out[-3000:]
-    return final_state(tmp / "run")
+    return tmp / "run"
+
+
+@pytest.fixture(scope="module")
+def reference(reference_run):
+    return final_state(reference_run)
 
 
 def assert_equals_reference(run_dir: Path, reference, ledger: dict) -> None:
@@ -273,15 +278,14 @@ class _Payload:
         return (Path.touch, (Path(self.marker),))
 
 
-def test_checkpoint_files_are_never_unpickled(demo_world, tmp_path, ledger):
+def test_checkpoint_files_are_never_unpickled(demo_world, tmp_path, reference_run, ledger):
     """A checkpoint file carrying a pickled object is refused when resuming and exporting; the
     object's code never runs."""
     run_dir = tmp_path / "run"
-    config = write_run(tmp_path, demo_world, "run", steps=2)
-    code, out = run(config, ledger)
-    assert code == 0, out[-3000:]
+    config = write_run(tmp_path, demo_world, "run", steps=2 * STEPS)
+    shutil.copytree(reference_run / "checkpoints", run_dir / "checkpoints")
     marker = tmp_path / "pwned"
-    target = run_dir / "checkpoints" / "step00000002" / "zero_pp_rank_0_mp_rank_00_model_states.pt"
+    target = run_dir / "checkpoints" / f"step{STEPS:08d}" / "zero_pp_rank_0_mp_rank_00_model_states.pt"
     state = torch.load(target, weights_only=False)
     state["payload"] = _Payload(str(marker))
     with open(target, "wb") as f:
