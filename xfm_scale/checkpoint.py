@@ -88,12 +88,29 @@ def save(engine, ckpt_dir: str | Path, step: int, client_state: dict, keep_last:
 
     ckpt_dir = Path(ckpt_dir)
     tag = tag_for(step)
-    error: Exception | None = None
+    from xfm_scale.parallel import collective_device
+
+    errors: list[Exception] = []
+    writer = engine.checkpoint_engine
+    write = writer.save
+
+    def recording_write(state_dict, path):
+        # A failed write must not skip DeepSpeed's later collectives (a rank that raised here would
+        # wait in our all_reduce while the others wait in DeepSpeed's barrier): record it instead.
+        try:
+            return write(state_dict, path)
+        except (OSError, RuntimeError) as err:  # torch.save reports a failed write as RuntimeError
+            errors.append(err)
+
+    writer.save = recording_write
     try:
         engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
-    except (OSError, RuntimeError) as err:  # torch.save reports a failed write as RuntimeError
-        error = err
-    failed = torch.tensor([float(error is not None)])
+    except (OSError, RuntimeError) as err:  # writes outside the checkpoint engine (rank 0 helpers)
+        errors.append(err)
+    finally:
+        writer.save = write
+    error = errors[0] if errors else None
+    failed = torch.tensor([float(error is not None)], device=collective_device())
     dist.all_reduce(failed, op=dist.ReduceOp.MAX)
     if failed.item() == 0 and dist.get_rank() == 0:
         problem = verify(ckpt_dir / tag, client_state["layout"])

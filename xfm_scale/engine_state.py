@@ -69,7 +69,10 @@ def load_full_state(engine, source: Source, *, optimizer_state: bool = False, st
     from megatron.core import parallel_state as ps
 
     zero = engine.optimizer
-    if getattr(zero, "swap_optimizer", False):
+    if not hasattr(zero, "fp32_partitioned_groups_flat"):
+        raise ValueError("loading weights at another layout needs ZeRO stage 3 (a ds_configs/zero3_* or "
+                         "cpu_fp32 config); this run uses another stage")
+    if getattr(zero, "swap_optimizer", False) or getattr(zero, "params_in_nvme_and_cpu", False):
         raise ValueError("loading a checkpoint at another layout with NVMe-swapped optimizer state is not "
                          "supported; resume at the saved (DP, TP), or use a config without offload to nvme")
     tp_rank, tp_world = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
@@ -95,11 +98,17 @@ def load_full_state(engine, source: Source, *, optimizer_state: bool = False, st
             if key != "fp32":
                 state[key] = target
         if optimizer_state:
-            state["step"] = torch.tensor(float(step_count), dtype=torch.float32)
+            # torch's Adam keeps a float tensor; DeepSpeed's and Apex's fused Adams an int
+            torch_adam = isinstance(zero.optimizer, torch.optim.Optimizer) and type(zero.optimizer).__module__.startswith("torch.")
+            state["step"] = torch.tensor(float(step_count), dtype=torch.float32) if torch_adam else int(step_count)
     if param_groups is not None:
         for group, saved in zip(zero.optimizer.param_groups, param_groups, strict=True):
             group.update({k: v for k, v in saved.items() if k != "params"})
     _refresh_model_partitions(zero)
+    persistent = getattr(zero, "persistent_parameters", [])
+    if persistent:  # small parameters kept whole on every rank: rebuild them from the new partitions
+        persistent[0].partition(persistent)
+        persistent[0].all_gather(persistent)
     return len(given)
 
 

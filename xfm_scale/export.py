@@ -75,15 +75,18 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, tag: str | Non
     ck = ZeroCheckpoint(folder)
     cfg = XFMConfig.from_dict(ck.meta["model_config"])
     tokenizer_dir = tokenizer_dir or ck.meta["run_config"]["data"]["tokenizer_dir"]
+    if not Path(tokenizer_dir).is_dir():  # checked before minutes of streaming, not after
+        raise FileNotFoundError(f"tokenizer folder {tokenizer_dir} does not exist; pass --tokenizer with the "
+                                "tokenizer the run trained with")
     out = Path(out)
     targets = _targets(cfg, out)
     metadata = {"format": "pt", "source": str(folder), "step": str(ck.step)}
-    for target in targets.values():
-        target.folder.mkdir(parents=True, exist_ok=True)
-        plan = [(n, tuple(t.shape), torch_dtype) for name in ck.param_names
-                for n, t in target.convert(name, torch.empty(ck.full_shape(name), device="meta"))]
-        target.writer = StreamingSafetensorsWriter(target.folder / WEIGHTS, plan, metadata)
     try:
+        for target in targets.values():
+            target.folder.mkdir(parents=True, exist_ok=True)
+            plan = [(n, tuple(t.shape), torch_dtype) for name in ck.param_names
+                    for n, t in target.convert(name, torch.empty(ck.full_shape(name), device="meta"))]
+            target.writer = StreamingSafetensorsWriter(target.folder / WEIGHTS, plan, metadata)
         for name in tqdm(ck.param_names, desc="export", disable=not progress, unit="tensor"):
             full = ck.full(name).to(torch_dtype)
             for target in targets.values():
@@ -94,7 +97,8 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, tag: str | Non
             target.writer.close()
     except BaseException:
         for target in targets.values():
-            target.writer.abort()
+            if target.writer is not None:
+                target.writer.abort()
         raise
     _write_configs(cfg, ck, targets, dtype, tokenizer_dir)
     log.info("exported %s (step %d, TP %d x DP %d) to %s", folder, ck.step, ck.tp, ck.dp, out)
@@ -112,9 +116,6 @@ def _write_configs(cfg: XFMConfig, ck: ZeroCheckpoint, targets: dict[str, _Targe
     hf_config = formats.text_config_to_hf(cfg.text)
     hf_config.dtype = "float32" if dtype == "fp32" else "bfloat16"
     hf_config.save_pretrained(targets["text_encoder"].folder)
-    if not Path(tokenizer_dir).is_dir():
-        raise FileNotFoundError(f"tokenizer folder {tokenizer_dir} does not exist; pass --tokenizer with the "
-                                "tokenizer the run trained with")
     AutoTokenizer.from_pretrained(str(tokenizer_dir)).save_pretrained(targets["text_encoder"].folder)
     (targets["vision_encoder"].folder / "config.json").write_text(
         json.dumps(formats.vision_timm_config(cfg.vision), indent=2))

@@ -81,6 +81,13 @@ def _on_cpu() -> bool:
     return os.environ.get("DS_ACCELERATOR", "") == "cpu" or not torch.cuda.is_available()
 
 
+def collective_device() -> torch.device:
+    """Where small tensors for collectives must live: NCCL takes only CUDA tensors, gloo CPU ones."""
+    if torch.distributed.is_initialized() and torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def device() -> torch.device:
     """This rank's compute device, by the same decision that chose the process-group backend."""
     return torch.device("cpu") if _on_cpu() else torch.device("cuda", torch.cuda.current_device())

@@ -39,7 +39,11 @@ class StreamingSafetensorsWriter:
         text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as the reference writer does
         self._tmp = self.path.with_name(self.path.name + ".partial")
         self._file = open(self._tmp, "wb")
-        self._file.write(struct.pack("<Q", len(text)) + text)
+        try:
+            self._file.write(struct.pack("<Q", len(text)) + text)
+        except BaseException:
+            self.abort()
+            raise
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         if self._next >= len(self._expected):

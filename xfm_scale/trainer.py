@@ -96,11 +96,14 @@ class Trainer:
 
         tokenizer = load_tokenizer(self.cfg.data.tokenizer_dir)
         base, source = self._initial_weights()
+        if self.resume_step is not None:  # the model that was trained (it may have started from imports)
+            folder = self.ckpt_dir / checkpoint.tag_for(self.resume_step)
+            base = XFMConfig.from_dict(ZeroCheckpoint(folder).meta["model_config"])
         config = self.cfg.model_config(base)
-        if source is not None:  # the weights fix the vocabulary; the tokenizer must fit in it
+        if base is not None:  # the weights fix the vocabulary; the tokenizer must fit in it
             if len(tokenizer) > config.text.vocab_size:
                 raise ConfigError(f"the tokenizer in {self.cfg.data.tokenizer_dir} has {len(tokenizer)} tokens but "
-                                  f"the initial weights' vocabulary {config.text.vocab_size}; use the tokenizer "
+                                  f"the weights' vocabulary {config.text.vocab_size}; use the tokenizer "
                                   "those weights were trained with")
         elif self.cfg.model.vocab_from_tokenizer:
             config.text.vocab_size = len(tokenizer)
@@ -303,8 +306,9 @@ class Trainer:
                 log.warning("step %d skipped (%d in a row): %s", self.step, self.skipped_in_a_row, diagnosis)
             if self.skipped_in_a_row >= self.cfg.train.max_skipped_in_a_row:
                 self._stop(f"{self.skipped_in_a_row} optimizer steps in a row were skipped for non-finite values "
-                           f"(last, step {self.step}: {diagnosis}); lower optim.lr or check that corpus's data, or "
-                           "resume from an earlier checkpoint")
+                           f"(last, step {self.step}: {diagnosis}); check that corpus's data, or restart from an "
+                           "earlier checkpoint's export (model.init_from) with a lower optim.lr (a resume keeps the "
+                           "saved learning rate)")
         else:
             self.skipped_in_a_row = 0
         d = self.cfg.data
@@ -330,12 +334,13 @@ class Trainer:
     def _reduce_losses(self, sums: dict[str, torch.Tensor]) -> dict[str, float]:
         """Mean over micro-steps, averaged over data-parallel ranks (TP ranks hold equal values)."""
         keys = sorted(sums)
-        packed = torch.stack([sums[k] for k in keys])
+        packed = torch.stack([sums[k] for k in keys]).to(parallel.collective_device())
         group = parallel_dp_group()
         if group is not None:
             dist.all_reduce(packed, group=group)
             packed[:, 0] /= dist.get_world_size(group)
             packed[:, 1] /= dist.get_world_size(group)
+        packed = packed.cpu()
         return {k: (packed[i, 0] / packed[i, 1]).item() for i, k in enumerate(keys)}
 
     def _flops(self, batch) -> float:
@@ -377,7 +382,7 @@ class Trainer:
         return {"memory/rss_gb": psutil.Process().memory_info().rss / 2**30}
 
     def _bad_sample_total(self) -> int:
-        count = torch.tensor([float(self.loader.bad_samples.total())])
+        count = torch.tensor([float(self.loader.bad_samples.total())], device=parallel.collective_device())
         dist.all_reduce(count)
         return int(count.item()) // self.layout.tensor_parallel_size
 

@@ -146,8 +146,10 @@ class ZeroCheckpoint:
         return torch.Size(shape)
 
     def optimizer_step_count(self) -> float:
-        state = self._optim_file(0, 0)["optimizer_state_dict"]["optimizer_state_dict"]["state"]
-        return float(next(iter(state.values()))["step"])
+        torch_state = self._optim_file(0, 0)["optimizer_state_dict"]["optimizer_state_dict"]
+        state = next(iter(torch_state["state"].values()), {})
+        step = state.get("step", torch_state["param_groups"][0].get("step"))  # Apex keeps it per group
+        return float(step)
 
     def param_groups(self) -> list[dict]:
         """The optimizer's param-group hyperparameters (lr, weight decay, ...), without params."""
@@ -162,6 +164,9 @@ class ZeroCheckpoint:
 
     def _flat(self, d: int, t: int, group: int, key: str) -> torch.Tensor:
         sd = self._optim_file(d, t)["optimizer_state_dict"]
+        if "fp32_flat_groups" not in sd:
+            raise CheckpointError(f"{self.folder} was not saved with ZeRO stage 3 (no per-parameter flat groups); "
+                                  "export and resharding read ZeRO-3 checkpoints")
         if key == "fp32":
             return sd["fp32_flat_groups"][group].detach()
         return sd["optimizer_state_dict"]["state"][group][key].detach()

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from engine_fixtures import run_config_dict
-from export_fixtures import build_then_probe, random_pixels, random_text
+from export_fixtures import build_then_probe, random_pixels, random_text, train_then_probe
 from harness import run_ranks, tool_env
 
 pytestmark = pytest.mark.dist
@@ -77,13 +77,19 @@ def test_roberta_and_beit_through_the_import_tool_into_a_tp2_model(sources, demo
     torch.testing.assert_close(got["image"][:, 0], pooled, rtol=0, atol=1e-5)
 
 
-def test_bert_named_in_the_run_config_into_a_tp2_model(sources, demo_world, tmp_path):
+def test_bert_named_in_the_run_config_into_a_tp2_model_and_the_run_resumes(sources, demo_world, tmp_path):
+    """The BERT sizes (flavour, 2 token types, 48 positions, 500 tokens) come from the import; the
+    relaunched run rebuilds that model from its checkpoint, not from the preset."""
     raw = run_config_dict(demo_world, tmp_path / "run", steps=1, micro_batch=4, global_batch=4, tp=2)
     raw["data"]["eval_manifest"] = str(demo_world.eval_manifest)
     raw["model"]["init_text_from"] = str(sources / "bert")
     got = run_ranks(build_then_probe, 2, copy.deepcopy(raw))[0]
     ids, mask = random_text(VOCAB, pad_id=0)
     torch.testing.assert_close(got["text"], hf_hidden(sources / "bert", ids, mask), rtol=0, atol=1e-5)
+    trained = run_ranks(train_then_probe, 2, copy.deepcopy(raw))[0]
+    resumed = run_ranks(build_then_probe, 2, copy.deepcopy(raw))[0]
+    assert resumed["resumed_at"] == 1
+    torch.testing.assert_close(resumed["text"], trained["text"], rtol=0, atol=0)
 
 
 def test_import_refuses_a_non_bert_model(sources, tmp_path):
