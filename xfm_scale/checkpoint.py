@@ -91,24 +91,30 @@ def save(engine, ckpt_dir: str | Path, step: int, client_state: dict, keep_last:
     from xfm_scale.parallel import collective_device
 
     errors: list[Exception] = []
-    writer = engine.checkpoint_engine
-    write = writer.save
 
-    def recording_write(state_dict, path):
-        # A failed write must not skip DeepSpeed's later collectives (a rank that raised here would
-        # wait in our all_reduce while the others wait in DeepSpeed's barrier): record it instead.
-        try:
-            return write(state_dict, path)
-        except (OSError, RuntimeError) as err:  # torch.save reports a failed write as RuntimeError
-            errors.append(err)
+    def recording(write):
+        # A failed write must not skip DeepSpeed's later collectives (a rank that raised would wait
+        # in our all_reduce while the others wait in DeepSpeed's barrier): record it and go on.
+        def call(*args, **kwargs):
+            try:
+                return write(*args, **kwargs)
+            except (OSError, RuntimeError) as err:  # torch.save reports a failed write as RuntimeError
+                errors.append(err)
+        return call
 
-    writer.save = recording_write
+    # DeepSpeed's two writers in save_checkpoint: every partition file, and rank 0's copy of its
+    # zero_to_fp32.py recovery script.
+    writers = [(engine.checkpoint_engine, "save"), (engine, "_copy_recovery_script")]
+    originals = [getattr(obj, name) for obj, name in writers]
+    for (obj, name), original in zip(writers, originals):
+        setattr(obj, name, recording(original))
     try:
         engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
-    except (OSError, RuntimeError) as err:  # writes outside the checkpoint engine (rank 0 helpers)
+    except (OSError, RuntimeError) as err:  # anything else that failed before DeepSpeed's barrier
         errors.append(err)
     finally:
-        writer.save = write
+        for (obj, name), original in zip(writers, originals):
+            setattr(obj, name, original)
     error = errors[0] if errors else None
     failed = torch.tensor([float(error is not None)], device=collective_device())
     dist.all_reduce(failed, op=dist.ReduceOp.MAX)

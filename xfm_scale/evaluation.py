@@ -59,7 +59,7 @@ def evaluate(model, eval_set: PairBatch, masked_ids: torch.Tensor, mlm_labels: t
     n = eval_set.size
     dtype = next(model.parameters()).dtype
     image_feats, text_feats, reals = [], [], []
-    counts = torch.zeros(3)  # mlm hits, imlm hits, masked tokens
+    counts = torch.zeros(3, device=device)  # mlm hits, imlm hits, masked tokens (on device: NCCL)
     for index, real in _rank_slice(n, dp_rank, dp_size, micro_batch):
         pix = eval_set.pixel_values_BCHW[index].to(device=device, dtype=dtype)
         ids, mask = eval_set.caption_ids_BL[index].to(device), eval_set.caption_mask_BL[index].to(device)
@@ -67,7 +67,7 @@ def evaluate(model, eval_set: PairBatch, masked_ids: torch.Tensor, mlm_labels: t
         img_f, txt_f, _ = model.itc(image[:, 0], model.encode_text(ids, mask)[:, 0])
         image_feats.append(img_f.float())
         text_feats.append(txt_f.float())
-        reals.append(torch.from_numpy(real))
+        reals.append(torch.from_numpy(real).to(device))
         labels = mlm_labels[index].to(device)
         labels[torch.from_numpy(~real).to(device)] = IGNORE_INDEX  # padding pairs are not scored
         masked_text = model.encode_text(masked_ids[index].to(device), mask)
@@ -75,7 +75,7 @@ def evaluate(model, eval_set: PairBatch, masked_ids: torch.Tensor, mlm_labels: t
         mlm_pred = model.text_mlm_head(masked_text, labels, predict=True)
         imlm_pred = model.fusion_mlm_head(model.fuse(masked_text, mask, image), labels, predict=True)
         counts += torch.tensor([(mlm_pred == target).sum().item(), (imlm_pred == target).sum().item(),
-                                float(target.numel())])
+                                float(target.numel())], device=device)
     real_all = _gather(torch.cat(reals), group)
     images = _gather(torch.cat(image_feats), group)[real_all]
     texts = _gather(torch.cat(text_feats), group)[real_all]
