@@ -147,16 +147,14 @@ def verify(folder: Path, layout: dict) -> str | None:
     """None when every rank's model and optimizer files are present and readable archives."""
     import zipfile
 
-    tp, dp = layout["tensor_parallel_size"], layout["data_parallel_size"]
-    expected = [f"zero_pp_rank_{d}_mp_rank_{t:02d}_optim_states.pt" for t in range(tp) for d in range(dp)]
-    expected += [f"zero_pp_rank_0_mp_rank_{t:02d}_model_states.pt" for t in range(tp)]
-    for name in expected:
-        path = folder / name
-        if not path.is_file() and (folder / f"bf16_{name}").is_file():
-            path = folder / f"bf16_{name}"
-        if not path.is_file() or not zipfile.is_zipfile(path):
-            return f"{path} is missing or unreadable after the save"
-    return None
+    from xfm_scale.zero_checkpoint import missing_partitions, partition_files
+
+    files = partition_files(folder)
+    missing = missing_partitions(files, layout["tensor_parallel_size"], layout["data_parallel_size"])
+    if missing:
+        return f"{folder / missing[0]} is missing after the save"
+    unreadable = [path for path in files.values() if not zipfile.is_zipfile(path)]
+    return f"{unreadable[0]} is unreadable after the save" if unreadable else None
 
 
 def _remove_unfinished(ckpt_dir: Path, below: int) -> None:

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from xfm_scale import checkpoint, engine_state, kernels, parallel, pretrained
 from xfm_scale.config import ConfigError, XFMConfig
 from xfm_scale.run_config import RunConfig
-from xfm_scale.zero_checkpoint import ZeroCheckpoint, saved_layout
+from xfm_scale.zero_checkpoint import ZeroCheckpoint
 
 log = logging.getLogger("xfm_scale.trainer")
 
@@ -70,6 +70,9 @@ class Trainer:
         self.device = parallel.device()
         self.micro_steps = cfg.micro_steps_per_step(self.layout.data_parallel_size)
         self.resume_step = checkpoint.latest_complete(self.ckpt_dir) if cfg.train.resume else None
+        # read once: its model config builds the model, its layout decides how it is loaded
+        self.resume_checkpoint = (ZeroCheckpoint(self.ckpt_dir / checkpoint.tag_for(self.resume_step))
+                                  if self.resume_step is not None else None)
         self.tokenizer, self.model_config, init_source = self._model_config()
         self.loader = self._build_loader()
         ds_config = cfg.deepspeed_config(self.layout.data_parallel_size)
@@ -84,6 +87,7 @@ class Trainer:
         self.writer = MetricsWriter(self.output_dir, cfg.train.tensorboard) if self.is_main else None
         self.window: dict[str, list[float]] = defaultdict(list)
         self.skipped_in_a_row = 0
+        self.nonfinite: list[str] = []  # this step's non-finite losses, "objective on the kind micro-batch #i"
         self.samples_read = 0  # by all ranks, this process's lifetime (the bad-sample rate's base)
         self.last_log: dict[str, float] = {}
         self.last_eval: dict[str, float] = {}
@@ -96,9 +100,8 @@ class Trainer:
 
         tokenizer = load_tokenizer(self.cfg.data.tokenizer_dir)
         base, source = self._initial_weights()
-        if self.resume_step is not None:  # the model that was trained (it may have started from imports)
-            folder = self.ckpt_dir / checkpoint.tag_for(self.resume_step)
-            base = XFMConfig.from_dict(ZeroCheckpoint(folder).meta["model_config"])
+        if self.resume_checkpoint is not None:  # the model that was trained (it may have started from imports)
+            base = XFMConfig.from_dict(self.resume_checkpoint.meta["model_config"])
         config = self.cfg.model_config(base)
         if base is not None:  # the weights fix the vocabulary; the tokenizer must fit in it
             if len(tokenizer) > config.text.vocab_size:
@@ -181,32 +184,30 @@ class Trainer:
         return pairs, masked, labels
 
     def _resume(self) -> int:
-        step = self.resume_step
-        if step is None:
+        ck, self.resume_checkpoint = self.resume_checkpoint, None  # its memory maps are not kept open
+        if ck is None:
             return 0
-        folder = self.ckpt_dir / checkpoint.tag_for(step)
-        saved = saved_layout(folder)
+        saved = (ck.tp, ck.dp)
         here = (self.layout.tensor_parallel_size, self.layout.data_parallel_size)
         if saved == here:
-            client = checkpoint.load(self.engine, self.ckpt_dir, step)
+            client = checkpoint.load(self.engine, self.ckpt_dir, self.resume_step)
         else:
-            client = self._load_resharded(folder)
+            client = self._load_resharded(ck)
         self.loader.load_state_dict(client["data_cursor"])
         if self.is_main:
             log.info("resumed from %s (step %d, saved at TP %d x DP %d, running at TP %d x DP %d)",
-                     folder.name, step, *saved, *here)
-        return step
+                     ck.folder.name, self.resume_step, *saved, *here)
+        return self.resume_step
 
-    def _load_resharded(self, folder: Path) -> dict:
+    def _load_resharded(self, ck: ZeroCheckpoint) -> dict:
         """A checkpoint saved at another (TP, DP): merge every tensor and re-partition it here."""
-        ck = ZeroCheckpoint(folder)
         engine_state.load_full_state(self.engine, ck.full, optimizer_state=True,
                                      step_count=ck.optimizer_step_count(), param_groups=ck.param_groups())
         if self.scheduler is not None:
             self.scheduler.load_state_dict(ck.meta["lr_scheduler"])
         for counter in ("global_steps", "global_samples", "skipped_steps"):
             setattr(self.engine, counter, ck.meta[counter])
-        return ck.client_state
+        return ck.meta
 
     def _log_setup(self, ds_config: dict) -> None:
         if not self.is_main:
@@ -270,7 +271,7 @@ class Trainer:
         samples: dict[str, int] = defaultdict(int)
         flops = 0.0
         skipped_before = self.engine.skipped_steps
-        self.nonfinite: list[str] = []
+        self.nonfinite = []
         for index, batch in enumerate(batches):
             out = self.engine(batch.to(self.device))
             self.engine.backward(out.total)

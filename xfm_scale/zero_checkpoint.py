@@ -68,11 +68,7 @@ class ZeroCheckpoint:
         if not self.folder.is_dir():
             raise CheckpointError(f"checkpoint folder {self.folder} does not exist; pass a folder such as "
                                   "OUTPUT/checkpoints/step00000200 (or --checkpoint OUTPUT/checkpoints)")
-        files: dict[tuple[str, int, int], Path] = {}
-        for path in self.folder.iterdir():
-            match = _FILE.match(path.name)
-            if match:
-                files[(match.group(3), int(match.group(1)), int(match.group(2)))] = path
+        files = partition_files(self.folder)
         model_files = sorted(k for k in files if k[0] == "model")
         if not model_files:
             raise CheckpointError(f"{self.folder} holds no DeepSpeed ZeRO model_states files; pass a checkpoint "
@@ -86,8 +82,7 @@ class ZeroCheckpoint:
         if int(meta.get("mp_world_size", self.tp)) != self.tp:
             raise CheckpointError(f"{self.folder}: model_states files for {self.tp} TP ranks, but it was saved "
                                   f"with {meta['mp_world_size']}; the folder is incomplete")
-        missing = [f"zero_pp_rank_{d}_mp_rank_{t:02d}_optim_states.pt" for t in range(self.tp)
-                   for d in range(self.dp) if ("optim", d, t) not in files]
+        missing = missing_partitions(files, self.tp, self.dp)
         if missing:
             raise CheckpointError(f"{self.folder} is incomplete: {len(missing)} optimizer partition file(s) missing, "
                                   f"e.g. {missing[0]}; use another checkpoint (one with COMPLETE.json)")
@@ -99,10 +94,6 @@ class ZeroCheckpoint:
     @property
     def step(self) -> int:
         return int(self.meta["step"])
-
-    @property
-    def client_state(self) -> dict:
-        return self.meta
 
     @cached_property
     def partition_specs(self) -> dict[str, tuple[int, int] | None]:
@@ -193,13 +184,21 @@ class ZeroCheckpoint:
             yield name, self.full(name, key)
 
 
-def saved_layout(folder: str | Path) -> tuple[int, int]:
-    """(TP, DP) of a checkpoint folder, from its optimizer partition file names (no loading)."""
-    ranks = [(int(m.group(1)), int(m.group(2))) for p in Path(folder).iterdir()
-             if (m := _FILE.match(p.name)) and m.group(3) == "optim"]
-    if not ranks:
-        raise CheckpointError(f"{folder} holds no ZeRO optimizer partition files; it is not a complete checkpoint")
-    return 1 + max(t for _, t in ranks), 1 + max(d for d, _ in ranks)
+def partition_files(folder: str | Path) -> dict[tuple[str, int, int], Path]:
+    """DeepSpeed's per-rank files in a tag folder: (``model`` | ``optim``, DP rank, TP rank) -> path."""
+    files = {}
+    for path in Path(folder).iterdir():
+        if match := _FILE.match(path.name):
+            files[(match.group(3), int(match.group(1)), int(match.group(2)))] = path
+    return files
+
+
+def missing_partitions(files: dict[tuple[str, int, int], Path], tp: int, dp: int) -> list[str]:
+    """Names of the files a (TP, DP) save writes that ``files`` lacks: every rank's optimizer
+    partition and each TP rank's model states."""
+    expected = [("optim", d, t) for t in range(tp) for d in range(dp)] + [("model", 0, t) for t in range(tp)]
+    return [f"zero_pp_rank_{d}_mp_rank_{t:02d}_{kind}_states.pt" for kind, d, t in expected
+            if (kind, d, t) not in files]
 
 
 def resolve_checkpoint(path: str | Path, tag: str | None = None) -> Path:
