@@ -30,13 +30,13 @@ TOLERANCE = 0.005  # they agree exactly today; the brief asks for 2%, we hold 0.
 
 @pytest.fixture(scope="module", autouse=True)
 def world_of_one():
-    parallel.initialize(tensor_parallel_size=1, seed=5)  # installs DeepSpeed's (reentrant) checkpoint
+    parallel.initialize(tensor_parallel_size=1, seed=5)  # installs DeepSpeed's (non-reentrant) checkpoint
     yield
 
 
 @pytest.fixture
 def torch_checkpoint_hook():
-    """Swap in torch's non-reentrant checkpoint (the plain-process default) for one test."""
+    """Swap in torch's checkpoint (the plain-process default) for one test."""
     saved = hooks.HOOKS.checkpoint
     hooks.HOOKS.checkpoint = hooks._torch_checkpoint
     yield

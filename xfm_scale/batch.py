@@ -22,15 +22,22 @@ class _Batch:
     sample_keys: tuple[str, ...] = field(default=(), kw_only=True)
     """Globally unique keys of the samples (``corpus/key``): determinism and resume checks."""
 
-    def to(self, device=None, dtype=None) -> "_Batch":
-        """Move tensors; ``dtype`` applies to floating tensors only (pixels)."""
+    def to(self, device=None, dtype=None, non_blocking: bool = False) -> "_Batch":
+        """Move tensors; ``dtype`` applies to floating tensors only (pixels). ``non_blocking``: an
+        asynchronous host-to-GPU copy (when the batch is in pinned memory, see :meth:`pin_memory`)."""
         moved = {}
         for f in fields(self):
             value = getattr(self, f.name)
             if isinstance(value, torch.Tensor):
-                value = value.to(device=device, dtype=dtype if value.is_floating_point() else None)
+                value = value.to(device=device, dtype=dtype if value.is_floating_point() else None,
+                                 non_blocking=non_blocking)
             moved[f.name] = value
         return replace(self, **moved)
+
+    def pin_memory(self) -> "_Batch":
+        """A copy in page-locked host memory (DataLoader's ``pin_memory=True`` calls this)."""
+        return replace(self, **{f.name: getattr(self, f.name).pin_memory() for f in fields(self)
+                                if isinstance(getattr(self, f.name), torch.Tensor)})
 
     @property
     def size(self) -> int:

@@ -153,7 +153,13 @@ def initialize(tensor_parallel_size: int = 1, seed: int = 1234, timeout_s: float
     ds_ckpt.configure(mpu, partition_activations=False, contiguous_checkpointing=False,
                       checkpoint_in_cpu=False, synchronize=False, profile=False)
     seed_everything(seed)
-    hooks.install(checkpoint=ds_ckpt.checkpoint,
+    # Non-reentrant: X-FM runs an encoder's blocks more than once per micro-batch (a pair step runs
+    # the vision encoder on the image and on its masked copy). Reentrant checkpointing back-
+    # propagates each checkpointed call in its own nested backward, so a parameter's gradient hook
+    # fires once per call, and ZeRO-3 then puts the parameter in its reduce bucket twice (an
+    # AssertionError in __reduce_and_partition_ipg_grads). Non-reentrant recomputation stays inside
+    # the one backward: each parameter's gradient is accumulated first and its hook fires once.
+    hooks.install(checkpoint=ds_ckpt.non_reentrant_checkpoint,
                   tensor_parallel_rng=lambda: ds_ckpt.get_cuda_rng_tracker().fork(),
                   name="deepspeed")
     return current_layout()

@@ -74,7 +74,7 @@ class Trainer:
         self.resume_checkpoint = (ZeroCheckpoint(self.ckpt_dir / checkpoint.tag_for(self.resume_step))
                                   if self.resume_step is not None else None)
         self.tokenizer, self.model_config, init_source = self._model_config()
-        self.loader = self._build_loader()
+        self.loader = self.build_loader()
         ds_config = cfg.deepspeed_config(self.layout.data_parallel_size)
         self.engine, self.optimizer, self.scheduler = parallel.build_engine(
             self.model_config, cfg.optim, ds_config, cfg.train.steps)
@@ -142,11 +142,13 @@ class Trainer:
         per_step = self.cfg.batch.global_batch_size * max(sizes.values()) / sizes["pair"]
         return int(math.ceil(per_step * self.cfg.train.steps * 1.3)) + 64
 
-    def _build_loader(self):
+    def build_loader(self, spec: str | None = None):
+        """This rank's loader over the run's blend (or over the blend ``spec``, as benchmarks/
+        train_step.py does to time one micro-batch kind with the loader in the loop)."""
         from xfm_scale.data import BlendLoader, LoaderConfig, build_blend
 
         d, obj, vision = self.cfg.data, self.model_config.objectives, self.model_config.vision
-        build = lambda: build_blend(d.spec, num_samples=self._num_blend_samples(), seed=d.seed,  # noqa: E731
+        build = lambda: build_blend(spec or d.spec, num_samples=self._num_blend_samples(), seed=d.seed,  # noqa: E731
                                     cache_dir=d.cache_dir)
         if self.is_main:  # one rank builds, the others load the cached blend
             build()
@@ -157,7 +159,8 @@ class Trainer:
             micro_steps_per_step=self.micro_steps, image_size=vision.image_size, mim_grid=vision.grid_size,
             mim_num_masked=obj.mim_num_masked, mim_min_block=obj.mim_min_block,
             text_max_len=obj.text_max_length, caption_max_len=obj.caption_max_length,
-            augment=d.augment, num_workers=d.num_workers, seed=d.seed)
+            augment=d.augment, num_workers=d.num_workers, seed=d.seed,
+            pin_memory=self.device.type == "cuda")
         loader = BlendLoader(blend, loader_cfg, dp_rank=self.layout.data_parallel_rank,
                              dp_size=self.layout.data_parallel_size)
         if obj.mim_target == "none" and "image" in loader.schedule.present:
@@ -267,26 +270,30 @@ class Trainer:
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
         sync()
         start = time.perf_counter()
-        sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros(2))  # (sum, count) per key
+        # Loss sums and finiteness flags stay on the device; one copy to the host after the last
+        # micro-batch (a .item()/.cpu() per loss would wait for the GPU at every micro-batch).
+        sums: dict[str, torch.Tensor] = {}  # key -> (sum, count)
+        finite: list[tuple[str, torch.Tensor]] = []  # ("objective on the kind micro-batch #i", flag)
         samples: dict[str, int] = defaultdict(int)
-        flops = 0.0
         skipped_before = self.engine.skipped_steps
-        self.nonfinite = []
         for index, batch in enumerate(batches):
-            out = self.engine(batch.to(self.device))
+            out = self.engine(batch.to(self.device, non_blocking=True))
             self.engine.backward(out.total)
             # At the step's last micro-batch DeepSpeed skips the update (and counts it) when the
             # global gradient norm is not finite; nothing non-finite reaches weights or Adam state.
             self.engine.step()
-            self.nonfinite += [f"{name} on the {batch.modality} micro-batch #{index}" for name, value in
-                               out.losses.items() if not torch.isfinite(value.detach()).all()]
-            for name, value in out.losses.items():
-                sums[f"loss/{name}"] += torch.stack([value.detach().float().cpu(), torch.tensor(1.0)])
-            sums["loss/total"] += torch.stack([out.total.detach().float().cpu(), torch.tensor(1.0)])
+            for name, value in [*out.losses.items(), ("total", out.total)]:
+                value = value.detach().float()
+                key = f"loss/{name}"
+                sums[key] = sums.get(key, 0) + torch.stack([value, torch.ones_like(value)])
+                if name != "total":
+                    finite.append((f"{name} on the {batch.modality} micro-batch #{index}", torch.isfinite(value)))
             samples[batch.modality] += batch.size * self.layout.data_parallel_size
-            flops += self._flops(batch)
+        flags = torch.stack([flag for _, flag in finite]).cpu().tolist() if finite else []
+        self.nonfinite = [where for (where, _), ok in zip(finite, flags) if not ok]
         sync()
         seconds = time.perf_counter() - start
+        flops = sum(self._flops(batch) for batch in batches)  # reads label tensors: after the timed part
         stats = self._reduce_losses(sums)
         stats.update({f"samples_per_s/{m}": n / seconds for m, n in samples.items()})
         stats["samples_per_s/all"] = sum(samples.values()) / seconds

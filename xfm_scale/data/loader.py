@@ -70,6 +70,9 @@ class LoaderConfig:
     """torch DataLoader workers (the batches do not depend on it)."""
     prefetch_factor: int = 2
     """Micro-batches prefetched per worker."""
+    pin_memory: bool = False
+    """Put micro-batches in page-locked memory (the trainer sets it on GPU), so the copy to the GPU
+    is asynchronous; with workers, DataLoader's pinning thread does it while the GPU computes."""
     seed: int | None = None
     """Seed of augmentation and masks; ``None``: the blend's seed."""
     max_caption_chars: int = 2000
@@ -230,8 +233,11 @@ class BlendLoader:
             items = (self._dataset[plan] for plan in sampler)
         else:
             items = iter(DataLoader(self._dataset, sampler=sampler, batch_size=None, collate_fn=_identity,
-                                    num_workers=cfg.num_workers, prefetch_factor=cfg.prefetch_factor))
+                                    num_workers=cfg.num_workers, prefetch_factor=cfg.prefetch_factor,
+                                    pin_memory=cfg.pin_memory))
         for batch, bad, cursor_after in items:
+            if cfg.pin_memory and cfg.num_workers == 0:
+                batch = batch.pin_memory()
             for corpus, reason in bad:
                 self.bad_samples.add(corpus, reason)
             # Advance only when the batch reaches the trainer: workers run ahead of it.

@@ -4,7 +4,7 @@ Model code must not import DeepSpeed (one module, :mod:`xfm_scale.parallel`, wir
 the layers need depend on that runtime:
 
 * ``checkpoint(fn, *args)``: per-layer activation checkpointing. The parallel module installs
-  DeepSpeed's ``deepspeed.checkpointing.checkpoint``, which saves and restores the RNG state of the
+  DeepSpeed's ``non_reentrant_checkpoint``, which saves and restores the RNG state of the
   default generator *and* of its model-parallel tracker, so dropout replays exactly in the
   recomputation (megatron's own tracker is CUDA-only).
 * ``tensor_parallel_rng()``: a context in which randomness differs across tensor-parallel ranks

@@ -151,8 +151,8 @@ def padding_mask(attention_mask_BL: torch.Tensor) -> torch.Tensor:
 def run_blocks(blocks: nn.ModuleList, checkpoint: bool, x: torch.Tensor, *extra) -> torch.Tensor:
     """Apply blocks in order; with ``checkpoint`` each block's activations are recomputed in backward
     through the installed checkpoint hook (DeepSpeed's, which replays dropout RNG exactly)."""
-    # Reentrant checkpointing only replays when some input carries grad (fusion: the image tokens
-    # do even when the text stream is detached); without grad there is nothing to save anyway.
+    # Checkpoint only where backward will run: some input carries grad (fusion: the image tokens do
+    # even when the text stream is detached). Otherwise nothing is saved for backward anyway.
     use_ckpt = checkpoint and torch.is_grad_enabled() and any(
         isinstance(t, torch.Tensor) and t.requires_grad for t in (x, *extra))
     for block in blocks:

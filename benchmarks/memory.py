@@ -1,0 +1,375 @@
+#!/usr/bin/env python
+"""Memory of one training step per preset, and the largest X-FM one machine trains.
+
+Each measurement is a probe in a fresh process (so its peak is its own, and an out-of-memory kill
+ends the probe, not the benchmark). A probe builds the model inside the ZeRO-3 engine
+(xfm_scale.parallel.build_engine), then trains one optimizer step of three micro-batches (text,
+image, pair, at the preset's full lengths) and reports:
+
+* the resident state after the engine is built (GPU: allocated; CPU: process RSS);
+* the step's peak (GPU: torch.cuda.max_memory_allocated; CPU: the process's peak RSS);
+* the bytes the pair micro-batch's forward keeps for backward (autograd's saved tensors, parameters
+  excluded): the activation memory that activation checkpointing trades for recompute.
+
+  python benchmarks/memory.py --presets tiny base large [--micro-batch 32] [--record]
+      peak memory per preset, with and without activation checkpointing
+  python benchmarks/memory.py --largest [--offload cpu|nvme] [--nvme-path DIR] [--record]
+      the largest depth-scaled giant preset (--family) that trains one step with ZeRO-3 + offload, against
+      the bound host memory sets (bytes per parameter, --bytes-per-param, 16 by default: bf16
+      weights, fp32 master weights and two fp32 Adam moments)
+
+On CPU (DS_ACCELERATOR=cpu) the same probes run in fp32 (ds_configs/cpu_fp32.json), and the
+offload probe offloads the optimizer to DeepSpeedCPUAdam as on GPU.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+
+PACKAGES = ("torch", "deepspeed", "megatron-core")
+RESULT = "PROBE_RESULT "
+GIB = 2 ** 30
+
+
+@dataclass
+class Probe:
+    """One measurement: what to build and how."""
+    preset: str
+    """X-FM preset the model starts from."""
+    overrides: dict = field(default_factory=dict)
+    """Dotted-key overrides of the preset (the scaled presets change depths)."""
+    activation_checkpointing: bool = False
+    """Checkpoint every encoder block."""
+    micro_batch: int = 8
+    """Samples per micro-batch (text, image and pair alike)."""
+    offload: str = "none"
+    """ZeRO-3 offload of parameters and optimizer state: none, cpu or nvme."""
+    nvme_path: str | None = None
+    """Folder on a local NVMe drive for --offload nvme."""
+
+
+# ---- the probe (runs in its own process) ----------------------------------------------------------
+def ds_config(probe: Probe, on_gpu: bool) -> dict:
+    name = {"none": "zero3_bf16.json", "cpu": "zero3_offload.json", "nvme": "zero3_nvme_template.json"}[probe.offload]
+    with open(ROOT / "ds_configs" / (name if on_gpu else "cpu_fp32.json")) as f:
+        ds = json.load(f)
+    ds.pop("_comment", None)
+    zero = ds["zero_optimization"]
+    if not on_gpu and probe.offload == "cpu":  # the CPU run keeps fp32 and offloads the optimizer state
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if probe.offload == "nvme":
+        if not probe.nvme_path:
+            raise SystemExit("--offload nvme needs --nvme-path (a folder on a local NVMe drive)")
+        zero["offload_optimizer"]["nvme_path"] = zero["offload_param"]["nvme_path"] = probe.nvme_path
+    ds.update(train_batch_size=3 * probe.micro_batch, train_micro_batch_size_per_gpu=probe.micro_batch,
+              gradient_accumulation_steps=3, gradient_clipping=1.0)
+    return ds
+
+
+def synthetic_batches(config, B: int, seed: int = 0) -> list:
+    """A text, an image and a pair micro-batch of B samples at the config's full lengths (15% MLM
+    masking, 50% IMLM masking, mim_num_masked patches), on the CPU."""
+    import torch
+
+    from xfm_scale.batch import IGNORE_INDEX, ImageBatch, PairBatch, TextBatch
+
+    g = torch.Generator().manual_seed(seed)
+    o, v = config.objectives, config.vision
+
+    def text(L: int, rate: float):
+        ids = torch.randint(5, config.text.vocab_size, (B, L), generator=g)
+        chosen = torch.rand(B, L, generator=g) < rate
+        chosen[:, 0] = False
+        chosen[:, 1] = True
+        return ids, torch.ones(B, L, dtype=torch.long), torch.where(chosen, 4, ids), torch.where(chosen, ids, IGNORE_INDEX)
+
+    def pixels_and_mask():
+        order = torch.rand(B, v.num_patches, generator=g).argsort(dim=1)
+        mask = torch.zeros(B, v.num_patches, dtype=torch.bool).scatter_(1, order[:, :o.mim_num_masked], True)
+        return torch.randn(B, v.num_channels, v.image_size, v.image_size, generator=g), mask
+
+    _, attention, masked, labels = text(o.text_max_length, 0.15)
+    ids, caption_mask, imlm_ids, imlm_labels = text(o.caption_max_length, 0.5)
+    image_pixels, image_mask = pixels_and_mask()
+    pair_pixels, pair_mask = pixels_and_mask()
+    return [TextBatch(input_ids_BL=masked, attention_mask_BL=attention, mlm_labels_BL=labels),
+            ImageBatch(pixel_values_BCHW=image_pixels, mim_mask_BP=image_mask),
+            PairBatch(pixel_values_BCHW=pair_pixels, caption_ids_BL=ids, caption_mask_BL=caption_mask,
+                      imlm_input_ids_BL=imlm_ids, imlm_labels_BL=imlm_labels, mim_mask_BP=pair_mask)]
+
+
+class SavedActivations:
+    """Counts the bytes autograd saves for backward inside the context (each storage once; the
+    parameters, which are saved by reference, excluded)."""
+
+    def __init__(self, parameters):
+        import torch
+
+        self._params = {id(p) for p in parameters}
+        self._storages: set[int] = set()
+        self.bytes = 0
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+    def _pack(self, tensor):
+        if id(tensor) not in self._params:
+            storage = tensor.untyped_storage()
+            if storage.data_ptr() not in self._storages:
+                self._storages.add(storage.data_ptr())
+                self.bytes += storage.nbytes()
+        return tensor
+
+    def __enter__(self):
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._hooks.__exit__(*exc)
+
+
+def _host_peak_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _host_bytes() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def run_probe(probe: Probe) -> dict:
+    """Build, train one step, measure (in this process)."""
+    import torch
+
+    from xfm_scale import parallel
+    from xfm_scale.config import XFMConfig
+    from xfm_scale.model.info import parameter_counts
+    from xfm_scale.run_config import OptimSection
+
+    parallel.initialize(tensor_parallel_size=1)
+    device = parallel.device()
+    on_gpu = device.type == "cuda"
+    config = XFMConfig.from_preset(probe.preset, **probe.overrides)
+    config.set_activation_checkpointing(probe.activation_checkpointing)
+    config.validate(1)
+    params = parameter_counts(config)["total"]
+    start = time.perf_counter()
+    engine, _, _ = parallel.build_engine(config, OptimSection(warmup_steps=1), ds_config(probe, on_gpu), total_steps=10)
+    build_s = time.perf_counter() - start
+    state = torch.cuda.memory_allocated(device) if on_gpu else _host_bytes()
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats(device)
+    batches = synthetic_batches(config, probe.micro_batch)
+    start = time.perf_counter()
+    parallel.begin_optimizer_step(engine)
+    saved = 0
+    for batch in batches:
+        with SavedActivations(engine.module.parameters()) as counter:
+            out = engine(batch.to(device))
+        saved = max(saved, counter.bytes)
+        engine.backward(out.total)
+        engine.step()
+    if on_gpu:
+        torch.cuda.synchronize(device)
+    result = {"ok": True, "parameters": params, "build_s": build_s, "step_s": time.perf_counter() - start,
+              "state_gb": state / GIB, "saved_activation_gb": saved / GIB,
+              "peak_gb": (torch.cuda.max_memory_allocated(device) if on_gpu else _host_peak_bytes()) / GIB,
+              "host_peak_gb": _host_peak_bytes() / GIB, "device": "gpu" if on_gpu else "cpu",
+              "optimizer": type(getattr(engine.optimizer, "optimizer", engine.optimizer)).__name__,
+              "optimizer_offloaded": bool(getattr(engine.optimizer, "offload_optimizer", False)),
+              "loss": float(out.total)}
+    parallel.shutdown()
+    return result
+
+
+_WORLD_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def probe_in_subprocess(probe: Probe, timeout: float) -> dict:
+    """Run a probe in a fresh process; a crash, a kill (host OOM) or a timeout is a failed probe."""
+    cmd = [sys.executable, __file__, "--probe", json.dumps(asdict(probe))]
+    # a world of its own: not this process's rendezvous (counting parameters initialised one here)
+    env = {k: v for k, v in os.environ.items() if k not in _WORLD_VARIABLES}
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+    except subprocess.TimeoutExpired:
+        return {"ok": False, "error": f"timed out after {timeout:.0f}s"}
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT)]
+    if proc.returncode == 0 and lines:
+        return json.loads(lines[-1][len(RESULT):])
+    tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+    how = f"killed by signal {-proc.returncode}" if proc.returncode < 0 else f"exit {proc.returncode}"
+    return {"ok": False, "error": f"{how}: {tail[-300:]}"}
+
+
+# ---- per-preset memory -----------------------------------------------------------------------------
+def presets_table(presets: list[str], micro_batch: int, timeout: float) -> list[dict]:
+    rows = []
+    for preset in presets:
+        for checkpointing in (False, True):
+            probe = Probe(preset=preset, activation_checkpointing=checkpointing, micro_batch=micro_batch)
+            result = probe_in_subprocess(probe, timeout)
+            rows.append({"preset": preset, "activation_checkpointing": checkpointing, **result})
+            print(_format(rows[-1]), flush=True)
+    return rows
+
+
+def _format(r: dict) -> str:
+    what = f"{r['preset']:>6} ckpt {'on ' if r['activation_checkpointing'] else 'off'}"
+    if not r["ok"]:
+        return f"{what}: failed ({r['error']})"
+    return (f"{what}: {r['parameters'] / 1e6:9.1f}M params  state {r['state_gb']:7.2f} GB  step peak "
+            f"{r['peak_gb']:7.2f} GB  saved activations (pair forward) {r['saved_activation_gb']:7.3f} GB  "
+            f"step {r['step_s']:.1f}s")
+
+
+# ---- the largest model -----------------------------------------------------------------------------
+def scaled_depths(preset: str, depth_scale: float) -> dict:
+    """Overrides that scale a preset's depths (text, vision, fusion) by ``depth_scale``."""
+    from xfm_scale.config import XFMConfig
+
+    base = XFMConfig.from_preset(preset)
+    return {f"{name}.num_layers": max(1, round(getattr(base, name).num_layers * depth_scale))
+            for name in ("text", "vision", "fusion")}
+
+
+def parameters_of(preset: str, overrides: dict) -> int:
+    from megatron.core import parallel_state as ps
+
+    from xfm_scale import parallel
+    from xfm_scale.config import XFMConfig
+    from xfm_scale.model.info import parameter_counts
+
+    if not ps.model_parallel_is_initialized():
+        parallel.initialize(tensor_parallel_size=1)
+    return parameter_counts(XFMConfig.from_preset(preset, **overrides))["total"]
+
+
+def largest_that_fits(candidates: list, fits) -> tuple[object | None, list]:
+    """Binary search over ``candidates`` (ascending size; fitting is monotone: if one fits, every
+    smaller one does) for the largest ``c`` with ``fits(c)``. Returns (it or None, [(c, fits)])."""
+    lo, hi, best, tried = 0, len(candidates) - 1, None, []
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        ok = fits(candidates[mid])
+        tried.append((candidates[mid], ok))
+        if ok:
+            best, lo = candidates[mid], mid + 1
+        else:
+            hi = mid - 1
+    return best, tried
+
+
+def host_bound(bytes_per_param: float) -> tuple[int, float]:
+    """(parameters host memory can hold at ``bytes_per_param``, host memory in GiB)."""
+    import psutil
+
+    total = psutil.virtual_memory().total
+    return int(total / bytes_per_param), total / GIB
+
+
+def find_largest(args) -> dict:
+    bound, host_gib = host_bound(args.bytes_per_param)
+    scales = [round(s, 3) for s in _frange(args.min_scale, args.max_scale, args.scale_step)]
+    sizes = {s: parameters_of(args.family, scaled_depths(args.family, s)) for s in scales}
+    print(f"host memory {host_gib:.1f} GiB -> bound {_count(bound)} parameters at {args.bytes_per_param:g} B/param; "
+          f"candidates: " + ", ".join(f"x{s}={_count(sizes[s])}" for s in scales), flush=True)
+    results = {}
+
+    def fits(scale):
+        probe = Probe(preset=args.family, overrides=scaled_depths(args.family, scale), activation_checkpointing=True,
+                      micro_batch=args.micro_batch, offload=args.offload, nvme_path=args.nvme_path)
+        results[scale] = probe_in_subprocess(probe, args.timeout)
+        r = results[scale]
+        print(f"  {args.family} x{scale} ({_count(sizes[scale])}): " + (
+            f"trains one step (state {r['state_gb']:.1f} GB, peak {r['peak_gb']:.1f} GB, host peak "
+            f"{r['host_peak_gb']:.1f} GB, build {r['build_s']:.0f}s, step {r['step_s']:.0f}s)" if r["ok"]
+            else f"does not ({r['error']})"), flush=True)
+        return r["ok"]
+
+    best, tried = largest_that_fits(scales, fits)
+    largest = sizes[best] if best is not None else 0
+    return {"family": args.family, "bound_parameters": bound, "host_memory_gib": host_gib, "bytes_per_param": args.bytes_per_param,
+            "offload": args.offload, "largest_scale": best, "largest_parameters": largest,
+            "fraction_of_bound": largest / bound, "probes": {str(s): {"parameters": sizes[s], **results[s]} for s, _ in tried}}
+
+
+def _count(n: float) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e8 else f"{n / 1e6:.2f}M"
+
+
+def _frange(lo: float, hi: float, step: float) -> list[float]:
+    return [lo + i * step for i in range(int(math.floor((hi - lo) / step + 1e-9)) + 1)]
+
+
+# ---- command line ----------------------------------------------------------------------------------
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--presets", nargs="+", default=["tiny"], help="presets for the per-preset table")
+    p.add_argument("--micro-batch", type=int, default=8, help="samples per micro-batch")
+    p.add_argument("--largest", action="store_true", help="search the largest depth-scaled preset instead")
+    p.add_argument("--family", default="giant", help="preset whose depths --largest scales")
+    p.add_argument("--offload", choices=("none", "cpu", "nvme"), default="cpu", help="ZeRO-3 offload for --largest")
+    p.add_argument("--nvme-path", default=None, help="NVMe folder for --offload nvme")
+    p.add_argument("--bytes-per-param", type=float, default=16.0, help="host bytes per parameter of the bound")
+    p.add_argument("--min-scale", type=float, default=1.0, help="smallest depth scale tried")
+    p.add_argument("--max-scale", type=float, default=2.6, help="largest depth scale tried")
+    p.add_argument("--scale-step", type=float, default=0.2, help="step between the depth scales tried")
+    p.add_argument("--timeout", type=float, default=900, help="seconds a probe may take")
+    p.add_argument("--json", default=None, help="write the results to this file")
+    p.add_argument("--record", action="store_true", help="append a dated row to benchmarks/RESULTS.md")
+    p.add_argument("--probe", default=None, help=argparse.SUPPRESS)  # internal: run one probe here
+    return p.parse_args(argv)
+
+
+def record(out: dict) -> None:
+    import results  # benchmarks/results.py
+
+    if "rows" in out:
+        parts = [f"micro-batch {out['micro_batch']} (one text, image, pair micro-batch)"]
+        for r in out["rows"]:
+            if r["ok"]:
+                parts.append(f"{r['preset']} ckpt {'on' if r['activation_checkpointing'] else 'off'}: state "
+                             f"{r['state_gb']:.2f} GB, step peak {r['peak_gb']:.2f} GB, pair-forward saved "
+                             f"activations {r['saved_activation_gb']:.3f} GB")
+            else:
+                parts.append(f"{r['preset']} ckpt {'on' if r['activation_checkpointing'] else 'off'}: failed")
+        results.add_row("benchmarks/memory.py presets", "; ".join(parts), PACKAGES)
+    else:
+        results.add_row("benchmarks/memory.py --largest", (
+            f"ZeRO-3 + {out['offload']} offload, activation checkpointing: largest {out['family']} depth-scale x"
+            f"{out['largest_scale']} = {_count(out['largest_parameters'])} parameters trains one step; host "
+            f"bound {_count(out['bound_parameters'])} ({out['host_memory_gib']:.0f} GiB / {out['bytes_per_param']:g} B "
+            f"per param): {out['fraction_of_bound']:.1%} of it"), PACKAGES)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.probe:
+        print(RESULT + json.dumps(run_probe(Probe(**json.loads(args.probe)))), flush=True)
+        return 0
+    if args.largest:
+        out = find_largest(args)
+        print(f"largest: {_count(out['largest_parameters'])} parameters ({out['fraction_of_bound']:.1%} of the "
+              f"{_count(out['bound_parameters'])} host-memory bound)")
+    else:
+        out = {"micro_batch": args.micro_batch, "rows": presets_table(args.presets, args.micro_batch, args.timeout)}
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1))
+    if args.record:
+        record(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,293 @@
+#!/usr/bin/env python
+"""Training-step throughput, TFLOP/s and MFU of xfm_scale, against X-FM built the reference's way.
+
+For each case (a step of text micro-batches only, of image ones, of pair ones, and the blended step
+the run's blend gives), with the data loader in the loop and without it (the same steps fetched
+beforehand and kept in memory), it times optimizer steps of:
+
+* xfm_scale: the real ``Trainer.train_step`` (megatron layers in a DeepSpeed ZeRO-3 engine, SDPA,
+  the ds_configs/ config of the device: zero3_bf16.json on GPU, cpu_fp32.json on CPU);
+* the baseline (benchmarks/baseline_xfm.py): transformers RoBERTa + timm BEiT-v2 + transformers
+  cross-attention layers, eager attention, autocast, plain DistributedDataParallel;
+
+on the same micro-batches, at the same batch sizes and precision (bf16 autocast vs DeepSpeed bf16 on
+GPU, fp32 on CPU). It reports samples/s, achieved TFLOP/s and MFU (model FLOPs from
+xfm_scale.flops without the activation-checkpointing recompute, over the device peak of
+xfm_scale.flops.device_peak_flops), the ratio xfm_scale / baseline per case, and how much slower
+each is with the loader in the loop. The data is a generated corpus at the preset's image size
+(the demo world's pairs and images, and ~128-token texts), so text micro-batches are full length.
+
+  DS_ACCELERATOR=cpu python benchmarks/train_step.py --preset tiny          # CPU, every session
+  python benchmarks/train_step.py --preset base --record                    # one GPU, bf16
+  torchrun --nproc_per_node 8 benchmarks/train_step.py --preset large       # 8 GPUs, DP 8
+
+``--record`` appends a dated row to benchmarks/RESULTS.md; ``--json PATH`` writes every figure.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+
+import results  # noqa: E402  (benchmarks/results.py)
+from baseline_xfm import BaselineTrainer  # noqa: E402
+from xfm_scale import parallel, run_config  # noqa: E402
+from xfm_scale.config import XFMConfig  # noqa: E402
+from xfm_scale.flops import device_peak_flops, micro_batch_flops  # noqa: E402
+
+PACKAGES = ("torch", "deepspeed", "megatron-core", "transformers", "timm")
+CASES = ("text", "image", "pair", "blend")
+CORPUS_OF = {"text": "long_text", "image": "demo_images", "pair": "demo_pairs"}
+BLEND_WEIGHTS = {"demo_pairs": 0.5, "demo_images": 0.2, "long_text": 0.3}  # the demo's mixture
+
+
+@dataclass
+class Timing:
+    """What one implementation did on one case, over the timed steps."""
+    seconds: float
+    """Wall time of the timed steps (each step synchronised with the device)."""
+    samples: int
+    """Samples of all data-parallel ranks in those steps."""
+    flops: float
+    """Model FLOPs per rank in those steps (no recompute; TP share)."""
+
+    def row(self, peak: float) -> dict[str, float]:
+        return {"samples_per_s": self.samples / self.seconds, "tflops": self.flops / self.seconds / 1e12,
+                "mfu": self.flops / self.seconds / peak, "step_s": self.seconds}
+
+
+# ---- data -------------------------------------------------------------------------------------------
+def long_texts(n: int, rng: random.Random) -> list[str]:
+    """Paragraphs of demo sentences, long enough (~800 characters) to fill text_max_length tokens."""
+    from xfm_scale.data.demo import caption, other_sentence, random_scene
+
+    out = []
+    for _ in range(n):
+        parts: list[str] = []
+        while sum(len(p) + 2 for p in parts) < 800:
+            parts.append(other_sentence(rng) if rng.random() < 0.5 else caption(random_scene(rng), rng))
+        out.append(". ".join(parts) + ".")
+    return out
+
+
+def build_corpus(root: Path, image_size: int, num_samples: int) -> dict[str, Path]:
+    """The demo world's pairs and images at ``image_size``, long texts, and one blend spec per case."""
+    from xfm_scale.data import build_demo_data
+    from xfm_scale.data.shards import write_corpus
+
+    demo = build_demo_data(root, image_size=image_size, num_pairs=num_samples, num_images=num_samples,
+                           num_text=200, num_eval_pairs=10)
+    texts = long_texts(num_samples, random.Random(1))
+    text_manifest = write_corpus(({"txt": t} for t in texts), out_dir=root / "long_text", name="long_text",
+                                 modality="text", maxcount=2000, source="generated").manifest_path
+    manifests = {"demo_pairs": demo.manifests["demo_pairs"], "demo_images": demo.manifests["demo_images"],
+                 "long_text": text_manifest}
+    modality = {"demo_pairs": "pair", "demo_images": "image", "long_text": "text"}
+    specs = {}
+    for case in CASES:
+        names = list(manifests) if case == "blend" else [CORPUS_OF[case]]
+        specs[case] = root / f"{case}.yaml"
+        specs[case].write_text(yaml.safe_dump({"corpora": [
+            {"name": n, "modality": modality[n], "manifest": str(manifests[n]), "weight": BLEND_WEIGHTS[n]}
+            for n in names]}, sort_keys=False))
+    return {"tokenizer": demo.tokenizer_dir, **specs}
+
+
+def run_settings(args, data: dict[str, Path], work: Path, dp: int, on_gpu: bool) -> run_config.RunConfig:
+    ds = args.ds_config or str(ROOT / ("ds_configs/zero3_bf16.json" if on_gpu else "ds_configs/cpu_fp32.json"))
+    return run_config.from_dict({
+        "model": {"preset": args.preset, "activation_checkpointing": args.activation_checkpointing,
+                  "vocab_from_tokenizer": False},  # keep the preset's vocabulary (e.g. RoBERTa's 50265)
+        "data": {"spec": str(data["blend"]), "tokenizer_dir": str(data["tokenizer"]), "cache_dir": str(work / "cache"),
+                 "num_workers": args.workers, "augment": True},
+        "batch": {"micro_batch_size": args.micro_batch, "text_micro_batch_size": args.text_micro_batch,
+                  "global_batch_size": args.micro_batch * args.micro_steps * dp},
+        "optim": {"warmup_steps": 1},
+        "train": {"steps": args.warmup + args.steps + 2, "output_dir": str(work / "run"), "resume": False,
+                  "progress_bar": False, "tensorboard": False, "log_every": 10 ** 9},
+        "parallel": {"tensor_parallel_size": args.tensor_parallel_size},
+        "deepspeed": {"config": ds},
+    })
+
+
+# ---- timing -----------------------------------------------------------------------------------------
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(step_fn, steps, *, warmup: int, count: int, with_loader: bool, device: torch.device,
+               flops_of, dp: int) -> Timing:
+    """Run ``warmup`` untimed then ``count`` timed steps. With the loader, fetching each step is
+    inside the timed part; without it, the steps are fetched (and moved to the device) first."""
+    for _ in range(warmup):
+        step_fn(next(steps))
+    if not with_loader:
+        fetched = [[b.to(device) for b in next(steps)] for _ in range(count)]
+        steps = iter(fetched)
+    seconds = samples = flops = 0.0
+    for _ in range(count):
+        _sync(device)
+        start = time.perf_counter()
+        batches = next(steps)
+        step_fn(batches)
+        _sync(device)
+        seconds += time.perf_counter() - start
+        samples += sum(b.size for b in batches) * dp
+        flops += sum(flops_of(b) for b in batches)
+    return Timing(seconds, int(samples), flops)
+
+
+def benchmark(args) -> dict:
+    from xfm_scale.trainer import Trainer
+
+    layout = parallel.initialize(args.tensor_parallel_size)
+    on_gpu = parallel.device().type == "cuda"
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="xfm_bench_"))
+    image_size = XFMConfig.from_preset(args.preset).vision.image_size
+    num_samples = max(64, args.micro_batch * args.micro_steps * layout.data_parallel_size * (args.warmup + args.steps + 2))
+    if layout.rank == 0:
+        data = build_corpus(work / "data", image_size, min(num_samples, args.max_corpus))
+        (work / "data" / "ready.json").write_text(json.dumps({k: str(v) for k, v in data.items()}))
+    dist.barrier()
+    data = {k: Path(v) for k, v in json.loads((work / "data" / "ready.json").read_text()).items()}
+    cfg = run_settings(args, data, work, layout.data_parallel_size, on_gpu)
+    trainer = Trainer(cfg)
+    device, model_config = trainer.device, trainer.model_config
+    bf16 = trainer.engine.bfloat16_enabled()
+    peak, peak_source = device_peak_flops(torch.bfloat16 if bf16 else torch.float32)
+    tp, dp = layout.tensor_parallel_size, layout.data_parallel_size
+
+    def flops_of(batch) -> float:  # model FLOPs: MFU's convention counts no recompute
+        return micro_batch_flops(model_config, batch, activation_checkpointing=False,
+                                 data_parallel_size=dp).total / tp
+
+    def ours(batches):
+        trainer.train_step(batches)
+        trainer.step += 1
+
+    implementations = {"xfm_scale": ours}
+    if not args.no_baseline:
+        if tp > 1:
+            raise SystemExit("the baseline has no tensor parallelism: use --no-baseline with TP > 1")
+        baseline = BaselineTrainer(model_config, cfg.optim, device, bf16=bf16, seed=cfg.train.seed)
+        implementations["baseline"] = baseline.train_step
+    rows = []
+    for case in CASES:
+        for with_loader in (False, True):
+            for name, step_fn in implementations.items():
+                loader = trainer.build_loader(str(data[case]))  # the same steps for each implementation
+                if on_gpu:
+                    torch.cuda.reset_peak_memory_stats(device)
+                timing = time_steps(step_fn, loader.iter_steps(), warmup=args.warmup, count=args.steps,
+                                    with_loader=with_loader, device=device, flops_of=flops_of, dp=dp)
+                row = {"implementation": name, "case": case, "loader": with_loader, **timing.row(peak)}
+                if on_gpu:
+                    row["max_allocated_gb"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+                rows.append(row)
+                if layout.rank == 0:
+                    print(_format_row(row), flush=True)
+    return {"preset": args.preset, "device": results.hardware(), "precision": "bf16" if bf16 else "fp32",
+            "peak_tflops": peak / 1e12, "peak_source": peak_source,
+            "micro_batch": {"pair": args.micro_batch, "image": args.micro_batch,
+                            "text": args.text_micro_batch or args.micro_batch},
+            "micro_steps": args.micro_steps, "tensor_parallel": tp, "data_parallel": dp,
+            "activation_checkpointing": args.activation_checkpointing, "loader_workers": args.workers,
+            "steps": args.steps, "warmup": args.warmup, "rows": rows, **summarise(rows)}
+
+
+def summarise(rows: list[dict]) -> dict:
+    """Ratios xfm_scale / baseline (samples/s) per case and loader setting, and each
+    implementation's slowdown with the loader in the loop (1 - with / without)."""
+    by = {(r["implementation"], r["case"], r["loader"]): r["samples_per_s"] for r in rows}
+    ratio = {f"{case}{'+loader' if loader else ''}": by[("xfm_scale", case, loader)] / by[("baseline", case, loader)]
+             for case in CASES for loader in (False, True) if ("baseline", case, loader) in by}
+    slowdown = {f"{impl}/{case}": 1 - by[(impl, case, True)] / by[(impl, case, False)]
+                for impl in ("xfm_scale", "baseline") for case in CASES if (impl, case, True) in by}
+    return {"ratio_vs_baseline": ratio, "loader_slowdown": slowdown}
+
+
+def _format_row(r: dict) -> str:
+    memory = f"  {r['max_allocated_gb']:.1f} GB" if "max_allocated_gb" in r else ""
+    return (f"{r['implementation']:>9} {r['case']:>5} {'loader' if r['loader'] else 'memory':>6}: "
+            f"{r['samples_per_s']:9.1f} samples/s  {r['tflops']:8.3f} TFLOP/s  MFU {r['mfu']:6.1%}{memory}")
+
+
+def record(out: dict) -> None:
+    rows = {(r["implementation"], r["case"], r["loader"]): r for r in out["rows"]}
+    blend = rows[("xfm_scale", "blend", False)]
+    parts = [f"{out['preset']} preset, {out['precision']}, micro-batch pair/image {out['micro_batch']['pair']} "
+             f"text {out['micro_batch']['text']} x {out['micro_steps']} micro-steps, TP {out['tensor_parallel']} "
+             f"DP {out['data_parallel']}, activation checkpointing {'on' if out['activation_checkpointing'] else 'off'}, "
+             f"{out['steps']} timed steps; peak {out['peak_tflops']:.1f} TFLOP/s ({out['peak_source']})",
+             f"xfm_scale blended step: {blend['samples_per_s']:.1f} samples/s, {blend['tflops']:.2f} TFLOP/s, "
+             f"MFU {blend['mfu']:.1%}"]
+    for case in CASES:
+        r = rows[("xfm_scale", case, False)]
+        per_case = f"{case} MFU {r['mfu']:.1%}"
+        if ("baseline", case, False) in rows:
+            per_case += (f", {r['samples_per_s']:.1f} vs baseline {rows[('baseline', case, False)]['samples_per_s']:.1f}"
+                         f" samples/s = {out['ratio_vs_baseline'][case]:.2f}x")
+        parts.append(per_case)
+    slow = out["loader_slowdown"]
+    parts.append("with the loader ({} workers): xfm_scale blend {:+.1%}".format(
+        out["loader_workers"], -slow["xfm_scale/blend"])
+        + (f", baseline blend {-slow['baseline/blend']:+.1%}" if "baseline/blend" in slow else ""))
+    results.add_row("benchmarks/train_step.py", "; ".join(parts), PACKAGES)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="tiny", help="X-FM preset (tiny on CPU; base/large on GPU)")
+    p.add_argument("--micro-batch", type=int, default=None, help="pair/image micro-batch per rank (default: tiny 16, else 96)")
+    p.add_argument("--text-micro-batch", type=int, default=None, help="text micro-batch per rank (default: the pair one)")
+    p.add_argument("--micro-steps", type=int, default=4, help="micro-batches per optimizer step")
+    p.add_argument("--steps", type=int, default=6, help="timed optimizer steps per case")
+    p.add_argument("--warmup", type=int, default=2, help="untimed optimizer steps first")
+    p.add_argument("--workers", type=int, default=None, help="loader workers per rank (default: 0 on CPU, 6 on GPU)")
+    p.add_argument("--activation-checkpointing", action="store_true", help="checkpoint every encoder block (ours)")
+    p.add_argument("--tensor-parallel-size", type=int, default=1)
+    p.add_argument("--ds-config", default=None, help="DeepSpeed JSON (default: by device, from ds_configs/)")
+    p.add_argument("--no-baseline", action="store_true", help="time xfm_scale only")
+    p.add_argument("--max-corpus", type=int, default=4000, help="at most this many generated samples per corpus")
+    p.add_argument("--work-dir", default=None, help="where the generated data and run files go (default: a temp dir)")
+    p.add_argument("--json", default=None, help="write every figure to this file")
+    p.add_argument("--record", action="store_true", help="append a dated row to benchmarks/RESULTS.md")
+    args = p.parse_args(argv)
+    args.micro_batch = args.micro_batch or (16 if args.preset == "tiny" else 96)
+    if args.workers is None:
+        args.workers = 6 if torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR") != "cpu" else 0
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    out = benchmark(args)
+    if dist.get_rank() == 0:
+        print("ratio xfm_scale / baseline (samples/s): " + json.dumps({k: round(v, 3) for k, v in out["ratio_vs_baseline"].items()}))
+        print("slowdown with the loader in the loop: " + json.dumps({k: round(v, 3) for k, v in out["loader_slowdown"].items()}))
+        if args.json:
+            Path(args.json).write_text(json.dumps(out, indent=1))
+        if args.record:
+            record(out)
+    parallel.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""The performance benchmarks measure what they claim.
+
+* The baseline of benchmarks/train_step.py (transformers + timm + DDP, the reference's way) computes
+  the same model: loaded with an XFM's weights it gives the same losses on every micro-batch kind,
+  so the throughput ratio compares two implementations of one computation.
+* benchmarks/train_step.py runs end to end at tiny size on CPU (as every session does) and reports
+  consistent figures for both implementations, every case, with and without the loader.
+* benchmarks/memory.py: activation checkpointing really shrinks what the forward keeps for backward,
+  a one-step probe with ZeRO-3 + CPU offload trains, and the search for the largest model stops at
+  the first size that does not fit.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT / "benchmarks"), str(ROOT / "tests" / "model")]
+from model_fixtures import batches, relative_error, tiny_config  # noqa: E402
+
+from xfm_scale import build_model  # noqa: E402
+
+ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+
+def run_script(args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.mark.unit
+def test_the_baseline_computes_the_same_losses_as_xfm():
+    from baseline_xfm import BaselineXFM, load_xfm_state
+
+    cfg = tiny_config()
+    torch.manual_seed(0)
+    ours = build_model(cfg)
+    baseline = BaselineXFM(cfg)
+    load_xfm_state(baseline, ours.state_dict())
+    padding_rows = cfg.padded_vocab_size(1) - cfg.text.vocab_size  # word embedding + 2 MLM biases
+    assert (sum(p.numel() for p in ours.parameters()) - sum(p.numel() for p in baseline.parameters())
+            == padding_rows * (cfg.text.hidden_size + 2))
+    for batch in batches(cfg):
+        torch.manual_seed(1)  # the ITM negatives are drawn from the default generator
+        expected = ours(batch).losses
+        torch.manual_seed(1)
+        got = baseline(batch)
+        assert set(got) == set(expected), batch.modality
+        for name in expected:
+            assert relative_error(got[name], expected[name]) < 1e-5, (batch.modality, name, got[name], expected[name])
+
+
+@pytest.mark.unit
+def test_the_baseline_takes_an_optimizer_step_over_accumulated_micro_batches():
+    import torch.distributed as dist
+    from baseline_xfm import BaselineTrainer
+
+    from xfm_scale.run_config import OptimSection
+
+    cfg = tiny_config()
+    build_model(cfg)  # a world of one (DDP needs a process group)
+    assert dist.is_initialized()
+    trainer = BaselineTrainer(cfg, OptimSection(lr=1e-3, warmup_steps=0), torch.device("cpu"), bf16=False)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    text, image, _ = batches(cfg)
+    trainer.train_step([text, image])
+    changed = {n.split(".")[0] for n, p in trainer.model.named_parameters() if not torch.equal(p, before[n])}
+    assert {"text", "vision", "text_mlm_head"} <= changed  # both micro-batches' gradients were applied
+    assert "fusion" not in changed and "itm_head" not in changed  # no pair: untouched (no decay on zero grads)
+
+
+@pytest.mark.unit
+def test_train_step_benchmark_reports_both_implementations(tmp_path):
+    out = tmp_path / "train_step.json"
+    proc = run_script(["benchmarks/train_step.py", "--preset", "tiny", "--steps", "1", "--warmup", "1",
+                       "--micro-steps", "2", "--micro-batch", "8", "--json", str(out), "--work-dir", str(tmp_path)])
+    result = json.loads(out.read_text())
+    rows = {(r["implementation"], r["case"], r["loader"]): r for r in result["rows"]}
+    assert len(rows) == 16  # 2 implementations x 4 cases x with/without the loader
+    for (impl, case, loader), r in rows.items():
+        assert r["samples_per_s"] > 0 and r["tflops"] > 0, (impl, case, loader)
+        assert 0 < r["mfu"] < 1, (impl, case, loader, r["mfu"])
+        # one implementation, one case: the same steps, so the same FLOPs whatever the speed
+        assert r["tflops"] * r["step_s"] == pytest.approx(rows[("xfm_scale", case, loader)]["tflops"]
+                                                          * rows[("xfm_scale", case, loader)]["step_s"], rel=1e-6)
+    for key, ratio in result["ratio_vs_baseline"].items():
+        case, _, loader = key.partition("+")
+        lo = bool(loader)
+        assert ratio == pytest.approx(rows[("xfm_scale", case, lo)]["samples_per_s"]
+                                      / rows[("baseline", case, lo)]["samples_per_s"])
+    assert result["peak_tflops"] > 0 and "measured matmul peak" in result["peak_source"]
+    assert "ratio xfm_scale / baseline" in proc.stdout
+
+
+@pytest.mark.unit
+def test_memory_probes_show_what_activation_checkpointing_saves(tmp_path):
+    out = tmp_path / "memory.json"
+    run_script(["benchmarks/memory.py", "--presets", "tiny", "--micro-batch", "8", "--json", str(out)])
+    plain, checkpointed = json.loads(out.read_text())["rows"]
+    assert plain["ok"] and checkpointed["ok"], (plain, checkpointed)
+    assert (plain["activation_checkpointing"], checkpointed["activation_checkpointing"]) == (False, True)
+    assert plain["parameters"] == checkpointed["parameters"]
+    # checkpointing keeps only each block's input: far less saved for backward by the pair forward
+    assert 0 < checkpointed["saved_activation_gb"] < 0.4 * plain["saved_activation_gb"]
+    for r in (plain, checkpointed):
+        assert r["peak_gb"] >= r["state_gb"] > 0 and r["loss"] == r["loss"]  # a finite step was taken
+
+
+@pytest.mark.unit
+def test_largest_model_search_runs_offloaded_probes(tmp_path):
+    """--largest end to end at tiny depths on CPU: each probe trains one step with the optimizer
+    state offloaded to DeepSpeedCPUAdam, and the largest size that trains is reported."""
+    out = tmp_path / "largest.json"
+    run_script(["benchmarks/memory.py", "--largest", "--family", "tiny", "--min-scale", "1", "--max-scale", "2",
+                "--scale-step", "1", "--json", str(out)], timeout=900)
+    result = json.loads(out.read_text())
+    probes = result["probes"]
+    assert all(p["ok"] and p["optimizer"] == "DeepSpeedCPUAdam" and p["optimizer_offloaded"] for p in probes.values())
+    assert result["largest_scale"] == 2.0 and result["largest_parameters"] == probes["2.0"]["parameters"]
+    assert probes["2.0"]["parameters"] > probes.get("1.0", {"parameters": 0})["parameters"]
+    assert result["bound_parameters"] == int(result["host_memory_gib"] * 2 ** 30 / 16)
+
+
+@pytest.mark.unit
+def test_largest_that_fits_is_a_binary_search_for_the_last_fitting_size():
+    from memory import largest_that_fits
+
+    sizes = list(range(1, 17))
+    for limit in (0, 1, 7, 16):
+        seen = []
+        best, tried = largest_that_fits(sizes, lambda s: seen.append(s) or s <= limit)
+        assert best == (limit or None)
+        assert [s for s, _ in tried] == seen and len(seen) <= 5  # log2(16) + 1 probes, not 16
