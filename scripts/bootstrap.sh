@@ -17,6 +17,11 @@ if [ ! -f "$venv/.complete" ]; then
   "$venv/bin/python" -m pip install -q "$(grep '^torch==' "$req")" "$(grep '^torchvision==' "$req")" >&2
   "$venv/bin/python" -m pip install -q --no-build-isolation -r "$req" >&2
   "$venv/bin/python" -m pip install -q --no-deps --no-build-isolation -e "$root" >&2
+  # DeepSpeed compiles its CPU ops (shared-memory collectives, the offload optimizer's Adam) on
+  # first use, about a minute each on 2 cores: build them now, into torch's extension cache.
+  DS_ACCELERATOR=cpu "$venv/bin/python" -c 'from deepspeed.accelerator import get_accelerator as a
+for op in ("ShareMemCommBuilder", "CPUAdamBuilder"): a().create_op_builder(op).load()' >&2 \
+    || echo "[bootstrap] DeepSpeed's CPU ops did not build now; they compile on first use" >&2
   touch "$venv/.complete"
 fi
 echo "$venv"

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# What a session with a lent GPU runs there, one stage per device call (a call may take 10 minutes):
+#
+#   ../shared/tools/gpu-wheels.sh                         # here, once: fills .whl/ (megatron-core,
+#                                                         # deepspeed, webdataset; the GPU image has torch,
+#                                                         # transformers, timm, tokenizers)
+#   device run, carry [".whl"]:  bash benchmarks/gpu_session.sh STAGE
+#
+# STAGE: tests       the GPU tests (fused SDPA kernels in bf16, a bf16 ZeRO-3 step on NCCL, CPU offload)
+#        train_step  base preset against the baseline, bf16, loader in the loop and not (benchmarks/train_step.py)
+#        memory      state, step peak and saved activations of base and large, checkpointing off/on
+#        largest     the largest depth-scaled giant that trains one step with ZeRO-3 + CPU offload
+#                    (a probe takes minutes: narrow the search per call, e.g. largest --min-scale 1.8 --max-scale 1.8)
+# Each benchmark stage appends its dated row to benchmarks/RESULTS.md there and copies that file and
+# its JSON to $OUT: take the new rows into this checkout's RESULTS.md.
+set -euo pipefail
+stage=${1:?usage: gpu_session.sh tests|train_step|memory|largest [memory.py options]}
+shift
+out=${OUT:-/tmp/xfm_out}
+mkdir -p "$out"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}" DS_ACCELERATOR=cuda PYTHONWARNINGS=ignore
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+case "$stage" in
+  tests) python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tail -30 ;;
+  train_step) python3 benchmarks/train_step.py --preset base --json "$out/train_step_base.json" --record ;;
+  memory) python3 benchmarks/memory.py --presets base large --micro-batch 32 --json "$out/memory.json" --record ;;
+  largest) python3 benchmarks/memory.py --largest --offload cpu --min-scale 1.4 --max-scale 2.4 --scale-step 0.2 \
+             --micro-batch 1 --timeout 500 --json "$out/largest.json" --record "$@" ;;
+  *) echo "unknown stage $stage" >&2; exit 2 ;;
+esac
+cp benchmarks/RESULTS.md "$out/RESULTS.md"

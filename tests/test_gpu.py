@@ -1,0 +1,64 @@
+"""GPU paths, run where a GPU is lent (skipped without CUDA): ``DS_ACCELERATOR=cuda make test ARGS="-m gpu"``.
+
+* every attention call of every micro-batch kind runs on a fused SDPA kernel (flash or
+  memory-efficient) in bf16, forward and backward: the math fallback is switched off;
+* a bf16 ZeRO-3 training step on NCCL with pinned, non-blocking loader batches (through
+  benchmarks/train_step.py, which also times it against the baseline);
+* a ZeRO-3 step with parameters and optimizer state offloaded to the CPU (benchmarks/memory.py).
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests" / "model"))
+from model_fixtures import batches, tiny_config  # noqa: E402
+
+pytestmark = pytest.mark.gpu
+GPU_ENV = {**{k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}, "DS_ACCELERATOR": "cuda",
+           "PYTHONWARNINGS": "ignore"}
+
+
+def run_on_gpu(args: list[str], timeout: int = 600) -> str:
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=GPU_ENV, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_every_attention_runs_on_a_fused_kernel_in_bf16():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from xfm_scale import build_model
+
+    cfg = tiny_config(dropout=True)
+    cfg.params_dtype = "bfloat16"
+    model = build_model(cfg).cuda()
+    for batch in batches(cfg, B=8):
+        # without MATH, SDPA raises when no fused kernel takes a call (mask, dtype or shape)
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
+            out = model(batch.to("cuda", dtype=torch.bfloat16))
+            out.total.backward()
+        assert torch.isfinite(out.total.float()), batch.modality
+
+
+def test_bf16_zero3_step_on_nccl_against_the_baseline(tmp_path):
+    out = tmp_path / "train_step.json"
+    run_on_gpu(["benchmarks/train_step.py", "--preset", "tiny", "--steps", "2", "--warmup", "1", "--micro-batch", "8",
+                "--micro-steps", "2", "--workers", "2", "--json", str(out), "--work-dir", str(tmp_path)])
+    result = json.loads(out.read_text())
+    assert result["precision"] == "bf16" and "spec sheet" in result["peak_source"], result["peak_source"]
+    assert all(0 < r["mfu"] < 1 and r["max_allocated_gb"] > 0 for r in result["rows"])
+
+
+def test_zero3_step_with_cpu_offload(tmp_path):
+    out = tmp_path / "largest.json"
+    run_on_gpu(["benchmarks/memory.py", "--largest", "--family", "tiny", "--min-scale", "1", "--max-scale", "1",
+                "--offload", "cpu", "--json", str(out)])
+    (probe,) = json.loads(out.read_text())["probes"].values()
+    assert probe["ok"] and probe["device"] == "gpu" and probe["optimizer"] == "DeepSpeedCPUAdam", probe
