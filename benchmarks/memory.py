@@ -213,19 +213,28 @@ def probe_in_subprocess(probe: Probe, timeout: float) -> dict:
 
 
 # ---- per-preset memory -----------------------------------------------------------------------------
-def presets_table(presets: list[str], micro_batch: int, timeout: float) -> list[dict]:
+def presets_table(presets: list[str], micro_batch: int, timeout: float, selective: int | None = None) -> list[dict]:
+    """Per preset: checkpointing off, on, and (``selective``) on for each encoder's first N blocks."""
     rows = []
     for preset in presets:
-        for checkpointing in (False, True):
-            probe = Probe(preset=preset, activation_checkpointing=checkpointing, micro_batch=micro_batch)
+        for checkpointing, layers in ((False, None), (True, None), *([(True, selective)] if selective is not None else [])):
+            overrides = {f"{e}.checkpointed_layers": layers for e in ("text", "vision", "fusion")} if layers is not None else {}
+            probe = Probe(preset=preset, overrides=overrides, activation_checkpointing=checkpointing, micro_batch=micro_batch)
             result = probe_in_subprocess(probe, timeout)
-            rows.append({"preset": preset, "activation_checkpointing": checkpointing, **result})
+            rows.append({"preset": preset, "activation_checkpointing": checkpointing, "checkpointed_layers": layers,
+                         **result})
             print(_format(rows[-1]), flush=True)
     return rows
 
 
+def _checkpointing_label(r: dict) -> str:
+    if not r["activation_checkpointing"]:
+        return "ckpt off"
+    return "ckpt on" if r.get("checkpointed_layers") is None else f"ckpt first {r['checkpointed_layers']}"
+
+
 def _format(r: dict) -> str:
-    what = f"{r['preset']:>6} ckpt {'on ' if r['activation_checkpointing'] else 'off'}"
+    what = f"{r['preset']:>6} {_checkpointing_label(r):>13}"
     if not r["ok"]:
         return f"{what}: failed ({r['error']})"
     return (f"{what}: {r['parameters'] / 1e6:9.1f}M params  state {r['state_gb']:7.2f} GB  step peak "
@@ -317,6 +326,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--presets", nargs="+", default=["tiny"], help="presets for the per-preset table")
     p.add_argument("--micro-batch", type=int, default=8, help="samples per micro-batch")
+    p.add_argument("--checkpointed-layers", type=int, default=None,
+                   help="also measure selective checkpointing of each encoder's first N blocks")
     p.add_argument("--largest", action="store_true", help="search the largest depth-scaled preset instead")
     p.add_argument("--family", default="giant", help="preset whose depths --largest scales")
     p.add_argument("--offload", choices=("none", "cpu", "nvme"), default="cpu", help="ZeRO-3 offload for --largest")
@@ -339,11 +350,11 @@ def record(out: dict) -> None:
         parts = [f"micro-batch {out['micro_batch']} (one text, image, pair micro-batch)"]
         for r in out["rows"]:
             if r["ok"]:
-                parts.append(f"{r['preset']} ckpt {'on' if r['activation_checkpointing'] else 'off'}: state "
+                parts.append(f"{r['preset']} {_checkpointing_label(r)}: state "
                              f"{r['state_gb']:.2f} GB, step peak {r['peak_gb']:.2f} GB, pair-forward saved "
                              f"activations {r['saved_activation_gb']:.3f} GB")
             else:
-                parts.append(f"{r['preset']} ckpt {'on' if r['activation_checkpointing'] else 'off'}: failed")
+                parts.append(f"{r['preset']} {_checkpointing_label(r)}: failed")
         results.add_row("benchmarks/memory.py presets", "; ".join(parts), PACKAGES)
     else:
         results.add_row("benchmarks/memory.py --largest", (
@@ -363,7 +374,8 @@ def main(argv=None) -> int:
         print(f"largest: {_count(out['largest_parameters'])} parameters ({out['fraction_of_bound']:.1%} of the "
               f"{_count(out['bound_parameters'])} host-memory bound)")
     else:
-        out = {"micro_batch": args.micro_batch, "rows": presets_table(args.presets, args.micro_batch, args.timeout)}
+        out = {"micro_batch": args.micro_batch,
+               "rows": presets_table(args.presets, args.micro_batch, args.timeout, args.checkpointed_layers)}
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
     if args.record:

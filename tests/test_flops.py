@@ -104,6 +104,23 @@ def test_activation_checkpointing_recompute_matches_deepspeed_checkpoint():
     check_model(cfg)
 
 
+def test_selective_checkpointing_recomputes_only_the_first_blocks():
+    """vision: its first block of 2 checkpointed, text: all, fusion: none. The measured recompute
+    (FlopCounterMode sees the replayed forwards) is the analytic count of exactly those blocks."""
+    cfg = tiny_config(**{"vision.checkpointed_layers": 1})
+    cfg.set_activation_checkpointing(True)
+    cfg.fusion.activation_checkpointing = False
+    assert [e.checkpointed_blocks for e in (cfg.text, cfg.vision, cfg.fusion)] == [2, 1, 0]
+    check_model(cfg)
+    pair = batches(cfg)[2]
+    full = micro_batch_flops(cfg, pair, activation_checkpointing=True)
+    selective = micro_batch_flop_breakdown(cfg, pair)
+    assert 0 < sum(p.recompute for p in selective.values()) < full.recompute
+    assert selective["itm_fusion"].recompute == 0
+    assert selective["vision_unmasked"].recompute * 2 == micro_batch_flop_breakdown(
+        cfg, pair, activation_checkpointing=True)["vision_unmasked"].recompute
+
+
 def test_activation_checkpointing_recompute_matches_torch_checkpoint(torch_checkpoint_hook):
     cfg = tiny_config()
     cfg.set_activation_checkpointing(True)

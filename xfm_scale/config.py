@@ -36,10 +36,21 @@ class TransformerConfig:
     """Dropout on attention probabilities (head-partitioned: drawn in the TP-region RNG stream)."""
     activation_checkpointing: bool = False
     """Recompute each block's activations in backward instead of storing them."""
+    checkpointed_layers: int | None = None
+    """Selective checkpointing: with activation_checkpointing, only this encoder's first N blocks
+    are checkpointed (None: all). The others keep their activations: less recompute for more
+    memory, to fill what the GPU has left (Megatron's "block" recompute)."""
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
+
+    @property
+    def checkpointed_blocks(self) -> int:
+        """How many of the blocks (the first ones) are checkpointed."""
+        if not self.activation_checkpointing:
+            return 0
+        return self.num_layers if self.checkpointed_layers is None else min(self.checkpointed_layers, self.num_layers)
 
     def validate(self, name: str, tensor_parallel_size: int) -> None:
         if self.hidden_size % self.num_heads:
@@ -56,6 +67,9 @@ class TransformerConfig:
         for attr in ("num_layers", "hidden_size", "num_heads", "ffn_hidden_size"):
             if getattr(self, attr) < 1:
                 raise ConfigError(f"{name}.{attr} must be >= 1, got {getattr(self, attr)}")
+        if self.checkpointed_layers is not None and not 0 <= self.checkpointed_layers <= self.num_layers:
+            raise ConfigError(f"{name}.checkpointed_layers={self.checkpointed_layers} must be in 0..{self.num_layers} "
+                              f"(its num_layers), or null for all")
 
 
 @dataclass(kw_only=True)

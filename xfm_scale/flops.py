@@ -33,7 +33,8 @@ Backward is counted where gradients flow, as the hardware computes it:
 * The hard-negative similarities are computed under ``no_grad``: forward only.
 
 Activation checkpointing recomputes each checkpointed block's forward once in backward, so the
-recompute term is one more forward of the transformer blocks of every pass whose backward runs
+recompute term is one more forward of the checkpointed transformer blocks (all of an encoder's, or
+its first ``checkpointed_layers``) of every pass whose backward runs
 (a checkpointed pass that is never back-propagated, like the detached masked-caption pass, is never
 recomputed; the patch embedding and the heads are not checkpointed).
 
@@ -135,32 +136,35 @@ def patch_embed_flops(batch: int, v: VisionEncoderConfig) -> int:
 
 
 # ---- passes: forward, backward and recompute of one encoder call ----------------------------------
-def text_encoder_pass(config: XFMConfig, B: int, L: int, *, trains: bool, checkpointed: bool) -> FlopCount:
-    """The language encoder on [B, L] ids. The embedding lookups cost no FLOPs; the blocks' backward
-    is 2x their forward when ``trains`` (the embedding output needs gradients, so even the first
-    block computes its input gradient)."""
-    blocks = config.text.num_layers * self_attention_block_flops(B, L, config.text)
-    return FlopCount(blocks, 2 * blocks if trains else 0, blocks if trains and checkpointed else 0)
+def text_encoder_pass(config: XFMConfig, B: int, L: int, *, trains: bool, checkpointed: int) -> FlopCount:
+    """The language encoder on [B, L] ids (``checkpointed``: how many of its blocks recompute). The
+    embedding lookups cost no FLOPs; the blocks' backward is 2x their forward when ``trains`` (the
+    embedding output needs gradients, so even the first block computes its input gradient)."""
+    block = self_attention_block_flops(B, L, config.text)
+    blocks = config.text.num_layers * block
+    return FlopCount(blocks, 2 * blocks if trains else 0, checkpointed * block if trains else 0)
 
 
-def vision_encoder_pass(config: XFMConfig, B: int, *, trains: bool, checkpointed: bool) -> FlopCount:
+def vision_encoder_pass(config: XFMConfig, B: int, *, trains: bool, checkpointed: int) -> FlopCount:
     """The vision encoder on B images (masked or not: the mask token replaces patches, same shapes).
     Backward: the blocks 2x; the patch embedding 1x (weight gradient only: pixels need none)."""
     v = config.vision
     patch = patch_embed_flops(B, v)
-    blocks = v.num_layers * self_attention_block_flops(B, 1 + v.num_patches, v)
+    block = self_attention_block_flops(B, 1 + v.num_patches, v)
+    blocks = v.num_layers * block
     if not trains:
         return FlopCount(patch + blocks)
-    return FlopCount(patch + blocks, patch + 2 * blocks, blocks if checkpointed else 0)
+    return FlopCount(patch + blocks, patch + 2 * blocks, checkpointed * block)
 
 
-def fusion_encoder_pass(config: XFMConfig, rows: int, L: int, *, checkpointed: bool) -> FlopCount:
+def fusion_encoder_pass(config: XFMConfig, rows: int, L: int, *, checkpointed: int) -> FlopCount:
     """The fusion encoder on ``rows`` captions of L tokens, each attending to an image's N tokens.
     It always trains (its own weights; the image tokens carry gradients to the vision encoder). Its
     megatron linears compute input gradients unconditionally, so a detached text stream changes
     nothing here: backward 2x forward."""
-    blocks = config.fusion.num_layers * fusion_block_flops(rows, L, config)
-    return FlopCount(blocks, 2 * blocks, blocks if checkpointed else 0)
+    block = fusion_block_flops(rows, L, config)
+    blocks = config.fusion.num_layers * block
+    return FlopCount(blocks, 2 * blocks, checkpointed * block)
 
 
 # ---- heads ----------------------------------------------------------------------------------------
@@ -193,12 +197,13 @@ def itm_head(config: XFMConfig, B: int) -> FlopCount:
 
 
 # ---- micro-batches --------------------------------------------------------------------------------
-def _checkpointing(config: XFMConfig, override: bool | None) -> tuple[bool, bool, bool]:
-    """(text, vision, fusion) activation checkpointing: the config's per-encoder flags, or ``override``."""
+def _checkpointing(config: XFMConfig, override: bool | None) -> tuple[int, int, int]:
+    """Checkpointed blocks of (text, vision, fusion): the config's, or all (``override`` True) or
+    none (False)."""
+    encoders = (config.text, config.vision, config.fusion)
     if override is not None:
-        return override, override, override
-    return (config.text.activation_checkpointing, config.vision.activation_checkpointing,
-            config.fusion.activation_checkpointing)
+        return tuple(e.num_layers if override else 0 for e in encoders)
+    return tuple(e.checkpointed_blocks for e in encoders)
 
 
 def _num_predicted(labels_BL: torch.Tensor) -> int:
@@ -206,24 +211,24 @@ def _num_predicted(labels_BL: torch.Tensor) -> int:
     return int(labels_BL.ne(IGNORE_INDEX).sum())
 
 
-def text_micro_batch(config: XFMConfig, b: TextBatch, ckpt: tuple[bool, bool, bool]) -> dict[str, FlopCount]:
+def text_micro_batch(config: XFMConfig, b: TextBatch, ckpt: tuple[int, int, int]) -> dict[str, FlopCount]:
     """MLM: a training text pass and the MLM head (its tied decoder trains the embedding)."""
     B, L = b.input_ids_BL.shape
     return {"text_encoder": text_encoder_pass(config, B, L, trains=True, checkpointed=ckpt[0]),
             "mlm_head": mlm_head(config, _num_predicted(b.mlm_labels_BL), decoder_trains=True)}
 
 
-def image_micro_batch(config: XFMConfig, b: ImageBatch, ckpt: tuple[bool, bool, bool]) -> dict[str, FlopCount]:
+def image_micro_batch(config: XFMConfig, b: ImageBatch, ckpt: tuple[int, int, int]) -> dict[str, FlopCount]:
     """MIM: the target pass (no grad: forward only, never checkpointed) and the masked pass that
     trains. Nothing with ``mim_target="none"``."""
     if config.objectives.mim_target == "none":
         return {}
     B = b.pixel_values_BCHW.shape[0]
-    return {"vision_mim_target": vision_encoder_pass(config, B, trains=False, checkpointed=False),
+    return {"vision_mim_target": vision_encoder_pass(config, B, trains=False, checkpointed=0),
             "vision_mim_masked": vision_encoder_pass(config, B, trains=True, checkpointed=ckpt[1])}
 
 
-def pair_micro_batch(config: XFMConfig, b: PairBatch, ckpt: tuple[bool, bool, bool],
+def pair_micro_batch(config: XFMConfig, b: PairBatch, ckpt: tuple[int, int, int],
                      data_parallel_size: int = 1) -> dict[str, FlopCount]:
     """ITC, ITM, IMLM and MIM (see the module docstring for what trains where)."""
     B, L = b.caption_ids_BL.shape

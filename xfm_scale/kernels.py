@@ -42,7 +42,7 @@ def choice() -> KernelChoice:
     elif torch.cuda.is_available():
         optimizer = "deepspeed.ops.adam.FusedAdam"
     else:
-        optimizer = "torch.optim.AdamW"
+        optimizer = "torch.optim.AdamW (fused)"
     attention = ("torch SDPA (flash / memory-efficient kernels)" if torch.cuda.is_available()
                  else "torch SDPA (math kernel on CPU)")
     return KernelChoice(layer_norm=layer_norm, attention=attention, optimizer=optimizer)

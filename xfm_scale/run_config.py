@@ -27,7 +27,9 @@ class ModelSection:
     overrides: dict[str, Any] = field(default_factory=dict)
     """Dotted-key overrides of the preset, e.g. {"text.num_layers": 4}."""
     activation_checkpointing: bool = False
-    """Recompute every encoder block in backward (DeepSpeed checkpointing)."""
+    """Recompute every encoder block in backward (DeepSpeed checkpointing). ``overrides`` refine it
+    per encoder: ``{fusion.activation_checkpointing: false}``, or only the first N blocks with
+    ``{vision.checkpointed_layers: N}``."""
     vocab_from_tokenizer: bool = True
     """Set text.vocab_size and pad id from the data section's tokenizer."""
     init_from: str | None = None
@@ -172,8 +174,8 @@ class RunConfig:
         """The preset (or ``base``, e.g. the config of the weights a run starts from) with the
         overrides and activation checkpointing applied."""
         config = XFMConfig.from_dict(base.to_dict()) if base else XFMConfig.from_preset(self.model.preset)
-        config.apply_overrides(self.model.overrides)
         config.set_activation_checkpointing(self.model.activation_checkpointing)
+        config.apply_overrides(self.model.overrides)  # may refine it per encoder (vision.checkpointed_layers: 6)
         return config
 
     def deepspeed_config(self, data_parallel_size: int) -> dict[str, Any]:

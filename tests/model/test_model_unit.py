@@ -124,6 +124,7 @@ def test_model_info_lists_presets_on_unknown_name():
     ({"fusion.ffn_hidden_size": 250}, 4, "fusion: ffn_hidden_size=250 is not divisible by the tensor-parallel size 4"),
     ({"vision.num_heads": 5}, 1, "vision: hidden_size=64 is not divisible by num_heads=5"),
     ({"fusion.hidden_size": 96, "fusion.num_heads": 4}, 1, "fusion.hidden_size=96 must equal text.hidden_size=64"),
+    ({"vision.checkpointed_layers": 3}, 1, "vision.checkpointed_layers=3 must be in 0..2 (its num_layers), or null"),
 ])
 def test_config_errors_name_the_fix(overrides, tp, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -179,3 +180,15 @@ def test_itm_negatives_do_not_depend_on_the_micro_batch_split():
         torch.manual_seed(step_seed)
         draws.add(tuple(sample_hard_negatives(img, txt, flat, keys, group=4)[0].tolist()))
     assert len(draws) > 1
+
+
+def test_run_config_overrides_refine_activation_checkpointing_per_encoder():
+    from xfm_scale import run_config
+
+    cfg = run_config.from_dict({
+        "model": {"preset": "tiny", "activation_checkpointing": True,
+                  "overrides": {"fusion.activation_checkpointing": False, "vision.checkpointed_layers": 1}},
+        "data": {"spec": "s.yaml", "tokenizer_dir": "tok"}, "batch": {"micro_batch_size": 2, "global_batch_size": 2},
+        "train": {"steps": 1}})
+    model = cfg.model_config()
+    assert [e.checkpointed_blocks for e in (model.text, model.vision, model.fusion)] == [2, 1, 0]

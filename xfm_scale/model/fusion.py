@@ -41,5 +41,5 @@ class FusionEncoder(nn.Module):
         self.blocks = nn.ModuleList(FusionBlock(cfg, image_width, mp_config, std) for _ in range(cfg.num_layers))
 
     def forward(self, text_BLD: torch.Tensor, text_mask_BL: torch.Tensor, image_BMC: torch.Tensor) -> torch.Tensor:
-        return run_blocks(self.blocks, self.cfg.activation_checkpointing, text_BLD,
+        return run_blocks(self.blocks, self.cfg.checkpointed_blocks, text_BLD,
                           padding_mask(text_mask_BL), self.image_norm(image_BMC))

@@ -148,15 +148,15 @@ def padding_mask(attention_mask_BL: torch.Tensor) -> torch.Tensor:
     return attention_mask_BL.bool()[:, None, None, :]
 
 
-def run_blocks(blocks: nn.ModuleList, checkpoint: bool, x: torch.Tensor, *extra) -> torch.Tensor:
-    """Apply blocks in order; with ``checkpoint`` each block's activations are recomputed in backward
-    through the installed checkpoint hook (DeepSpeed's, which replays dropout RNG exactly)."""
+def run_blocks(blocks: nn.ModuleList, checkpointed: int, x: torch.Tensor, *extra) -> torch.Tensor:
+    """Apply blocks in order; the first ``checkpointed`` blocks' activations are recomputed in
+    backward through the installed checkpoint hook (DeepSpeed's, which replays dropout RNG exactly)."""
     # Checkpoint only where backward will run: some input carries grad (fusion: the image tokens do
     # even when the text stream is detached). Otherwise nothing is saved for backward anyway.
-    use_ckpt = checkpoint and torch.is_grad_enabled() and any(
-        isinstance(t, torch.Tensor) and t.requires_grad for t in (x, *extra))
-    for block in blocks:
-        x = HOOKS.checkpoint(block, x, *extra) if use_ckpt else block(x, *extra)
+    if not (torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in (x, *extra))):
+        checkpointed = 0
+    for index, block in enumerate(blocks):
+        x = HOOKS.checkpoint(block, x, *extra) if index < checkpointed else block(x, *extra)
     return x
 
 

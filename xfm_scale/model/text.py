@@ -71,4 +71,4 @@ class TextEncoder(nn.Module):
     def forward(self, input_ids_BL: torch.Tensor, attention_mask_BL: torch.Tensor) -> torch.Tensor:
         """Last hidden states [B, L, D]."""
         x_BLD = self.embeddings(input_ids_BL)
-        return run_blocks(self.blocks, self.cfg.activation_checkpointing, x_BLD, padding_mask(attention_mask_BL))
+        return run_blocks(self.blocks, self.cfg.checkpointed_blocks, x_BLD, padding_mask(attention_mask_BL))

@@ -97,7 +97,7 @@ class VisionEncoder(nn.Module):
             w_BP1 = mim_mask_BP.unsqueeze(-1).to(x_BPD.dtype)
             x_BPD = x_BPD * (1 - w_BP1) + self.mask_token * w_BP1
         x_BND = torch.cat([self.cls_token.expand(x_BPD.shape[0], -1, -1), x_BPD], dim=1)
-        x_BND = run_blocks(self.blocks, self.cfg.activation_checkpointing, x_BND)
+        x_BND = run_blocks(self.blocks, self.cfg.checkpointed_blocks, x_BND)
         patches_BPD = x_BND[:, 1:]
         pooled_BD = self.fc_norm(patches_BPD.mean(dim=1))
         return torch.cat([pooled_BD.unsqueeze(1), patches_BPD], dim=1)
