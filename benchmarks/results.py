@@ -25,8 +25,24 @@ def versions(pkgs: tuple[str, ...]) -> str:
     return f"py {platform.python_version()}, " + ", ".join(f"{p} {version(p)}" for p in pkgs)
 
 
+def commit() -> str:
+    """The checkout's commit (with ``+`` when the tree has changes), or "" outside a git checkout."""
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=RESULTS.parent, capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=RESULTS.parent,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+    return head + ("+" if dirty else "")
+
+
 def add_row(benchmark: str, result: str, pkgs: tuple[str, ...]) -> None:
     if not RESULTS.exists():
         RESULTS.write_text(HEADER)
+    at = commit()
     with open(RESULTS, "a") as f:
-        f.write(f"| {datetime.date.today()} | {benchmark} | {hardware()} | {versions(pkgs)} | {result} |\n")
+        f.write(f"| {datetime.date.today()} | {benchmark}{f' @ {at}' if at else ''} | {hardware()} | "
+                f"{versions(pkgs)} | {result} |\n")

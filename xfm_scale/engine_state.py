@@ -98,9 +98,7 @@ def load_full_state(engine, source: Source, *, optimizer_state: bool = False, st
             if key != "fp32":
                 state[key] = target
         if optimizer_state:
-            # torch's Adam keeps a float tensor; DeepSpeed's and Apex's fused Adams an int
-            torch_adam = isinstance(zero.optimizer, torch.optim.Optimizer) and type(zero.optimizer).__module__.startswith("torch.")
-            state["step"] = torch.tensor(float(step_count), dtype=torch.float32) if torch_adam else int(step_count)
+            state["step"] = _adam_step(zero.optimizer, step_count, fp32_partition.device)
     if param_groups is not None:
         for group, saved in zip(zero.optimizer.param_groups, param_groups, strict=True):
             group.update({k: v for k, v in saved.items() if k != "params"})
@@ -110,6 +108,15 @@ def load_full_state(engine, source: Source, *, optimizer_state: bool = False, st
         persistent[0].partition(persistent)
         persistent[0].all_gather(persistent)
     return len(given)
+
+
+def _adam_step(optimizer, step_count: int, device: torch.device):
+    """Adam's ``step`` state as this optimizer keeps it: torch's Adam a float tensor (on the
+    parameters' device when fused or capturable, else on the CPU); DeepSpeed's and Apex's an int."""
+    if not type(optimizer).__module__.startswith("torch."):
+        return int(step_count)
+    on_device = optimizer.defaults.get("fused") or optimizer.defaults.get("capturable")
+    return torch.tensor(float(step_count), dtype=torch.float32, device=device if on_device else "cpu")
 
 
 def _refresh_model_partitions(zero) -> None:

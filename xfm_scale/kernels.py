@@ -2,7 +2,8 @@
 
 Apex (a CUDA source build; the package index's ``apex`` is an unrelated project) supplies fused
 LayerNorm and FusedAdam when installed. Otherwise the field's fallbacks: torch's LayerNorm (already
-a fused kernel on GPU), DeepSpeed's FusedAdam on GPU or torch AdamW elsewhere, and attention through
+a fused kernel on GPU), torch's fused AdamW (one kernel per parameter group on GPU and CPU: no
+JIT-compiled extension to build on each cluster, as DeepSpeed's FusedAdam needs), and attention through
 torch's scaled_dot_product_attention (flash / memory-efficient kernels on GPU, math on CPU).
 """
 from __future__ import annotations
@@ -39,8 +40,6 @@ def choice() -> KernelChoice:
         layer_norm = "torch.nn.LayerNorm"
     if _apex_available("apex.optimizers"):
         optimizer = "apex.optimizers.FusedAdam"
-    elif torch.cuda.is_available():
-        optimizer = "deepspeed.ops.adam.FusedAdam"
     else:
         optimizer = "torch.optim.AdamW (fused)"
     attention = ("torch SDPA (flash / memory-efficient kernels)" if torch.cuda.is_available()
