@@ -258,8 +258,11 @@ class BaselineTrainer:
                   for g in optim.param_groups(self.model, optim_cfg)]
         self.optimizer = torch.optim.AdamW(groups, lr=optim_cfg.lr, betas=tuple(optim_cfg.betas), eps=optim_cfg.eps)
 
-    def train_step(self, batches: list) -> None:
+    def train_step(self, batches: list) -> dict[str, float]:
+        """One step; returns each loss's mean over the micro-batches (read with ``.item()`` as the
+        reference's metric logger does every iteration)."""
         self.ddp.train()
+        logged: dict[str, list[float]] = {}
         for index, batch in enumerate(batches):
             last = index == len(batches) - 1
             with (contextlib.nullcontext() if last else self.ddp.no_sync()), \
@@ -267,6 +270,9 @@ class BaselineTrainer:
                 losses = self.ddp(batch.to(self.device, non_blocking=True))
                 total = torch.stack(list(losses.values())).sum() / len(batches)
             total.backward()
+            for name, value in losses.items():
+                logged.setdefault(name, []).append(value.item())
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        return {name: sum(values) / len(values) for name, values in logged.items()}

@@ -8,8 +8,13 @@ image, pair, at the preset's full lengths) and reports:
 
 * the resident state after the engine is built (GPU: allocated; CPU: process RSS);
 * the step's peak (GPU: torch.cuda.max_memory_allocated; CPU: the process's peak RSS);
-* the bytes the pair micro-batch's forward keeps for backward (autograd's saved tensors, parameters
-  excluded): the activation memory that activation checkpointing trades for recompute.
+* the bytes the largest micro-batch forward (the pair one) keeps for backward: autograd's saved
+  tensors (parameters excluded) plus the inputs each checkpointed block keeps for its recompute,
+  i.e. the activation memory that activation checkpointing trades for recompute; on GPU also what
+  the forward left allocated.
+
+On CPU "state" is the process's RSS (torch's libraries included) and "peak" its lifetime peak RSS
+(the engine build included).
 
   python benchmarks/memory.py --presets tiny base large [--micro-batch 32] [--record]
       peak memory per preset, with and without activation checkpointing
@@ -110,31 +115,50 @@ def synthetic_batches(config, B: int, seed: int = 0) -> list:
 
 
 class SavedActivations:
-    """Counts the bytes autograd saves for backward inside the context (each storage once; the
-    parameters, which are saved by reference, excluded)."""
+    """Counts the bytes a forward keeps for backward (each storage once): what autograd saves
+    (parameters, saved by reference, excluded) and the inputs every checkpointed block keeps for
+    its recompute. Those inputs need counting apart: inside a checkpointed block DeepSpeed's own
+    saved-tensor hooks take over (torch runs only the innermost), and the inputs live in its closure."""
 
     def __init__(self, parameters):
         import torch
 
+        from xfm_scale.model import hooks
+
         self._params = {id(p) for p in parameters}
         self._storages: set[int] = set()
         self.bytes = 0
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self._saved_tensor_hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self._runtime = hooks.HOOKS
+        self._checkpoint = hooks.HOOKS.checkpoint
+
+    def _count(self, tensor) -> None:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in self._storages:
+            self._storages.add(storage.data_ptr())
+            self.bytes += storage.nbytes()
 
     def _pack(self, tensor):
         if id(tensor) not in self._params:
-            storage = tensor.untyped_storage()
-            if storage.data_ptr() not in self._storages:
-                self._storages.add(storage.data_ptr())
-                self.bytes += storage.nbytes()
+            self._count(tensor)
         return tensor
 
+    def _counting_checkpoint(self, fn, *args):
+        import torch
+
+        for arg in args:
+            if isinstance(arg, torch.Tensor):
+                self._count(arg)
+        return self._checkpoint(fn, *args)
+
     def __enter__(self):
-        self._hooks.__enter__()
+        self._saved_tensor_hooks.__enter__()
+        self._runtime.checkpoint = self._counting_checkpoint
         return self
 
     def __exit__(self, *exc):
-        self._hooks.__exit__(*exc)
+        self._runtime.checkpoint = self._checkpoint
+        self._saved_tensor_hooks.__exit__(*exc)
 
 
 def _host_peak_bytes() -> int:
@@ -172,17 +196,22 @@ def run_probe(probe: Probe) -> dict:
     batches = synthetic_batches(config, probe.micro_batch)
     start = time.perf_counter()
     parallel.begin_optimizer_step(engine)
-    saved = 0
+    saved = forward_allocated = 0
     for batch in batches:
+        batch = batch.to(device)
+        before = torch.cuda.memory_allocated(device) if on_gpu else 0
         with SavedActivations(engine.module.parameters()) as counter:
-            out = engine(batch.to(device))
+            out = engine(batch)
         saved = max(saved, counter.bytes)
+        if on_gpu:
+            forward_allocated = max(forward_allocated, torch.cuda.memory_allocated(device) - before)
         engine.backward(out.total)
         engine.step()
     if on_gpu:
         torch.cuda.synchronize(device)
     result = {"ok": True, "parameters": params, "build_s": build_s, "step_s": time.perf_counter() - start,
               "state_gb": state / GIB, "saved_activation_gb": saved / GIB,
+              **({"forward_allocated_gb": forward_allocated / GIB} if on_gpu else {}),
               "peak_gb": (torch.cuda.max_memory_allocated(device) if on_gpu else _host_peak_bytes()) / GIB,
               "host_peak_gb": _host_peak_bytes() / GIB, "device": "gpu" if on_gpu else "cpu",
               "optimizer": type(getattr(engine.optimizer, "optimizer", engine.optimizer)).__name__,
@@ -237,8 +266,8 @@ def _format(r: dict) -> str:
     what = f"{r['preset']:>6} {_checkpointing_label(r):>13}"
     if not r["ok"]:
         return f"{what}: failed ({r['error']})"
-    return (f"{what}: {r['parameters'] / 1e6:9.1f}M params  state {r['state_gb']:7.2f} GB  step peak "
-            f"{r['peak_gb']:7.2f} GB  saved activations (pair forward) {r['saved_activation_gb']:7.3f} GB  "
+    return (f"{what}: {r['parameters'] / 1e6:9.1f}M params  state {r['state_gb']:7.2f} GB  peak "
+            f"{r['peak_gb']:7.2f} GB  saved for backward (largest forward) {r['saved_activation_gb']:7.3f} GB  "
             f"step {r['step_s']:.1f}s")
 
 
@@ -252,16 +281,28 @@ def scaled_depths(preset: str, depth_scale: float) -> dict:
             for name in ("text", "vision", "fusion")}
 
 
-def parameters_of(preset: str, overrides: dict) -> int:
-    from megatron.core import parallel_state as ps
-
+def count_parameters(configs: list[tuple[str, dict]]) -> list[int]:
+    """Parameters of each (preset, overrides), counted on the meta device in this process."""
     from xfm_scale import parallel
     from xfm_scale.config import XFMConfig
     from xfm_scale.model.info import parameter_counts
 
-    if not ps.model_parallel_is_initialized():
-        parallel.initialize(tensor_parallel_size=1)
-    return parameter_counts(XFMConfig.from_preset(preset, **overrides))["total"]
+    parallel.initialize(tensor_parallel_size=1)
+    counts = [parameter_counts(XFMConfig.from_preset(preset, **overrides))["total"] for preset, overrides in configs]
+    parallel.shutdown()
+    return counts
+
+
+def parameters_of(configs: list[tuple[str, dict]]) -> list[int]:
+    """:func:`count_parameters` in a CPU child process: the benchmark process itself never opens a
+    process group or a CUDA context (the probes each need the GPU to themselves)."""
+    env = {**{k: v for k, v in os.environ.items() if k not in _WORLD_VARIABLES}, "DS_ACCELERATOR": "cpu"}
+    proc = subprocess.run([sys.executable, __file__, "--count", json.dumps(configs)], capture_output=True,
+                          text=True, cwd=ROOT, env=env, check=False)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT)]
+    if proc.returncode or not lines:
+        raise RuntimeError(f"counting parameters failed: {proc.stderr[-2000:]}")
+    return json.loads(lines[-1][len(RESULT):])
 
 
 def largest_that_fits(candidates: list, fits) -> tuple[object | None, list]:
@@ -290,7 +331,7 @@ def host_bound(bytes_per_param: float) -> tuple[int, float]:
 def find_largest(args) -> dict:
     bound, host_gib = host_bound(args.bytes_per_param)
     scales = [round(s, 3) for s in _frange(args.min_scale, args.max_scale, args.scale_step)]
-    sizes = {s: parameters_of(args.family, scaled_depths(args.family, s)) for s in scales}
+    sizes = dict(zip(scales, parameters_of([(args.family, scaled_depths(args.family, s)) for s in scales])))
     print(f"host memory {host_gib:.1f} GiB -> bound {_count(bound)} parameters at {args.bytes_per_param:g} B/param; "
           f"candidates: " + ", ".join(f"x{s}={_count(sizes[s])}" for s in scales), flush=True)
     results = {}
@@ -332,7 +373,9 @@ def parse_args(argv=None):
     p.add_argument("--family", default="giant", help="preset whose depths --largest scales")
     p.add_argument("--offload", choices=("none", "cpu", "nvme"), default="cpu", help="ZeRO-3 offload for --largest")
     p.add_argument("--nvme-path", default=None, help="NVMe folder for --offload nvme")
-    p.add_argument("--bytes-per-param", type=float, default=16.0, help="host bytes per parameter of the bound")
+    p.add_argument("--bytes-per-param", type=float, default=16.0,
+                   help="host bytes per parameter of the bound (the issue's 16: bf16 weights, fp32 master "
+                        "weights, two Adam moments; DeepSpeed's offload also keeps fp32 gradients: ~18)")
     p.add_argument("--min-scale", type=float, default=1.0, help="smallest depth scale tried")
     p.add_argument("--max-scale", type=float, default=2.6, help="largest depth scale tried")
     p.add_argument("--scale-step", type=float, default=0.2, help="step between the depth scales tried")
@@ -340,6 +383,7 @@ def parse_args(argv=None):
     p.add_argument("--json", default=None, help="write the results to this file")
     p.add_argument("--record", action="store_true", help="append a dated row to benchmarks/RESULTS.md")
     p.add_argument("--probe", default=None, help=argparse.SUPPRESS)  # internal: run one probe here
+    p.add_argument("--count", default=None, help=argparse.SUPPRESS)  # internal: count parameters here
     return p.parse_args(argv)
 
 
@@ -350,9 +394,10 @@ def record(out: dict) -> None:
         parts = [f"micro-batch {out['micro_batch']} (one text, image, pair micro-batch)"]
         for r in out["rows"]:
             if r["ok"]:
-                parts.append(f"{r['preset']} {_checkpointing_label(r)}: state "
-                             f"{r['state_gb']:.2f} GB, step peak {r['peak_gb']:.2f} GB, pair-forward saved "
-                             f"activations {r['saved_activation_gb']:.3f} GB")
+                on = "GPU allocated" if r["device"] == "gpu" else "RSS"
+                parts.append(f"{r['preset']} {_checkpointing_label(r)}: state ({on}) {r['state_gb']:.2f} GB, peak "
+                             f"{r['peak_gb']:.2f} GB, saved for backward by the pair forward "
+                             f"{r['saved_activation_gb']:.3f} GB")
             else:
                 parts.append(f"{r['preset']} {_checkpointing_label(r)}: failed")
         results.add_row("benchmarks/memory.py presets", "; ".join(parts), PACKAGES)
@@ -368,6 +413,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.probe:
         print(RESULT + json.dumps(run_probe(Probe(**json.loads(args.probe)))), flush=True)
+        return 0
+    if args.count:
+        print(RESULT + json.dumps(count_parameters(json.loads(args.count))), flush=True)
         return 0
     if args.largest:
         out = find_largest(args)

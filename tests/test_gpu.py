@@ -53,7 +53,7 @@ def test_bf16_zero3_step_on_nccl_against_the_baseline(tmp_path):
                 "--micro-steps", "2", "--workers", "2", "--json", str(out), "--work-dir", str(tmp_path)])
     result = json.loads(out.read_text())
     assert result["precision"] == "bf16" and "spec sheet" in result["peak_source"], result["peak_source"]
-    assert all(0 < r["mfu"] < 1 and r["max_allocated_gb"] > 0 for r in result["rows"])
+    assert all(0 < r["mfu"] < 1 and r["process_max_allocated_gb"] > 0 for r in result["rows"])
 
 
 def test_zero3_step_with_cpu_offload(tmp_path):

@@ -56,7 +56,7 @@ def build_optimizer(groups: list[dict], cfg: OptimSection, cpu_offload: bool) ->
         from apex.optimizers import FusedAdam
 
         optimizer = FusedAdam(groups, adam_w_mode=True, **kw)
-    else:  # fused: one pass over each tensor (on CPU 7x the default's speed over 80M floats, measured)
+    else:  # fused: one pass over each tensor instead of one per operation
         optimizer = torch.optim.AdamW(groups, fused=True, **kw)
     log.info("optimizer: %s", choice)
     optimizer.xfm_implementation = choice

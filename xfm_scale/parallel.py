@@ -141,6 +141,10 @@ def initialize(tensor_parallel_size: int = 1, seed: int = 1234, timeout_s: float
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
     world_size = int(os.environ["WORLD_SIZE"])
     check_tensor_parallel_size(world_size, tensor_parallel_size)
+    if not _on_cpu():
+        # each rank its own GPU before anything touches CUDA (device(), NCCL, zero.Init): left at
+        # the default, every rank of a node would compute on GPU 0
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if not torch.distributed.is_initialized():
         # DeepSpeed announces its JIT-loaded comm op on stdout; keep stdout for the tools' output.
         with contextlib.redirect_stdout(sys.stderr):

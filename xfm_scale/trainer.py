@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from xfm_scale import checkpoint, engine_state, kernels, parallel, pretrained
 from xfm_scale.config import ConfigError, XFMConfig
+from xfm_scale.flops import FlopCount
 from xfm_scale.run_config import RunConfig
 from xfm_scale.zero_checkpoint import ZeroCheckpoint
 
@@ -293,7 +294,7 @@ class Trainer:
         self.nonfinite = [where for (where, _), ok in zip(finite, flags) if not ok]
         sync()
         seconds = time.perf_counter() - start
-        flops = sum(self._flops(batch) for batch in batches)  # reads label tensors: after the timed part
+        flops = sum((self._flops(batch) for batch in batches), FlopCount())  # reads labels: after the timed part
         stats = self._reduce_losses(sums)
         stats.update({f"samples_per_s/{m}": n / seconds for m, n in samples.items()})
         stats["samples_per_s/all"] = sum(samples.values()) / seconds
@@ -351,20 +352,23 @@ class Trainer:
         packed = packed.cpu()
         return {k: (packed[i, 0] / packed[i, 1]).item() for i, k in enumerate(keys)}
 
-    def _flops(self, batch) -> float:
+    def _flops(self, batch) -> FlopCount:
         from xfm_scale.flops import micro_batch_flops
 
-        # Model FLOPs of this rank's micro-batch; under TP each rank does 1/TP of them.
-        return micro_batch_flops(self.model_config, batch, data_parallel_size=self.layout.data_parallel_size
-                                 ).total / self.layout.tensor_parallel_size
+        # FLOPs of this rank's micro-batch (recompute included when checkpointing); under TP each
+        # rank does 1/TP of them.
+        count = micro_batch_flops(self.model_config, batch, data_parallel_size=self.layout.data_parallel_size)
+        tp = self.layout.tensor_parallel_size
+        return FlopCount(count.forward / tp, count.backward / tp, count.recompute / tp)
 
-    def _flops_stats(self, flops_per_rank: float, seconds: float) -> dict[str, float]:
+    def _flops_stats(self, flops: FlopCount, seconds: float) -> dict[str, float]:
+        """MFU counts the model's FLOPs (forward + backward); HFU also the checkpointing recompute."""
         from xfm_scale.flops import device_peak_flops
 
         dtype = torch.bfloat16 if self.engine.bfloat16_enabled() else torch.float32
         peak, _ = device_peak_flops(dtype)
-        achieved = flops_per_rank / seconds
-        return {"tflops_per_rank": achieved / 1e12, "mfu": achieved / peak if peak else 0.0}
+        model = (flops.forward + flops.backward) / seconds
+        return {"tflops_per_rank": model / 1e12, "mfu": model / peak, "hfu": flops.total / seconds / peak}
 
     def _accumulate(self, stats: dict[str, float]) -> None:
         for key, value in stats.items():

@@ -74,18 +74,40 @@ def test_every_step_after_resume_equals_uninterrupted(resumed_and_full):
         assert abs(resumed[step] - expected[step]) <= 1e-6 * abs(expected[step]), (step, resumed[step], expected[step])
 
 
+def counting_checkpoints_train_rank(raw: dict) -> dict:
+    """One rank of a real run that also counts the blocks it checkpointed."""
+    import os
+
+    from xfm_scale import run_config
+    from xfm_scale.model import hooks
+    from xfm_scale.trainer import Trainer
+
+    trainer = Trainer(run_config.from_dict(raw, base_dir=os.getcwd()))
+    installed, calls = hooks.HOOKS.checkpoint, [0]
+
+    def counting(fn, *args):
+        calls[0] += 1
+        return installed(fn, *args)
+
+    hooks.HOOKS.checkpoint = counting
+    trainer.run()
+    return {"checkpointed_block_calls": calls[0]}
+
+
 def test_activation_checkpointing_in_the_zero3_engine_equals_plain(demo_world, tmp_path):
-    """Every encoder block checkpointed, with dropout and drop-path on, at TP=2: the same losses at
-    every step as without checkpointing (the recompute replays the dropout masks of both RNG
-    streams), through ZeRO-3's gradient reduction (blocks run twice per pair micro-batch)."""
+    """Every encoder block checkpointed, with dropout and drop-path on, at DP=2 (ZeRO-3 partitions
+    and reduce-scatters over two ranks): the same losses at every step as without checkpointing (the
+    recompute replays the dropout masks), through ZeRO-3's gradient reduction (blocks run twice per
+    pair micro-batch)."""
     dropout = {f"{enc}.{key}": 0.1 for enc in ("text", "fusion") for key in ("hidden_dropout", "attention_dropout")}
-    runs = {}
+    runs, calls = {}, {}
     for checkpointing in (False, True):
-        raw = run_config_dict(demo_world, tmp_path / f"ckpt_{checkpointing}", steps=4, micro_batch=4, global_batch=8,
-                              tp=2, model_overrides={**dropout, "vision.drop_path_rate": 0.1})
+        raw = run_config_dict(demo_world, tmp_path / f"ckpt_{checkpointing}", steps=4, micro_batch=4, global_batch=16,
+                              model_overrides={**dropout, "vision.drop_path_rate": 0.1})
         raw["model"]["activation_checkpointing"] = checkpointing
-        run_ranks(train_rank, 2, raw)
+        calls[checkpointing] = [r["checkpointed_block_calls"] for r in run_ranks(counting_checkpoints_train_rank, 2, raw)]
         runs[checkpointing] = step_losses(tmp_path / f"ckpt_{checkpointing}")
+    assert calls[False] == [0, 0] and min(calls[True]) >= 4 * 2 * 2  # 4 steps x 2 micro-steps x >= 2 blocks
     assert sorted(runs[True]) == sorted(runs[False]) == [1, 2, 3, 4]
     worst = max(abs(runs[True][s] - runs[False][s]) / abs(runs[False][s]) for s in runs[False])
     assert worst < 1e-5, f"worst relative loss difference {worst:.2e}: {runs}"

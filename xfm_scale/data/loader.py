@@ -71,8 +71,9 @@ class LoaderConfig:
     prefetch_factor: int = 2
     """Micro-batches prefetched per worker."""
     pin_memory: bool = False
-    """Put micro-batches in page-locked memory (the trainer sets it on GPU), so the copy to the GPU
-    is asynchronous; with workers, DataLoader's pinning thread does it while the GPU computes."""
+    """Put micro-batches in page-locked memory (the trainer sets it on GPU): the copy to the GPU
+    then does not block the host, which goes on queueing work; with workers, DataLoader's pinning
+    thread pins while the main thread drives the GPU."""
     seed: int | None = None
     """Seed of augmentation and masks; ``None``: the blend's seed."""
     max_caption_chars: int = 2000
