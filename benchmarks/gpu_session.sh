@@ -23,7 +23,8 @@ export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}" DS_ACCELERATOR=cud
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 case "$stage" in
   tests) python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tail -30 ;;
-  train_step) python3 benchmarks/train_step.py --preset base --json "$out/train_step_base.json" --record ;;
+  train_step) python3 benchmarks/train_step.py --preset base --micro-batch 96 --text-micro-batch 256 \
+                --json "$out/train_step_base.json" --record "$@" ;;
   memory) python3 benchmarks/memory.py --presets base large --micro-batch 32 --json "$out/memory.json" --record ;;
   largest) python3 benchmarks/memory.py --largest --offload cpu --min-scale 1.4 --max-scale 2.4 --scale-step 0.2 \
              --micro-batch 1 --timeout 500 --json "$out/largest.json" --record "$@" ;;

@@ -244,10 +244,15 @@ def probe_in_subprocess(probe: Probe, timeout: float) -> dict:
 # ---- per-preset memory -----------------------------------------------------------------------------
 def presets_table(presets: list[str], micro_batch: int, timeout: float, selective: int | None = None) -> list[dict]:
     """Per preset: checkpointing off, on, and (``selective``) on for each encoder's first N blocks."""
+    from xfm_scale.config import XFMConfig
+
     rows = []
     for preset in presets:
+        depths = {e: getattr(XFMConfig.from_preset(preset), e).num_layers for e in ("text", "vision", "fusion")}
         for checkpointing, layers in ((False, None), (True, None), *([(True, selective)] if selective is not None else [])):
-            overrides = {f"{e}.checkpointed_layers": layers for e in ("text", "vision", "fusion")} if layers is not None else {}
+            overrides = {}
+            if layers is not None:  # an encoder shallower than N has all its blocks checkpointed
+                overrides = {f"{e}.checkpointed_layers": min(layers, depth) for e, depth in depths.items()}
             probe = Probe(preset=preset, overrides=overrides, activation_checkpointing=checkpointing, micro_batch=micro_batch)
             result = probe_in_subprocess(probe, timeout)
             rows.append({"preset": preset, "activation_checkpointing": checkpointing, "checkpointed_layers": layers,
@@ -396,7 +401,7 @@ def record(out: dict) -> None:
             if r["ok"]:
                 on = "GPU allocated" if r["device"] == "gpu" else "RSS"
                 parts.append(f"{r['preset']} {_checkpointing_label(r)}: state ({on}) {r['state_gb']:.2f} GB, peak "
-                             f"{r['peak_gb']:.2f} GB, saved for backward by the pair forward "
+                             f"{r['peak_gb']:.2f} GB, saved for backward by the largest forward "
                              f"{r['saved_activation_gb']:.3f} GB")
             else:
                 parts.append(f"{r['preset']} {_checkpointing_label(r)}: failed")

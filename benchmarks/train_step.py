@@ -263,7 +263,8 @@ def parse_args(argv=None):
     p.add_argument("--micro-steps", type=int, default=4, help="micro-batches per optimizer step")
     p.add_argument("--steps", type=int, default=6, help="timed optimizer steps per case")
     p.add_argument("--warmup", type=int, default=3, help="untimed optimizer steps first (ZeRO-3 traces its prefetch)")
-    p.add_argument("--workers", type=int, default=None, help="loader workers per rank (default: 0 on CPU, 6 on GPU)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="loader workers per rank (default: 0 on CPU; on GPU the node's cores per rank, less 2)")
     p.add_argument("--activation-checkpointing", action="store_true", help="checkpoint every encoder block (ours)")
     p.add_argument("--tensor-parallel-size", type=int, default=1)
     p.add_argument("--ds-config", default=None, help="DeepSpeed JSON (default: by device, from ds_configs/)")
@@ -275,7 +276,9 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.micro_batch = args.micro_batch or (16 if args.preset == "tiny" else 96)
     if args.workers is None:
-        args.workers = 6 if torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR") != "cpu" else 0
+        on_gpu = torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR") != "cpu"
+        per_rank = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        args.workers = max(1, per_rank - 2) if on_gpu else 0
     return args
 
 

@@ -1,5 +1,7 @@
 """ZeRO-3 engine parity on real ranks: TP=2 x DP=2 equals one TP=1 rank with the same global batch
 and data at every step; stopping and resuming equals an uninterrupted run."""
+import json
+
 import pytest
 
 from engine_fixtures import run_config_dict, step_losses, train_rank
@@ -108,6 +110,11 @@ def test_activation_checkpointing_in_the_zero3_engine_equals_plain(demo_world, t
         calls[checkpointing] = [r["checkpointed_block_calls"] for r in run_ranks(counting_checkpoints_train_rank, 2, raw)]
         runs[checkpointing] = step_losses(tmp_path / f"ckpt_{checkpointing}")
     assert calls[False] == [0, 0] and min(calls[True]) >= 4 * 2 * 2  # 4 steps x 2 micro-steps x >= 2 blocks
+    for checkpointing in (False, True):  # the logged MFU counts model FLOPs, HFU also the recompute
+        records = [json.loads(line) for line in (tmp_path / f"ckpt_{checkpointing}" / "metrics.jsonl").read_text().splitlines()]
+        utilisation = [(r["mfu"], r["hfu"]) for r in records if "mfu" in r]
+        assert utilisation and all(0 < mfu <= hfu for mfu, hfu in utilisation)
+        assert all((hfu > 1.2 * mfu) == checkpointing for mfu, hfu in utilisation), (checkpointing, utilisation)
     assert sorted(runs[True]) == sorted(runs[False]) == [1, 2, 3, 4]
     worst = max(abs(runs[True][s] - runs[False][s]) / abs(runs[False][s]) for s in runs[False])
     assert worst < 1e-5, f"worst relative loss difference {worst:.2e}: {runs}"
