@@ -224,21 +224,33 @@ def run_probe(probe: Probe) -> dict:
 _WORLD_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
-def probe_in_subprocess(probe: Probe, timeout: float) -> dict:
-    """Run a probe in a fresh process; a crash, a kill (host OOM) or a timeout is a failed probe."""
-    cmd = [sys.executable, __file__, "--probe", json.dumps(asdict(probe))]
-    # a world of its own: not this process's rendezvous (counting parameters initialised one here)
-    env = {k: v for k, v in os.environ.items() if k not in _WORLD_VARIABLES}
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
-    except subprocess.TimeoutExpired:
-        return {"ok": False, "error": f"timed out after {timeout:.0f}s"}
+def run_child(option: str, payload, timeout: float | None = None, **env_overrides: str):
+    """Run this script with ``option payload`` (JSON) in a fresh process of its own world (none of
+    this process's rendezvous variables) and return the JSON it printed after RESULT, or raise
+    ChildFailed (a crash, a kill such as the host's OOM killer, or no result) or TimeoutExpired."""
+    env = {**{k: v for k, v in os.environ.items() if k not in _WORLD_VARIABLES}, **env_overrides}
+    proc = subprocess.run([sys.executable, __file__, option, json.dumps(payload)], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT, env=env)
     lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT)]
     if proc.returncode == 0 and lines:
         return json.loads(lines[-1][len(RESULT):])
     tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
     how = f"killed by signal {-proc.returncode}" if proc.returncode < 0 else f"exit {proc.returncode}"
-    return {"ok": False, "error": f"{how}: {tail[-300:]}"}
+    raise ChildFailed(f"{how}: {tail[-300:]}")
+
+
+class ChildFailed(RuntimeError):
+    """A child run of this script ended without a result."""
+
+
+def probe_in_subprocess(probe: Probe, timeout: float) -> dict:
+    """Run a probe in a fresh process; a crash, a kill (host OOM) or a timeout is a failed probe."""
+    try:
+        return run_child("--probe", asdict(probe), timeout)
+    except subprocess.TimeoutExpired:
+        return {"ok": False, "error": f"timed out after {timeout:.0f}s"}
+    except ChildFailed as err:
+        return {"ok": False, "error": str(err)}
 
 
 # ---- per-preset memory -----------------------------------------------------------------------------
@@ -301,13 +313,7 @@ def count_parameters(configs: list[tuple[str, dict]]) -> list[int]:
 def parameters_of(configs: list[tuple[str, dict]]) -> list[int]:
     """:func:`count_parameters` in a CPU child process: the benchmark process itself never opens a
     process group or a CUDA context (the probes each need the GPU to themselves)."""
-    env = {**{k: v for k, v in os.environ.items() if k not in _WORLD_VARIABLES}, "DS_ACCELERATOR": "cpu"}
-    proc = subprocess.run([sys.executable, __file__, "--count", json.dumps(configs)], capture_output=True,
-                          text=True, cwd=ROOT, env=env, check=False)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT)]
-    if proc.returncode or not lines:
-        raise RuntimeError(f"counting parameters failed: {proc.stderr[-2000:]}")
-    return json.loads(lines[-1][len(RESULT):])
+    return run_child("--count", configs, DS_ACCELERATOR="cpu")
 
 
 def largest_that_fits(candidates: list, fits) -> tuple[object | None, list]:

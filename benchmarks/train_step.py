@@ -49,7 +49,7 @@ import results  # noqa: E402  (benchmarks/results.py)
 from baseline_xfm import BaselineTrainer  # noqa: E402
 from xfm_scale import parallel, run_config  # noqa: E402
 from xfm_scale.config import XFMConfig  # noqa: E402
-from xfm_scale.flops import device_peak_flops, micro_batch_flops  # noqa: E402
+from xfm_scale.flops import achieved_tflops, device_peak_flops, micro_batch_flops, mfu  # noqa: E402
 
 PACKAGES = ("torch", "deepspeed", "megatron-core", "transformers", "timm")
 CASES = ("text", "image", "pair", "blend")
@@ -68,8 +68,8 @@ class Timing:
     """Model FLOPs per rank in those steps (no recompute; TP share)."""
 
     def row(self, peak: float) -> dict[str, float]:
-        return {"samples_per_s": self.samples / self.seconds, "tflops": self.flops / self.seconds / 1e12,
-                "mfu": self.flops / self.seconds / peak, "step_s": self.seconds}
+        return {"samples_per_s": self.samples / self.seconds, "tflops": achieved_tflops(self.flops, self.seconds),
+                "mfu": mfu(self.flops, self.seconds, peak), "step_s": self.seconds}
 
 
 # ---- data -------------------------------------------------------------------------------------------

@@ -90,6 +90,7 @@ class Trainer:
         self.skipped_in_a_row = 0
         self.nonfinite: list[str] = []  # this step's non-finite losses, "objective on the kind micro-batch #i"
         self.samples_read = 0  # by all ranks, this process's lifetime (the bad-sample rate's base)
+        self.bad_samples_read = 0  # by all ranks, up to the last step (summed in _check_health, logged by log)
         self.last_log: dict[str, float] = {}
         self.last_eval: dict[str, float] = {}
         self._log_setup(ds_config)
@@ -307,6 +308,7 @@ class Trainer:
 
     def _check_health(self, stats: dict[str, float]) -> None:
         """Count skipped steps and bad samples; stop (after a checkpoint) past the configured limits."""
+        self.bad_samples_read = self._bad_sample_total()
         if stats["skipped_steps"]:
             self.skipped_in_a_row += 1
             where = sorted({w for ws in _gather_objects(self.nonfinite) for w in ws})
@@ -320,8 +322,7 @@ class Trainer:
                            "saved learning rate)")
         else:
             self.skipped_in_a_row = 0
-        d = self.cfg.data
-        bad = self._bad_sample_total()
+        d, bad = self.cfg.data, self.bad_samples_read
         read = self.samples_read + bad
         if read >= d.bad_sample_grace and bad > d.max_bad_sample_rate * read:
             counts: dict[str, int] = defaultdict(int)
@@ -363,12 +364,13 @@ class Trainer:
 
     def _flops_stats(self, flops: FlopCount, seconds: float) -> dict[str, float]:
         """MFU counts the model's FLOPs (forward + backward); HFU also the checkpointing recompute."""
-        from xfm_scale.flops import device_peak_flops
+        from xfm_scale.flops import achieved_tflops, device_peak_flops, mfu
 
         dtype = torch.bfloat16 if self.engine.bfloat16_enabled() else torch.float32
         peak, _ = device_peak_flops(dtype)
-        model = (flops.forward + flops.backward) / seconds
-        return {"tflops_per_rank": model / 1e12, "mfu": model / peak, "hfu": flops.total / seconds / peak}
+        model = flops.forward + flops.backward
+        return {"tflops_per_rank": achieved_tflops(model, seconds), "mfu": mfu(model, seconds, peak),
+                "hfu": mfu(flops.total, seconds, peak)}
 
     def _accumulate(self, stats: dict[str, float]) -> None:
         for key, value in stats.items():
@@ -378,7 +380,7 @@ class Trainer:
     def log(self) -> None:
         metrics = {k: sum(v) / len(v) for k, v in self.window.items()}
         metrics.update(self._memory())
-        metrics["bad_samples"] = float(self._bad_sample_total())
+        metrics["bad_samples"] = float(self.bad_samples_read)
         self.window.clear()
         if self.is_main:
             self.writer.write(self.step, metrics)
