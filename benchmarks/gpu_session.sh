@@ -7,7 +7,8 @@
 #   device run, carry [".whl"]:  bash benchmarks/gpu_session.sh STAGE
 #
 # STAGE: tests       the GPU tests (fused SDPA kernels in bf16, a bf16 ZeRO-3 step on NCCL, CPU offload)
-#        train_step  base preset against the baseline, bf16, loader in the loop and not (benchmarks/train_step.py)
+#        train_step  base preset against the baseline, bf16, loader in the loop and not (benchmarks/train_step.py);
+#                    ZeRO-3 by default, `train_step --zero-stage 2` for ZeRO-2 (parameters whole, no gathers)
 #        memory      state, step peak and saved activations of base and large, checkpointing off/on
 #        largest     the largest depth-scaled giant that trains one step with ZeRO-3 + CPU offload
 #                    (a probe takes minutes: narrow the search per call, e.g. largest --min-scale 1.8 --max-scale 1.8)

@@ -5,8 +5,9 @@ For each case (a step of text micro-batches only, of image ones, of pair ones, a
 the run's blend gives), with the data loader in the loop and without it (the same steps fetched
 beforehand and kept in memory), it times optimizer steps of:
 
-* xfm_scale: the real ``Trainer.train_step`` (megatron layers in a DeepSpeed ZeRO-3 engine, SDPA,
-  the ds_configs/ config of the device: zero3_bf16.json on GPU, cpu_fp32.json on CPU);
+* xfm_scale: the real ``Trainer.train_step`` (megatron layers in a DeepSpeed ZeRO engine, SDPA,
+  the ds_configs/ config of the device: zero3_bf16.json (``--zero-stage 2``: zero2_bf16.json) on
+  GPU, cpu_fp32.json (with its stage set to ``--zero-stage``) on CPU);
 * the baseline (benchmarks/baseline_xfm.py): transformers RoBERTa + timm BEiT-v2 + transformers
   cross-attention layers, eager attention, autocast, plain DistributedDataParallel;
 
@@ -21,6 +22,7 @@ each is with the loader in the loop. The data is a generated corpus at the prese
 
   DS_ACCELERATOR=cpu python benchmarks/train_step.py --preset tiny          # CPU, every session
   python benchmarks/train_step.py --preset base --record                    # one GPU, bf16
+  python benchmarks/train_step.py --preset base --zero-stage 2 --record     # ZeRO-2: no gathers
   torchrun --nproc_per_node 8 benchmarks/train_step.py --preset large       # 8 GPUs, DP 8
 
 ``--record`` appends a dated row to benchmarks/RESULTS.md; ``--json PATH`` writes every figure.
@@ -110,7 +112,9 @@ def build_corpus(root: Path, image_size: int, num_samples: int) -> dict[str, Pat
 
 
 def run_settings(args, data: dict[str, Path], work: Path, dp: int, on_gpu: bool) -> run_config.RunConfig:
-    ds = args.ds_config or str(ROOT / ("ds_configs/zero3_bf16.json" if on_gpu else "ds_configs/cpu_fp32.json"))
+    ds = args.ds_config or str(ROOT / (f"ds_configs/zero{args.zero_stage or 3}_bf16.json" if on_gpu
+                                       else "ds_configs/cpu_fp32.json"))
+    stage = {"zero_optimization.stage": args.zero_stage} if args.zero_stage else {}  # else the config's
     return run_config.from_dict({
         "model": {"preset": args.preset, "activation_checkpointing": args.activation_checkpointing,
                   "vocab_from_tokenizer": False},  # keep the preset's vocabulary (e.g. RoBERTa's 50265)
@@ -122,7 +126,7 @@ def run_settings(args, data: dict[str, Path], work: Path, dp: int, on_gpu: bool)
         "train": {"steps": args.warmup + args.steps + 2, "output_dir": str(work / "run"), "resume": False,
                   "progress_bar": False, "tensorboard": False, "log_every": 10 ** 9},
         "parallel": {"tensor_parallel_size": args.tensor_parallel_size},
-        "deepspeed": {"config": ds},
+        "deepspeed": {"config": ds, "overrides": stage},
     })
 
 
@@ -211,6 +215,7 @@ def benchmark(args) -> dict:
             "micro_batch": {"pair": args.micro_batch, "image": args.micro_batch,
                             "text": args.text_micro_batch or args.micro_batch},
             "micro_steps": args.micro_steps, "tensor_parallel": tp, "data_parallel": dp,
+            "zero_stage": trainer.engine.zero_optimization_stage(),
             "activation_checkpointing": args.activation_checkpointing, "loader_workers": args.workers,
             "steps": args.steps, "warmup": args.warmup, "rows": rows, **summarise(rows)}
 
@@ -267,7 +272,10 @@ def parse_args(argv=None):
                    help="loader workers per rank (default: 0 on CPU; on GPU the node's cores per rank, less 2)")
     p.add_argument("--activation-checkpointing", action="store_true", help="checkpoint every encoder block (ours)")
     p.add_argument("--tensor-parallel-size", type=int, default=1)
-    p.add_argument("--ds-config", default=None, help="DeepSpeed JSON (default: by device, from ds_configs/)")
+    p.add_argument("--zero-stage", type=int, choices=(2, 3), default=None,
+                   help="ZeRO stage of ours (default: 3, or --ds-config's): 3 partitions parameters (gathered "
+                        "around each module), 2 keeps them whole on every rank")
+    p.add_argument("--ds-config", default=None, help="DeepSpeed JSON (default: by device and stage, from ds_configs/)")
     p.add_argument("--no-baseline", action="store_true", help="time xfm_scale only")
     p.add_argument("--max-corpus", type=int, default=4000, help="at most this many generated samples per corpus")
     p.add_argument("--work-dir", default=None, help="where the generated data and run files go (default: a temp dir)")

@@ -78,8 +78,10 @@ def test_the_baseline_takes_an_optimizer_step_over_accumulated_micro_batches():
 def test_train_step_benchmark_reports_both_implementations(tmp_path):
     out = tmp_path / "train_step.json"
     proc = run_script(["benchmarks/train_step.py", "--preset", "tiny", "--steps", "1", "--warmup", "1",
-                       "--micro-steps", "2", "--micro-batch", "8", "--json", str(out), "--work-dir", str(tmp_path)])
+                       "--micro-steps", "2", "--micro-batch", "8", "--zero-stage", "2", "--json", str(out),
+                       "--work-dir", str(tmp_path)])
     result = json.loads(out.read_text())
+    assert result["zero_stage"] == 2  # the engine it timed, not only the flag
     rows = {(r["implementation"], r["case"], r["loader"]): r for r in result["rows"]}
     assert len(rows) == 16  # 2 implementations x 4 cases x with/without the loader
     for (impl, case, loader), r in rows.items():

@@ -1,17 +1,20 @@
-"""Write full (layout-free) tensors into a live ZeRO-3 engine, at whatever (DP, TP) it runs.
+"""Write full (layout-free) tensors into a live ZeRO-3 or ZeRO-2 engine, at whatever (DP, TP) it runs.
 
-Used to resume a checkpoint at another cluster size (weights and Adam moments, from
+Used to resume a checkpoint at another cluster size or ZeRO stage (weights and Adam moments, from
 :class:`xfm_scale.zero_checkpoint.ZeroCheckpoint`) and to start from pretrained or exported weights
-(weights only). Each rank cuts its TP shard (:mod:`xfm_scale.model.tp_layout`) and then its DP
-slice exactly as ZeRO-3 partitions a parameter (flatten, zero-pad to DP x ceil(numel / DP), slice
-d), and writes the slices into the optimizer's flat fp32 partitions and Adam state; the model's
-own partitions are then refreshed from the fp32 ones.
+(weights only). Each rank cuts its TP shard (:mod:`xfm_scale.model.tp_layout`), then the part its
+optimizer partition holds, and writes it into the flat fp32 partitions and Adam state:
+
+* ZeRO-3: slice d exactly as ZeRO-3 partitions a parameter (flatten, zero-pad to
+  DP x ceil(numel / DP), slice d); the model's own partitions are then refreshed from the fp32 ones;
+* ZeRO-2: the fragment DeepSpeed's ``_hp_mapping`` places in this rank's partition of the param
+  group; the (unpartitioned) parameter itself is written whole.
 
 This mirrors DeepSpeed's ZeRO-3 universal-checkpoint load
 (``DeepSpeedZeroOptimizer_Stage3.load_hp_checkpoint_state_from_checkpoint_dir_stage3``), which
 partitions over DP only (megatron TP shards would all receive the full tensor) and copies the
 first param group's hyperparameters into every group (ours differ: lr x2 for new parameters). It
-is the only module besides parallel.py that touches ZeRO-3's internals.
+is the only module besides parallel.py that touches ZeRO's internals.
 """
 from __future__ import annotations
 
@@ -41,10 +44,10 @@ def fit_vocab_rows(name: str, tensor: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.cat([tensor, tensor.new_zeros(rows - tensor.shape[0], *tensor.shape[1:])])
 
 
-def _local_slice(name: str, param, full: torch.Tensor, tp_rank: int, tp_world: int,
-                 dp_rank: int, dp_world: int) -> torch.Tensor:
+def _tp_shard(name: str, param, shard_shape: tuple[int, ...], full: torch.Tensor, tp_rank: int,
+              tp_world: int) -> torch.Tensor:
+    """This TP rank's shard of ``full`` (vocabulary rows fitted), checked against the model's shape."""
     spec = tp_layout.partition_spec(param)
-    shard_shape = tuple(param.ds_shape)
     full_shape = list(shard_shape)
     if spec is not None:
         full_shape[spec[0]] *= tp_world
@@ -52,7 +55,11 @@ def _local_slice(name: str, param, full: torch.Tensor, tp_rank: int, tp_world: i
     if tuple(full.shape) != tuple(full_shape):
         raise ValueError(f"{name}: the source has shape {tuple(full.shape)}, the model {tuple(full_shape)}; "
                          "the weights were made for another model configuration")
-    shard = tp_layout.shard(full, *spec, tp_rank, tp_world) if spec is not None else full
+    return tp_layout.shard(full, *spec, tp_rank, tp_world) if spec is not None else full
+
+
+def _zero3_slice(shard: torch.Tensor, dp_rank: int, dp_world: int) -> torch.Tensor:
+    """DP slice d of a shard as ZeRO-3 partitions it: flatten, zero-pad to DP x ceil(numel / DP)."""
     part = math.ceil(shard.numel() / dp_world)
     flat = shard.reshape(-1).to(torch.float32)
     flat = torch.cat([flat, flat.new_zeros(part * dp_world - flat.numel())])
@@ -66,48 +73,93 @@ def load_full_state(engine, source: Source, *, optimizer_state: bool = False, st
 
     ``optimizer_state``: also the Adam moments (``exp_avg``, ``exp_avg_sq``) with ``step_count``;
     ``param_groups``: hyperparameters (lr, weight decay, betas...) per param group, in order."""
-    from megatron.core import parallel_state as ps
-
     zero = engine.optimizer
-    if not hasattr(zero, "fp32_partitioned_groups_flat"):
-        raise ValueError("loading weights at another layout needs ZeRO stage 3 (a ds_configs/zero3_* or "
-                         "cpu_fp32 config); this run uses another stage")
     if getattr(zero, "swap_optimizer", False) or getattr(zero, "params_in_nvme_and_cpu", False):
         raise ValueError("loading a checkpoint at another layout with NVMe-swapped optimizer state is not "
                          "supported; resume at the saved (DP, TP), or use a config without offload to nvme")
-    tp_rank, tp_world = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
-    dp_group = zero.dp_process_group
-    dp_rank, dp_world = dist.get_rank(group=dp_group), dist.get_world_size(group=dp_group)
     keys = ("fp32", "exp_avg", "exp_avg_sq") if optimizer_state else ("fp32",)
-    given = set()
-    for group_id, params in enumerate(zero.fp16_groups):
-        fp32_partition = zero.fp32_partitioned_groups_flat[group_id]
-        state = zero.optimizer.state[fp32_partition]
-        for key in keys:
-            target = fp32_partition.data if key == "fp32" else state.get(key, torch.zeros_like(fp32_partition))
-            offset = 0
-            for param in params:
-                name = zero.param_names[param]
-                numel = param.partition_numel()
-                full = source(name, key)
-                if full is not None:
-                    target.narrow(0, offset, numel).copy_(
-                        _local_slice(name, param, full, tp_rank, tp_world, dp_rank, dp_world))
-                    given.add(name)
-                offset += numel
-            if key != "fp32":
-                state[key] = target
-        if optimizer_state:
-            state["step"] = _adam_step(zero.optimizer, step_count, fp32_partition.device)
+    if hasattr(zero, "fp32_partitioned_groups_flat"):
+        given, partitions = _load_zero3(zero, source, keys)
+    elif hasattr(zero, "single_partition_of_fp32_groups"):
+        given, partitions = _load_zero2(zero, source, keys)
+    else:
+        raise ValueError("loading weights needs ZeRO stage 2 or 3 (zero_optimization.stage in the DeepSpeed "
+                         "config); this run uses another stage")
+    if optimizer_state:
+        for partition in partitions:
+            zero.optimizer.state[partition]["step"] = _adam_step(zero.optimizer, step_count, partition.device)
     if param_groups is not None:
         for group, saved in zip(zero.optimizer.param_groups, param_groups, strict=True):
             group.update({k: v for k, v in saved.items() if k != "params"})
+    return len(given)
+
+
+def _tp_coordinates() -> tuple[int, int]:
+    from megatron.core import parallel_state as ps
+
+    return ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
+
+
+def _partition_target(zero, partition: torch.Tensor, key: str) -> torch.Tensor:
+    """The flat tensor to write ``key`` into: the fp32 partition itself, or its Adam state ``key``
+    (created as zeros in a run that has not stepped yet)."""
+    if key == "fp32":
+        return partition.data
+    state = zero.optimizer.state[partition]
+    if key not in state:
+        state[key] = torch.zeros_like(partition)
+    return state[key]
+
+
+def _load_zero3(zero, source: Source, keys: tuple[str, ...]) -> tuple[set[str], list[torch.Tensor]]:
+    """ZeRO-3: each rank holds slice d of every parameter, one after another per sub-group."""
+    tp_rank, tp_world = _tp_coordinates()
+    dp_group = zero.dp_process_group
+    dp_rank, dp_world = dist.get_rank(group=dp_group), dist.get_world_size(group=dp_group)
+    given = set()
+    for group_id, params in enumerate(zero.fp16_groups):
+        for key in keys:
+            target = _partition_target(zero, zero.fp32_partitioned_groups_flat[group_id], key)
+            offset = 0
+            for param in params:
+                name = zero.param_names[param]
+                full = source(name, key)
+                if full is not None:
+                    shard = _tp_shard(name, param, tuple(param.ds_shape), full, tp_rank, tp_world)
+                    target.narrow(0, offset, param.partition_numel()).copy_(_zero3_slice(shard, dp_rank, dp_world))
+                    given.add(name)
+                offset += param.partition_numel()
     _refresh_model_partitions(zero)
     persistent = getattr(zero, "persistent_parameters", [])
     if persistent:  # small parameters kept whole on every rank: rebuild them from the new partitions
         persistent[0].partition(persistent)
         persistent[0].all_gather(persistent)
-    return len(given)
+    return given, list(zero.fp32_partitioned_groups_flat)
+
+
+def _load_zero2(zero, source: Source, keys: tuple[str, ...]) -> tuple[set[str], list[torch.Tensor]]:
+    """ZeRO-2: parameters are whole on every rank (written directly); the fp32 master weights and
+    Adam moments are a DP partition of each group's flat buffer, where DeepSpeed's ``_hp_mapping``
+    of a parameter says which fragment of it (lp address) lies where (hp address)."""
+    tp_rank, tp_world = _tp_coordinates()
+    given = set()
+    for group_id, params in enumerate(zero.bit16_groups):
+        for key in keys:
+            target = _partition_target(zero, zero.single_partition_of_fp32_groups[group_id], key)
+            for param in params:
+                name = zero.param_names[param]
+                full = source(name, key)
+                if full is None:
+                    continue
+                shard = _tp_shard(name, param, tuple(param.shape), full, tp_rank, tp_world)
+                if key == "fp32":
+                    param.data.copy_(shard.view_as(param))
+                mapping = param._hp_mapping
+                if mapping is not None:  # None: no element of this parameter in this rank's partition
+                    lp, hp = mapping.lp_fragment_address, mapping.hp_fragment_address
+                    target.narrow(0, hp.start, hp.numel).copy_(shard.reshape(-1).narrow(0, lp.start, lp.numel))
+                given.add(name)
+    return given, list(zero.single_partition_of_fp32_groups)
 
 
 def _adam_step(optimizer, step_count: int, device: torch.device):

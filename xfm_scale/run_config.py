@@ -180,15 +180,23 @@ class RunConfig:
 
     def deepspeed_config(self, data_parallel_size: int) -> dict[str, Any]:
         """The DeepSpeed JSON with batch sizes, accumulation and clipping from this run config."""
-        with open(self.deepspeed.config) as f:
-            ds = json.load(f)
-        ds.pop("_comment", None)
-        for dotted, value in self.deepspeed.overrides.items():
-            _set_dotted(ds, dotted, value)
+        ds = self._deepspeed_json()
         ds.update(train_batch_size=self.batch.global_batch_size,
                   train_micro_batch_size_per_gpu=self.batch.micro_batch_size,
                   gradient_accumulation_steps=self.micro_steps_per_step(data_parallel_size),
                   gradient_clipping=self.optim.grad_clip)
+        return ds
+
+    def _deepspeed_json(self) -> dict[str, Any]:
+        """deepspeed.config with deepspeed.overrides applied."""
+        with open(self.deepspeed.config) as f:
+            try:
+                ds = json.load(f)
+            except json.JSONDecodeError as err:
+                raise ConfigError(f"deepspeed.config: {self.deepspeed.config} is not valid JSON ({err})") from None
+        ds.pop("_comment", None)
+        for dotted, value in self.deepspeed.overrides.items():
+            _set_dotted(ds, dotted, value)
         return ds
 
     def micro_steps_per_step(self, data_parallel_size: int) -> int:
@@ -214,6 +222,12 @@ class RunConfig:
             section, name = key.split(".")
             if getattr(getattr(self, section), name) < 1:
                 raise ConfigError(f"{key} must be >= 1")
+        stage = self._deepspeed_json().get("zero_optimization", {}).get("stage", 0)
+        if stage not in (2, 3):
+            # checkpoints, export and resharding read ZeRO-2 and ZeRO-3 partitions (xfm_scale.zero_checkpoint)
+            raise ConfigError(f"zero_optimization.stage={stage} in {self.deepspeed.config} (with deepspeed.overrides): "
+                              "xfm_scale trains with ZeRO stage 3 (any model size) or 2 (the model fits on every "
+                              "rank; faster); use a ds_configs/zero3_* or zero2_* config")
         if self.optim.schedule not in ("linear", "cosine"):
             raise ConfigError(f"optim.schedule={self.optim.schedule!r}: use 'linear' or 'cosine'")
         tp = self.parallel.tensor_parallel_size

@@ -192,20 +192,21 @@ class Trainer:
         ck, self.resume_checkpoint = self.resume_checkpoint, None  # its memory maps are not kept open
         if ck is None:
             return 0
-        saved = (ck.tp, ck.dp)
-        here = (self.layout.tensor_parallel_size, self.layout.data_parallel_size)
-        if saved == here:
+        saved = (ck.tp, ck.dp, ck.stage)
+        here = (self.layout.tensor_parallel_size, self.layout.data_parallel_size,
+                self.engine.zero_optimization_stage())
+        if saved == here:  # DeepSpeed's own load reads only its own layout and stage
             client = checkpoint.load(self.engine, self.ckpt_dir, self.resume_step)
         else:
             client = self._load_resharded(ck)
         self.loader.load_state_dict(client["data_cursor"])
         if self.is_main:
-            log.info("resumed from %s (step %d, saved at TP %d x DP %d, running at TP %d x DP %d)",
-                     ck.folder.name, self.resume_step, *saved, *here)
+            log.info("resumed from %s (step %d, saved at TP %d x DP %d with ZeRO-%d, running at TP %d x DP %d "
+                     "with ZeRO-%d)", ck.folder.name, self.resume_step, *saved, *here)
         return self.resume_step
 
     def _load_resharded(self, ck: ZeroCheckpoint) -> dict:
-        """A checkpoint saved at another (TP, DP): merge every tensor and re-partition it here."""
+        """A checkpoint saved at another (TP, DP) or ZeRO stage: merge every tensor and re-partition it here."""
         engine_state.load_full_state(self.engine, ck.full, optimizer_state=True,
                                      step_count=ck.optimizer_step_count(), param_groups=ck.param_groups())
         if self.scheduler is not None:

@@ -1,10 +1,18 @@
-"""Read a checkpoint our trainer wrote through DeepSpeed ZeRO-3, at any (DP, TP), as full tensors.
+"""Read a checkpoint our trainer wrote through DeepSpeed ZeRO-3 or ZeRO-2, at any (DP, TP), as full tensors.
 
-A tag folder holds, per TP rank t and DP rank d, ``zero_pp_rank_{d}_mp_rank_{t:02d}_optim_states.pt``
+ZeRO-3: a tag folder holds, per TP rank t and DP rank d, ``zero_pp_rank_{d}_mp_rank_{t:02d}_optim_states.pt``
 (this rank's slice of every sub-group's flat fp32 master weights and Adam moments) and
 ``..._model_states.pt`` (parameter shapes per sub-group, the scheduler, our client state). A
 parameter of TP shard t is the concatenation over d of its ceil(numel / DP) slice in sub-group g's
-flat partition, cut to numel; the TP shards merge by the layout recorded in the client state
+flat partition, cut to numel.
+
+ZeRO-2: one ``mp_rank_{t:02d}_model_states.pt`` per TP rank (the same metadata), and the same
+optimizer file names; each param group's flat fp32 buffer is cut into DP contiguous partitions
+(parameters reordered and padded for alignment), and each file's ``param_slice_mappings`` says
+where each parameter's fragment lies in that rank's partition: a parameter is the concatenation
+of its fragments in DP-rank order.
+
+Either way the TP shards merge by the layout recorded in the client state
 (``universal_checkpoint_info``: row-parallel on dim 1, replicated, strided fused QKV/KV).
 
 Why not DeepSpeed's own tools: zero_to_fp32 refuses TP > 1, and its universal checkpoint loader
@@ -12,7 +20,7 @@ partitions over DP only (see ../shared/design/stack-notes.md). This reader strea
 memory-mapped, and one merged tensor at a time is materialised.
 
 Trust: files are opened with ``weights_only=True``; the only classes allowed besides tensors are
-DeepSpeed's ZeroStageEnum and LossScaler, which its optimizer state holds.
+DeepSpeed's ZeroStageEnum, LossScaler and fragment_address, which its optimizer state holds.
 """
 from __future__ import annotations
 
@@ -30,7 +38,10 @@ import torch
 from xfm_scale.model import tp_layout
 
 STATE_KEYS = ("fp32", "exp_avg", "exp_avg_sq")
-_FILE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_(optim|model)_states\.pt$")
+# ZeRO-3 writes model states per (DP, TP) rank (zero_pp_rank_D_mp_rank_TT_model_states.pt), ZeRO-2
+# one per TP rank (mp_rank_TT_model_states.pt, counted as DP rank 0 here); optimizer states are per
+# (DP, TP) rank in both.
+_FILE = re.compile(r"^(?:(?:bf16_)?zero_pp_rank_(\d+)_)?mp_rank_(\d+)_(optim|model)_states\.pt$")
 
 
 class CheckpointError(ValueError):
@@ -41,8 +52,9 @@ class CheckpointError(ValueError):
 def _deepspeed_safe_globals():
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address  # ZeRO-2's param_slice_mappings
 
-    with torch.serialization.safe_globals([ZeroStageEnum, LossScaler]):
+    with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, fragment_address]):
         yield
 
 
@@ -53,10 +65,19 @@ def load_trusted(path: str | Path, map_location="cpu"):
 
 
 @dataclass(frozen=True)
-class Slot:
-    """Where a parameter lives in the flat partitions: sub-group and element offset."""
+class Piece:
+    """A run of one parameter's elements in one DP rank's flat partition of a param group."""
+    dp_rank: int
     group: int
-    offset: int
+    start: int
+    numel: int
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Where a TP shard of a parameter lives: its pieces, in order (the last may run past the
+    parameter's end into padding), and its shape."""
+    pieces: tuple[Piece, ...]
     shard_shape: torch.Size
 
 
@@ -79,6 +100,10 @@ class ZeroCheckpoint:
             raise CheckpointError(f"{self.folder} was not written by xfm_scale's trainer (no TP layout or model "
                                   "config in its client state)")
         self.dp = int(meta["dp_world_size"])
+        self.stage = int(meta.get("ds_config", {}).get("zero_optimization", {}).get("stage", 0))
+        if self.stage not in (2, 3):
+            raise CheckpointError(f"{self.folder} was saved with ZeRO stage {self.stage}; export and resharding "
+                                  "read ZeRO-2 and ZeRO-3 checkpoints (zero_optimization.stage 2 or 3)")
         if int(meta.get("mp_world_size", self.tp)) != self.tp:
             raise CheckpointError(f"{self.folder}: model_states files for {self.tp} TP ranks, but it was saved "
                                   f"with {meta['mp_world_size']}; the folder is incomplete")
@@ -112,18 +137,37 @@ class ZeroCheckpoint:
 
     @cached_property
     def _slots(self) -> list[dict[str, Slot]]:
-        """Per TP rank: parameter name -> slot (the param_shapes order is the flat groups' order)."""
+        """Per TP rank: parameter name -> slot, in the order of ``param_shapes`` (the param groups')."""
         out = []
         for t in range(self.tp):
             meta = self.meta if t == 0 else load_trusted(self._files[("model", 0, t)])
-            slots = {}
-            for group, shapes in enumerate(meta["param_shapes"]):
-                offset = 0
-                for name, shape in shapes.items():
-                    slots[name] = Slot(group, offset, torch.Size(shape))
-                    offset += math.ceil(math.prod(shape) / self.dp)
-            out.append(slots)
+            pieces = self._zero2_pieces(t) if self.stage == 2 else self._zero3_pieces(meta["param_shapes"])
+            out.append({name: Slot(pieces[name], torch.Size(shape))
+                        for shapes in meta["param_shapes"] for name, shape in shapes.items()})
         return out
+
+    def _zero3_pieces(self, param_shapes: list[dict]) -> dict[str, tuple[Piece, ...]]:
+        """ZeRO-3 partitions every parameter: ceil(numel / DP) elements on each DP rank, one after
+        another in ``param_shapes`` order within a sub-group's flat partition."""
+        out = {}
+        for group, shapes in enumerate(param_shapes):
+            offset = 0
+            for name, shape in shapes.items():
+                part = math.ceil(math.prod(shape) / self.dp)
+                out[name] = tuple(Piece(d, group, offset, part) for d in range(self.dp))
+                offset += part
+        return out
+
+    def _zero2_pieces(self, t: int) -> dict[str, tuple[Piece, ...]]:
+        """ZeRO-2 partitions each param group's flat buffer; the fragments DeepSpeed recorded per
+        DP rank, in rank order."""
+        out: dict[str, list[Piece]] = {}
+        for d in range(self.dp):
+            mappings = self._optim_file(d, t)["optimizer_state_dict"]["param_slice_mappings"]
+            for group, fragments in enumerate(mappings):
+                for name, address in fragments.items():
+                    out.setdefault(name, []).append(Piece(d, group, int(address.start), int(address.numel)))
+        return {name: tuple(pieces) for name, pieces in out.items()}
 
     @property
     def param_names(self) -> list[str]:
@@ -137,14 +181,14 @@ class ZeroCheckpoint:
         return torch.Size(shape)
 
     def optimizer_step_count(self) -> float:
-        torch_state = self._optim_file(0, 0)["optimizer_state_dict"]["optimizer_state_dict"]
+        torch_state = self._torch_optimizer_state(0, 0)
         state = next(iter(torch_state["state"].values()), {})
         step = state.get("step", torch_state["param_groups"][0].get("step"))  # Apex keeps it per group
         return float(step)
 
     def param_groups(self) -> list[dict]:
         """The optimizer's param-group hyperparameters (lr, weight decay, ...), without params."""
-        groups = self._optim_file(0, 0)["optimizer_state_dict"]["optimizer_state_dict"]["param_groups"]
+        groups = self._torch_optimizer_state(0, 0)["param_groups"]
         return [{k: v for k, v in g.items() if k != "params"} for g in groups]
 
     # ---- tensors ---------------------------------------------------------------------------------------
@@ -153,22 +197,23 @@ class ZeroCheckpoint:
             self._optim[(d, t)] = load_trusted(self._files[("optim", d, t)])
         return self._optim[(d, t)]
 
+    def _torch_optimizer_state(self, d: int, t: int) -> dict:
+        """The wrapped torch optimizer's state dict (Adam moments per param group's flat partition)."""
+        sd = self._optim_file(d, t)["optimizer_state_dict"]
+        return sd["base_optimizer_state"] if self.stage == 2 else sd["optimizer_state_dict"]
+
     def _flat(self, d: int, t: int, group: int, key: str) -> torch.Tensor:
         sd = self._optim_file(d, t)["optimizer_state_dict"]
-        if "fp32_flat_groups" not in sd:
-            raise CheckpointError(f"{self.folder} was not saved with ZeRO stage 3 (no per-parameter flat groups); "
-                                  "export and resharding read ZeRO-3 checkpoints")
         if key == "fp32":
-            return sd["fp32_flat_groups"][group].detach()
-        return sd["optimizer_state_dict"]["state"][group][key].detach()
+            flat_groups = sd["single_partition_of_fp32_groups"] if self.stage == 2 else sd["fp32_flat_groups"]
+            return flat_groups[group].detach()
+        return self._torch_optimizer_state(d, t)["state"][group][key].detach()
 
     def shard(self, name: str, key: str, t: int) -> torch.Tensor:
         """TP shard t of one parameter's ``key`` state (fp32 weights or an Adam moment)."""
         slot = self._slots[t][name]
-        numel = math.prod(slot.shard_shape)
-        part = math.ceil(numel / self.dp)
-        pieces = [self._flat(d, t, slot.group, key).narrow(0, slot.offset, part) for d in range(self.dp)]
-        return torch.cat(pieces)[:numel].view(slot.shard_shape)
+        pieces = [self._flat(p.dp_rank, t, p.group, key).narrow(0, p.start, p.numel) for p in slot.pieces]
+        return torch.cat(pieces)[:math.prod(slot.shard_shape)].view(slot.shard_shape)
 
     def full(self, name: str, key: str = "fp32") -> torch.Tensor:
         """One parameter, merged over DP and TP."""
@@ -189,7 +234,7 @@ def partition_files(folder: str | Path) -> dict[tuple[str, int, int], Path]:
     files = {}
     for path in Path(folder).iterdir():
         if match := _FILE.match(path.name):
-            files[(match.group(3), int(match.group(1)), int(match.group(2)))] = path
+            files[(match.group(3), int(match.group(1) or 0), int(match.group(2)))] = path
     return files
 
 
@@ -197,8 +242,8 @@ def missing_partitions(files: dict[tuple[str, int, int], Path], tp: int, dp: int
     """Names of the files a (TP, DP) save writes that ``files`` lacks: every rank's optimizer
     partition and each TP rank's model states."""
     expected = [("optim", d, t) for t in range(tp) for d in range(dp)] + [("model", 0, t) for t in range(tp)]
-    return [f"zero_pp_rank_{d}_mp_rank_{t:02d}_{kind}_states.pt" for kind, d, t in expected
-            if (kind, d, t) not in files]
+    return [f"zero_pp_rank_{d}_mp_rank_{t:02d}_optim_states.pt" if kind == "optim" else
+            f"(zero_pp_rank_0_)mp_rank_{t:02d}_model_states.pt" for kind, d, t in expected if (kind, d, t) not in files]
 
 
 def resolve_checkpoint(path: str | Path, tag: str | None = None) -> Path:

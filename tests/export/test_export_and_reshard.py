@@ -1,6 +1,8 @@
 """Export of a TP=2 x DP=2 ZeRO-3 checkpoint to transformers / timm / xfm weights, the export
 loaded at TP=1, and the checkpoint resumed at TP=1 x DP=2 and TP=2 x DP=1 (weights, Adam moments,
-scheduler and data cursor), each compared as numbers with the live run. (That the steps after a
+scheduler and data cursor), each compared as numbers with the live run. The same run trained with
+ZeRO-2: the same losses and state as ZeRO-3, its export, and its checkpoint resumed at another
+layout and under ZeRO-3. (That the steps after a
 resume equal an uninterrupted run's is tested at one layout in tests/engine/test_engine_parity.py;
 here the re-partitioned state is compared with the saved one tensor for tensor.)"""
 from __future__ import annotations
@@ -169,3 +171,88 @@ def test_export_cli_refuses_an_unfinished_checkpoint(original, tmp_path):
     assert result.returncode == 2, result.stderr
     assert "holds no complete checkpoint" in result.stderr
     assert not (tmp_path / "out" / "xfm" / "model.safetensors").exists()
+
+
+# ---- ZeRO-2 -----------------------------------------------------------------------------------------
+ZERO2 = {"zero_optimization.stage": 2}
+
+
+@pytest.fixture(scope="module")
+def zero2(demo_world, tmp_path_factory):
+    """The original run (TP=2 x DP=2, 5 steps, checkpoints at 3 and 5) trained with ZeRO-2."""
+    root = tmp_path_factory.mktemp("zero2")
+    raw = run_dict(demo_world, root / "run", tp=2)
+    raw["deepspeed"] = {"overrides": ZERO2}
+    live = run_ranks(train_then_probe, 4, raw)[0]
+    assert live["layout"] == (2, 2) and live["step"] == STEPS
+    return {"raw": raw, "live": live, "root": root}
+
+
+def test_zero2_trains_like_zero3_and_its_checkpoints_hold_the_same_state(original, zero2):
+    """Every step's loss, the final model, and both checkpoints (fp32 weights, Adam moments, step,
+    learning rates, data cursor) as read by ZeroCheckpoint equal the ZeRO-3 run's. That also checks
+    ZeRO-2 steps untouched encoders with a zero gradient (text-only steps of the blend)."""
+    from engine_fixtures import step_losses
+    from xfm_scale.zero_checkpoint import STATE_KEYS, ZeroCheckpoint
+
+    want, got = step_losses(original["root"] / "run"), step_losses(zero2["root"] / "run")
+    assert sorted(got) == sorted(want) == list(range(1, STEPS + 1))
+    assert all(abs(got[s] - want[s]) <= 1e-5 * abs(want[s]) for s in want), (got, want)
+    assert_losses_equal(zero2["live"]["losses"], original["live"]["losses"])
+    torch.testing.assert_close(zero2["live"]["text"], original["live"]["text"], rtol=0, atol=1e-5)
+    for step in (SAVED_AT, STEPS):
+        z3 = ZeroCheckpoint(original["root"] / "run" / "checkpoints" / f"step{step:08d}")
+        z2 = ZeroCheckpoint(zero2["root"] / "run" / "checkpoints" / f"step{step:08d}")
+        assert (z2.stage, z2.tp, z2.dp, z3.stage) == (2, 2, 2, 3)
+        assert sorted(z2.param_names) == sorted(z3.param_names)
+        for name in z3.param_names:
+            assert z2.full_shape(name) == z3.full_shape(name), name
+            for key in STATE_KEYS:
+                torch.testing.assert_close(z2.full(name, key), z3.full(name, key), rtol=1e-4, atol=1e-6,
+                                           msg=lambda m: f"{name} {key} at step {step}: {m}")
+        assert z2.optimizer_step_count() == z3.optimizer_step_count() == step
+        assert [g["lr"] for g in z2.param_groups()] == [g["lr"] for g in z3.param_groups()]
+        assert z2.meta["data_cursor"] == z3.meta["data_cursor"]
+
+
+def test_zero2_export_loads_in_transformers_and_matches_the_live_model(zero2, tmp_path):
+    from transformers import AutoModel
+
+    from xfm_scale.export import export_checkpoint
+
+    export_checkpoint(zero2["root"] / "run" / "checkpoints", tmp_path, progress=False)
+    folder = tmp_path / "text_encoder"
+    model = AutoModel.from_pretrained(folder).eval()
+    cfg = json.loads((folder / "config.json").read_text())
+    ids, mask = random_text(cfg["vocab_size"], cfg["pad_token_id"])
+    with torch.no_grad():
+        hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(hidden, zero2["live"]["text"], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("tp,dp,stage", [(1, 2, 2), (2, 2, 3)])
+def test_zero2_checkpoint_resumes_at_another_layout_or_stage(zero2, original_at_3, tmp_path, tp, dp, stage):
+    """The ZeRO-2 step-3 checkpoint resumed with ZeRO-2 at TP=1 x DP=2, and with ZeRO-3 at its own
+    layout: the loss on the fixed batch equals the ZeRO-3 run's at step 3, and the state saved right
+    after the load equals the ZeRO-2 checkpoint tensor for tensor."""
+    from xfm_scale.zero_checkpoint import STATE_KEYS, ZeroCheckpoint
+
+    run = stopped_at_3(zero2, tmp_path / "run")
+    raw = copy.deepcopy(zero2["raw"])
+    raw["train"]["output_dir"] = str(run)
+    raw["parallel"]["tensor_parallel_size"] = tp
+    raw["deepspeed"] = {"overrides": {"zero_optimization.stage": stage}}
+    got = run_ranks(build_resave_probe, tp * dp, raw, str(tmp_path / "resaved"))[0]
+    assert got["resumed_at"] == SAVED_AT and got["layout"] == (tp, dp)
+    assert_losses_equal(got["losses"], original_at_3["losses"])
+    torch.testing.assert_close(got["text"], original_at_3["text"], rtol=0, atol=1e-5)
+
+    saved = ZeroCheckpoint(zero2["root"] / "run" / "checkpoints" / f"step{SAVED_AT:08d}")
+    resaved = ZeroCheckpoint(tmp_path / "resaved" / f"step{SAVED_AT:08d}")
+    assert (resaved.tp, resaved.dp, resaved.stage) == (tp, dp, stage)
+    for name in saved.param_names:
+        for key in STATE_KEYS:
+            assert torch.equal(resaved.full(name, key), saved.full(name, key)), (name, key)
+    assert resaved.optimizer_step_count() == saved.optimizer_step_count() == SAVED_AT
+    assert [g["lr"] for g in resaved.param_groups()] == [g["lr"] for g in saved.param_groups()]
+    assert resaved.meta["data_cursor"] == saved.meta["data_cursor"]
