@@ -242,7 +242,7 @@ def record(out: dict) -> None:
     blend = rows[("xfm_scale", "blend", False)]
     parts = [f"{out['preset']} preset, {out['precision']}, micro-batch pair/image {out['micro_batch']['pair']} "
              f"text {out['micro_batch']['text']} x {out['micro_steps']} micro-steps, TP {out['tensor_parallel']} "
-             f"DP {out['data_parallel']}, activation checkpointing {'on' if out['activation_checkpointing'] else 'off'}, "
+             f"DP {out['data_parallel']}, ZeRO-{out['zero_stage']}, activation checkpointing {'on' if out['activation_checkpointing'] else 'off'}, "
              f"{out['steps']} timed steps; peak {out['peak_tflops']:.1f} TFLOP/s ({out['peak_source']})",
              f"xfm_scale blended step: {blend['samples_per_s']:.1f} samples/s, {blend['tflops']:.2f} TFLOP/s, "
              f"MFU {blend['mfu']:.1%}"]
