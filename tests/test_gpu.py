@@ -2,8 +2,8 @@
 
 * every attention call of every micro-batch kind runs on a fused SDPA kernel (flash or
   memory-efficient) in bf16, forward and backward: the math fallback is switched off;
-* a bf16 ZeRO-3 training step on NCCL with pinned, non-blocking loader batches (through
-  benchmarks/train_step.py, which also times it against the baseline);
+* a bf16 training step on NCCL, with ZeRO-3 and with ZeRO-2, from pinned, non-blocking loader
+  batches (through benchmarks/train_step.py, which also times it against the baseline);
 * a ZeRO-3 step with parameters and optimizer state offloaded to the CPU (benchmarks/memory.py).
 """
 import json
@@ -47,11 +47,14 @@ def test_every_attention_runs_on_a_fused_kernel_in_bf16():
         assert torch.isfinite(out.total.float()), batch.modality
 
 
-def test_bf16_zero3_step_on_nccl_against_the_baseline(tmp_path):
+@pytest.mark.parametrize("stage", [3, 2])
+def test_bf16_step_on_nccl_against_the_baseline(tmp_path, stage):
     out = tmp_path / "train_step.json"
     run_on_gpu(["benchmarks/train_step.py", "--preset", "tiny", "--steps", "2", "--warmup", "1", "--micro-batch", "8",
-                "--micro-steps", "2", "--workers", "2", "--json", str(out), "--work-dir", str(tmp_path)])
+                "--micro-steps", "2", "--workers", "2", "--zero-stage", str(stage), "--json", str(out),
+                "--work-dir", str(tmp_path)])
     result = json.loads(out.read_text())
+    assert result["zero_stage"] == stage
     assert result["precision"] == "bf16" and "spec sheet" in result["peak_source"], result["peak_source"]
     assert all(0 < r["mfu"] < 1 and r["process_max_allocated_gb"] > 0 for r in result["rows"])
 
