@@ -133,25 +133,30 @@ def original_at_3(original, tmp_path_factory):
     return run_ranks(build_then_probe, 4, raw)[0]
 
 
-@pytest.mark.parametrize("tp,dp", [(1, 2), (2, 1)])
-def test_resume_at_another_layout_restores_weights_optimizer_and_scheduler(original, original_at_3, tmp_path, tp, dp):
-    """The step-3 checkpoint of TP=2 x DP=2 resumed at (tp, dp): the loss on a fixed batch equals
-    the original layout's, and the state saved right after the load equals the original checkpoint
-    tensor for tensor (fp32 weights, both Adam moments), with the same step count and scheduler."""
-    from xfm_scale.zero_checkpoint import STATE_KEYS, ZeroCheckpoint
+def resume_and_resave(source: dict, original_at_3: dict, folder: Path, tp: int, dp: int, stage: int | None = None):
+    """Resume ``source``'s step-3 checkpoint at (tp, dp) (and ZeRO ``stage``), check the fixed-batch
+    loss and text output against the ZeRO-3 original's at step 3, and re-save the loaded state.
+    Returns (saved, resaved) checkpoints."""
+    from xfm_scale.zero_checkpoint import ZeroCheckpoint
 
-    run = stopped_at_3(original, tmp_path / "run")
-    raw = copy.deepcopy(original["raw"])
-    raw["train"]["output_dir"] = str(run)
+    raw = copy.deepcopy(source["raw"])
+    raw["train"]["output_dir"] = str(stopped_at_3(source, folder / "run"))
     raw["parallel"]["tensor_parallel_size"] = tp
-    got = run_ranks(build_resave_probe, tp * dp, raw, str(tmp_path / "resaved"))[0]
+    if stage is not None:
+        raw["deepspeed"] = {"overrides": {"zero_optimization.stage": stage}}
+    got = run_ranks(build_resave_probe, tp * dp, raw, str(folder / "resaved"))[0]
     assert got["resumed_at"] == SAVED_AT and got["layout"] == (tp, dp)
     assert_losses_equal(got["losses"], original_at_3["losses"])
     torch.testing.assert_close(got["text"], original_at_3["text"], rtol=0, atol=1e-5)
+    saved = ZeroCheckpoint(source["root"] / "run" / "checkpoints" / f"step{SAVED_AT:08d}")
+    return saved, ZeroCheckpoint(folder / "resaved" / f"step{SAVED_AT:08d}")
 
-    saved = ZeroCheckpoint(original["root"] / "run" / "checkpoints" / f"step{SAVED_AT:08d}")
-    resaved = ZeroCheckpoint(tmp_path / "resaved" / f"step{SAVED_AT:08d}")
-    assert (resaved.tp, resaved.dp) == (tp, dp) and resaved.param_names == saved.param_names
+
+def assert_same_state(resaved, saved) -> None:
+    """Tensor for tensor (fp32 weights, both Adam moments), step count, scheduler, lr, data cursor."""
+    from xfm_scale.zero_checkpoint import STATE_KEYS
+
+    assert sorted(resaved.param_names) == sorted(saved.param_names)
     for name in saved.param_names:
         for key in STATE_KEYS:
             assert torch.equal(resaved.full(name, key), saved.full(name, key)), (name, key)
@@ -159,6 +164,16 @@ def test_resume_at_another_layout_restores_weights_optimizer_and_scheduler(origi
     assert resaved.meta["lr_scheduler"] == saved.meta["lr_scheduler"]
     assert [g["lr"] for g in resaved.param_groups()] == [g["lr"] for g in saved.param_groups()]
     assert resaved.meta["data_cursor"] == saved.meta["data_cursor"]
+
+
+@pytest.mark.parametrize("tp,dp", [(1, 2), (2, 1)])
+def test_resume_at_another_layout_restores_weights_optimizer_and_scheduler(original, original_at_3, tmp_path, tp, dp):
+    """The step-3 checkpoint of TP=2 x DP=2 resumed at (tp, dp): the loss on a fixed batch equals
+    the original layout's, and the state saved right after the load equals the original checkpoint
+    tensor for tensor (fp32 weights, both Adam moments), with the same step count and scheduler."""
+    saved, resaved = resume_and_resave(original, original_at_3, tmp_path, tp, dp)
+    assert (resaved.tp, resaved.dp) == (tp, dp) and resaved.param_names == saved.param_names
+    assert_same_state(resaved, saved)
 
 
 def test_export_cli_refuses_an_unfinished_checkpoint(original, tmp_path):
@@ -235,24 +250,6 @@ def test_zero2_checkpoint_resumes_at_another_layout_or_stage(zero2, original_at_
     """The ZeRO-2 step-3 checkpoint resumed with ZeRO-2 at TP=1 x DP=2, and with ZeRO-3 at its own
     layout: the loss on the fixed batch equals the ZeRO-3 run's at step 3, and the state saved right
     after the load equals the ZeRO-2 checkpoint tensor for tensor."""
-    from xfm_scale.zero_checkpoint import STATE_KEYS, ZeroCheckpoint
-
-    run = stopped_at_3(zero2, tmp_path / "run")
-    raw = copy.deepcopy(zero2["raw"])
-    raw["train"]["output_dir"] = str(run)
-    raw["parallel"]["tensor_parallel_size"] = tp
-    raw["deepspeed"] = {"overrides": {"zero_optimization.stage": stage}}
-    got = run_ranks(build_resave_probe, tp * dp, raw, str(tmp_path / "resaved"))[0]
-    assert got["resumed_at"] == SAVED_AT and got["layout"] == (tp, dp)
-    assert_losses_equal(got["losses"], original_at_3["losses"])
-    torch.testing.assert_close(got["text"], original_at_3["text"], rtol=0, atol=1e-5)
-
-    saved = ZeroCheckpoint(zero2["root"] / "run" / "checkpoints" / f"step{SAVED_AT:08d}")
-    resaved = ZeroCheckpoint(tmp_path / "resaved" / f"step{SAVED_AT:08d}")
+    saved, resaved = resume_and_resave(zero2, original_at_3, tmp_path, tp, dp, stage)
     assert (resaved.tp, resaved.dp, resaved.stage) == (tp, dp, stage)
-    for name in saved.param_names:
-        for key in STATE_KEYS:
-            assert torch.equal(resaved.full(name, key), saved.full(name, key)), (name, key)
-    assert resaved.optimizer_step_count() == saved.optimizer_step_count() == SAVED_AT
-    assert [g["lr"] for g in resaved.param_groups()] == [g["lr"] for g in saved.param_groups()]
-    assert resaved.meta["data_cursor"] == saved.meta["data_cursor"]
+    assert_same_state(resaved, saved)
