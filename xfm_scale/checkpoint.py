@@ -108,6 +108,11 @@ def save(engine, ckpt_dir: str | Path, step: int, client_state: dict, keep_last:
     originals = [getattr(obj, name) for obj, name in writers]
     for (obj, name), original in zip(writers, originals):
         setattr(obj, name, recording(original))
+    if dist.get_rank() == 0 and (ckpt_dir / tag).is_dir() and not (ckpt_dir / tag / COMPLETE).exists():
+        # a save of this step that never completed (a crash mid-write): its files, perhaps of
+        # another ZeRO stage or layout, must not mix with this save's
+        shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
+    dist.barrier()
     try:
         engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
     except (OSError, RuntimeError) as err:  # anything else that failed before DeepSpeed's barrier
@@ -147,12 +152,15 @@ def verify(folder: Path, layout: dict) -> str | None:
     """None when every rank's model and optimizer files are present and readable archives."""
     import zipfile
 
-    from xfm_scale.zero_checkpoint import missing_partitions, partition_files
+    from xfm_scale.zero_checkpoint import CheckpointError, missing_partitions, partition_files
 
-    files = partition_files(folder)
+    try:
+        files = partition_files(folder)
+    except CheckpointError as err:
+        return str(err)
     missing = missing_partitions(files, layout["tensor_parallel_size"], layout["data_parallel_size"])
     if missing:
-        return f"{folder / missing[0]} is missing after the save"
+        return f"{folder}: {missing[0]} is missing after the save"
     unreadable = [path for path in files.values() if not zipfile.is_zipfile(path)]
     return f"{unreadable[0]} is unreadable after the save" if unreadable else None
 

@@ -242,7 +242,7 @@ def _load_checkpoints_weights_only(engine) -> None:
 
 
 def begin_optimizer_step(engine) -> None:
-    """Clear ZeRO-3's gradient partitions before an optimizer step's first micro-batch.
+    """Clear ZeRO's gradient partitions before an optimizer step's first micro-batch.
 
     DeepSpeed 0.19's ZeRO-3 copies a parameter's reduced gradient into its fp32 partition at
     micro-step 0 and adds to it at later micro-steps, but never clears a partition that no
@@ -255,7 +255,14 @@ def begin_optimizer_step(engine) -> None:
     """
     zero_optimizer = engine.optimizer
     flat = getattr(zero_optimizer, "grad_partitions_flat_buffer", None)
-    if flat is None:  # ZeRO-1/2 build each window's partitions afresh (None grads become zeros)
+    if flat is None:
+        # ZeRO-2 builds each window's gradient partitions afresh (None grads become zeros), except
+        # with optimizer offload: one persistent fp32 gradient per partition, into which the
+        # boundary copies only this window's parameters (the same stale-gradient bug as ZeRO-3's).
+        if getattr(zero_optimizer, "cpu_offload", False):
+            for fp32_partition in getattr(zero_optimizer, "single_partition_of_fp32_groups", []):
+                if fp32_partition.grad is not None:
+                    fp32_partition.grad.zero_()
         return
     flat.zero_()
     if getattr(zero_optimizer, "offload_optimizer", False):

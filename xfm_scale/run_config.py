@@ -222,7 +222,14 @@ class RunConfig:
             section, name = key.split(".")
             if getattr(getattr(self, section), name) < 1:
                 raise ConfigError(f"{key} must be >= 1")
-        stage = self._deepspeed_json().get("zero_optimization", {}).get("stage", 0)
+        zero = self._deepspeed_json().get("zero_optimization", {})
+        stage = zero.get("stage", 0)
+        for option in ("round_robin_gradients", "elastic_checkpoint"):
+            if zero.get(option):
+                # both change how ZeRO-2 lays out or saves its partitions in ways DeepSpeed's saved
+                # fragment map (which our reader, export and resharding use) does not describe
+                raise ConfigError(f"zero_optimization.{option}=true in {self.deepspeed.config}: not supported (export "
+                                  "and resume at another layout could not read its checkpoints); set it to false")
         if stage not in (2, 3):
             # checkpoints, export and resharding read ZeRO-2 and ZeRO-3 partitions (xfm_scale.zero_checkpoint)
             raise ConfigError(f"zero_optimization.stage={stage} in {self.deepspeed.config} (with deepspeed.overrides): "

@@ -109,7 +109,7 @@ class ZeroCheckpoint:
                                   f"with {meta['mp_world_size']}; the folder is incomplete")
         missing = missing_partitions(files, self.tp, self.dp)
         if missing:
-            raise CheckpointError(f"{self.folder} is incomplete: {len(missing)} optimizer partition file(s) missing, "
+            raise CheckpointError(f"{self.folder} is incomplete: {len(missing)} partition file(s) missing, "
                                   f"e.g. {missing[0]}; use another checkpoint (one with COMPLETE.json)")
         self.meta = meta
         self._files = files
@@ -232,9 +232,13 @@ class ZeroCheckpoint:
 def partition_files(folder: str | Path) -> dict[tuple[str, int, int], Path]:
     """DeepSpeed's per-rank files in a tag folder: (``model`` | ``optim``, DP rank, TP rank) -> path."""
     files = {}
-    for path in Path(folder).iterdir():
+    for path in sorted(Path(folder).iterdir()):
         if match := _FILE.match(path.name):
-            files[(match.group(3), int(match.group(1) or 0), int(match.group(2)))] = path
+            key = (match.group(3), int(match.group(1) or 0), int(match.group(2)))
+            if key in files:  # e.g. a ZeRO-3 and a ZeRO-2 save of the same step in one folder
+                raise CheckpointError(f"{folder} holds both {files[key].name} and {path.name}: files of two "
+                                      "different saves; use another checkpoint (one with COMPLETE.json)")
+            files[key] = path
     return files
 
 
@@ -242,8 +246,8 @@ def missing_partitions(files: dict[tuple[str, int, int], Path], tp: int, dp: int
     """Names of the files a (TP, DP) save writes that ``files`` lacks: every rank's optimizer
     partition and each TP rank's model states."""
     expected = [("optim", d, t) for t in range(tp) for d in range(dp)] + [("model", 0, t) for t in range(tp)]
-    return [f"zero_pp_rank_{d}_mp_rank_{t:02d}_optim_states.pt" if kind == "optim" else
-            f"(zero_pp_rank_0_)mp_rank_{t:02d}_model_states.pt" for kind, d, t in expected if (kind, d, t) not in files]
+    return [f"the optimizer states of DP rank {d}, TP rank {t}" if kind == "optim" else
+            f"the model states of TP rank {t}" for kind, d, t in expected if (kind, d, t) not in files]
 
 
 def resolve_checkpoint(path: str | Path, tag: str | None = None) -> Path:

@@ -1,8 +1,8 @@
 """Export of a TP=2 x DP=2 ZeRO-3 checkpoint to transformers / timm / xfm weights, the export
 loaded at TP=1, and the checkpoint resumed at TP=1 x DP=2 and TP=2 x DP=1 (weights, Adam moments,
 scheduler and data cursor), each compared as numbers with the live run. The same run trained with
-ZeRO-2: the same losses and state as ZeRO-3, its export, and its checkpoint resumed at another
-layout and under ZeRO-3. (That the steps after a
+ZeRO-2 (optimizer offloaded, stopped and relaunched): the same losses and state as ZeRO-3, its
+export, and its checkpoint resumed at another layout and under ZeRO-3. (That the steps after a
 resume equal an uninterrupted run's is tested at one layout in tests/engine/test_engine_parity.py;
 here the re-partitioned state is compared with the saved one tensor for tensor.)"""
 from __future__ import annotations
@@ -194,19 +194,25 @@ ZERO2 = {"zero_optimization.stage": 2}
 
 @pytest.fixture(scope="module")
 def zero2(demo_world, tmp_path_factory):
-    """The original run (TP=2 x DP=2, 5 steps, checkpoints at 3 and 5) trained with ZeRO-2."""
+    """The original run (TP=2 x DP=2, 5 steps, checkpoints at 3 and 5) trained with ZeRO-2 and the
+    optimizer offloaded to the CPU (DeepSpeedCPUAdam), stopped after step 3 and relaunched (DeepSpeed's
+    own load of its checkpoint at the same layout and stage)."""
     root = tmp_path_factory.mktemp("zero2")
     raw = run_dict(demo_world, root / "run", tp=2)
-    raw["deepspeed"] = {"overrides": ZERO2}
+    raw["deepspeed"] = {"overrides": {**ZERO2, "zero_optimization.offload_optimizer": {"device": "cpu"}}}
+    raw["train"]["stop_at_step"] = SAVED_AT
+    run_ranks(train_then_probe, 4, raw)
+    raw["train"]["stop_at_step"] = None
     live = run_ranks(train_then_probe, 4, raw)[0]
-    assert live["layout"] == (2, 2) and live["step"] == STEPS
+    assert live["layout"] == (2, 2) and live["resumed_at"] == SAVED_AT and live["step"] == STEPS
     return {"raw": raw, "live": live, "root": root}
 
 
 def test_zero2_trains_like_zero3_and_its_checkpoints_hold_the_same_state(original, zero2):
-    """Every step's loss, the final model, and both checkpoints (fp32 weights, Adam moments, step,
-    learning rates, data cursor) as read by ZeroCheckpoint equal the ZeRO-3 run's. That also checks
-    ZeRO-2 steps untouched encoders with a zero gradient (text-only steps of the blend)."""
+    """Every step's loss (the two after the relaunch too), the final model, and both checkpoints (fp32
+    weights, Adam moments, step, learning rates, data cursor) as read by ZeroCheckpoint equal the
+    uninterrupted ZeRO-3 run's. The blend has steps that leave encoders untouched: this fails if
+    offloaded ZeRO-2 steps them with an old gradient (see parallel.begin_optimizer_step)."""
     from engine_fixtures import step_losses
     from xfm_scale.zero_checkpoint import STATE_KEYS, ZeroCheckpoint
 
