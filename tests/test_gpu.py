@@ -4,7 +4,9 @@
   memory-efficient) in bf16, forward and backward: the math fallback is switched off;
 * a bf16 training step on NCCL, with ZeRO-3 and with ZeRO-2, from pinned, non-blocking loader
   batches (through benchmarks/train_step.py, which also times it against the baseline);
-* a ZeRO-3 step with parameters and optimizer state offloaded to the CPU (benchmarks/memory.py).
+* a ZeRO-3 step with parameters and optimizer state offloaded to the CPU (benchmarks/memory.py);
+* the bf16 configs end to end through the launcher: a run saves (bf16 configs name their optimizer
+  files ``bf16_zero_pp_rank_*``), stops, resumes from its checkpoint, and the export reads it.
 """
 import json
 import os
@@ -14,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests" / "model"))
@@ -65,3 +68,45 @@ def test_zero3_step_with_cpu_offload(tmp_path):
                 "--offload", "cpu", "--json", str(out)])
     (probe,) = json.loads(out.read_text())["probes"].values()
     assert probe["ok"] and probe["device"] == "gpu" and probe["optimizer"] == "DeepSpeedCPUAdam", probe
+
+
+def launch_on_gpu(config: Path, env: dict[str, str]) -> str:
+    """One rank through the launcher, as a user runs it (torchrun, one GPU); its output."""
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+                           str(ROOT / "launchers/pretrain_large.py"), "--config", str(config)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout + proc.stderr
+
+
+def save_resume_export(demo_world, tmp_path: Path, stage: int, deepspeed: dict, env: dict[str, str]) -> list[str]:
+    """Run 2 of 4 steps and stop, relaunch to the end (a resume), export the last checkpoint;
+    returns the files of the step-2 checkpoint. (Written so that a CPU dry run can pass the fp32
+    config and a CPU environment.)"""
+    from engine_fixtures import run_config_dict, step_losses
+    from xfm_scale.export import export_checkpoint
+    from xfm_scale.zero_checkpoint import ZeroCheckpoint, resolve_checkpoint
+
+    raw = run_config_dict(demo_world, tmp_path / "run", steps=4, micro_batch=4, global_batch=8, save_every=2)
+    raw["deepspeed"] = deepspeed
+    raw["train"]["stop_at_step"] = 2
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    launch_on_gpu(config, env)
+    saved = sorted(p.name for p in (tmp_path / "run" / "checkpoints" / "step00000002").iterdir())
+    raw["train"]["stop_at_step"] = None
+    config.write_text(yaml.safe_dump(raw))
+    assert "resumed from step00000002" in launch_on_gpu(config, env)
+    assert sorted(step_losses(tmp_path / "run")) == [1, 2, 3, 4]
+    ck = ZeroCheckpoint(resolve_checkpoint(tmp_path / "run" / "checkpoints"))
+    assert (ck.stage, ck.step) == (stage, 4)
+    export_checkpoint(tmp_path / "run" / "checkpoints", tmp_path / "export", progress=False)
+    assert (tmp_path / "export" / "xfm" / "model.safetensors").exists()
+    return saved
+
+
+@pytest.mark.parametrize("stage", [3, 2])
+def test_bf16_run_saves_resumes_and_exports(demo_world, tmp_path, stage):
+    saved = save_resume_export(demo_world, tmp_path, stage, {"config": str(ROOT / f"ds_configs/zero{stage}_bf16.json")},
+                               GPU_ENV)
+    assert any(name.startswith("bf16_zero_pp_rank_0_") for name in saved), saved
