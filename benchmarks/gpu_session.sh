@@ -6,7 +6,9 @@
 #                                                         # transformers, timm, tokenizers)
 #   device run, carry [".whl"]:  bash benchmarks/gpu_session.sh STAGE
 #
-# STAGE: tests       the GPU tests (fused SDPA kernels in bf16, a bf16 ZeRO-3 step on NCCL, CPU offload)
+# STAGE: tests       the GPU tests (fused SDPA kernels in bf16, bf16 ZeRO-3 and ZeRO-2 steps on NCCL, CPU offload,
+#                    bf16 runs that save, resume and export); pytest options follow, e.g. `tests -k bf16_run`
+#                    to split them over two calls if one would pass 10 minutes
 #        train_step  base preset against the baseline, bf16, loader in the loop and not (benchmarks/train_step.py);
 #                    ZeRO-3 by default, `train_step --zero-stage 2` for ZeRO-2 (parameters whole, no gathers)
 #        memory      state, step peak and saved activations of base and large, checkpointing off/on
@@ -23,7 +25,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}" DS_ACCELERATOR=cuda PYTHONWARNINGS=ignore
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 case "$stage" in
-  tests) python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tail -30 ;;
+  tests) python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py "$@" 2>&1 | tail -30 ;;
   train_step) python3 benchmarks/train_step.py --preset base --micro-batch 96 --text-micro-batch 256 \
                 --json "$out/train_step_base.json" --record "$@" ;;
   memory) python3 benchmarks/memory.py --presets base large --micro-batch 32 --json "$out/memory.json" --record ;;
