@@ -90,6 +90,12 @@ def save(engine, ckpt_dir: str | Path, step: int, client_state: dict, keep_last:
     tag = tag_for(step)
     from xfm_scale.parallel import collective_device
 
+    if dist.get_rank() == 0 and (ckpt_dir / tag).is_dir() and not (ckpt_dir / tag / COMPLETE).exists():
+        # a save of this step that never completed (a crash mid-write): its files, perhaps of
+        # another ZeRO stage or layout, must not mix with this save's
+        shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
+    dist.barrier()
+
     errors: list[Exception] = []
 
     def recording(write):
@@ -108,11 +114,6 @@ def save(engine, ckpt_dir: str | Path, step: int, client_state: dict, keep_last:
     originals = [getattr(obj, name) for obj, name in writers]
     for (obj, name), original in zip(writers, originals):
         setattr(obj, name, recording(original))
-    if dist.get_rank() == 0 and (ckpt_dir / tag).is_dir() and not (ckpt_dir / tag / COMPLETE).exists():
-        # a save of this step that never completed (a crash mid-write): its files, perhaps of
-        # another ZeRO stage or layout, must not mix with this save's
-        shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
-    dist.barrier()
     try:
         engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
     except (OSError, RuntimeError) as err:  # anything else that failed before DeepSpeed's barrier

@@ -255,20 +255,15 @@ def begin_optimizer_step(engine) -> None:
     """
     zero_optimizer = engine.optimizer
     flat = getattr(zero_optimizer, "grad_partitions_flat_buffer", None)
-    if flat is None:
-        # ZeRO-2 builds each window's gradient partitions afresh (None grads become zeros), except
-        # with optimizer offload: one persistent fp32 gradient per partition, into which the
-        # boundary copies only this window's parameters (the same stale-gradient bug as ZeRO-3's).
-        if getattr(zero_optimizer, "cpu_offload", False):
-            for fp32_partition in getattr(zero_optimizer, "single_partition_of_fp32_groups", []):
-                if fp32_partition.grad is not None:
-                    fp32_partition.grad.zero_()
-        return
-    flat.zero_()
-    if getattr(zero_optimizer, "offload_optimizer", False):
-        # with optimizer offload the boundary copies only this window's parameters into the fp32
-        # grads; the others would keep last step's values. (NVMe-swapped sub-groups keep theirs
-        # on disk: DeepSpeed offers no call to clear them.)
-        for fp32_partition in zero_optimizer.fp32_partitioned_groups_flat:
+    if flat is not None:  # ZeRO-3 (ZeRO-2 builds each window's partitions afresh: None grads become zeros)
+        flat.zero_()
+    # With optimizer offload (ZeRO-3: offload_optimizer, ZeRO-2: cpu_offload) each fp32 partition
+    # keeps one persistent gradient, into which the boundary copies only this window's parameters;
+    # the others would keep last step's values. (NVMe-swapped ZeRO-3 sub-groups keep theirs on
+    # disk: DeepSpeed offers no call to clear them.)
+    if getattr(zero_optimizer, "offload_optimizer", False) or getattr(zero_optimizer, "cpu_offload", False):
+        partitions = (getattr(zero_optimizer, "fp32_partitioned_groups_flat", None)
+                      or getattr(zero_optimizer, "single_partition_of_fp32_groups", []))
+        for fp32_partition in partitions:
             if fp32_partition.grad is not None:
                 fp32_partition.grad.zero_()

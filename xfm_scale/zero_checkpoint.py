@@ -243,7 +243,7 @@ def partition_files(folder: str | Path) -> dict[tuple[str, int, int], Path]:
 
 
 def missing_partitions(files: dict[tuple[str, int, int], Path], tp: int, dp: int) -> list[str]:
-    """Names of the files a (TP, DP) save writes that ``files`` lacks: every rank's optimizer
+    """What a (TP, DP) save writes that ``files`` lacks, described by rank: every rank's optimizer
     partition and each TP rank's model states."""
     expected = [("optim", d, t) for t in range(tp) for d in range(dp)] + [("model", 0, t) for t in range(tp)]
     return [f"the optimizer states of DP rank {d}, TP rank {t}" if kind == "optim" else
