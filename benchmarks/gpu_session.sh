@@ -6,11 +6,13 @@
 #                                                         # transformers, timm, tokenizers)
 #   device run, carry [".whl"]:  bash benchmarks/gpu_session.sh STAGE
 #
-# STAGE: tests       the GPU tests (fused SDPA kernels in bf16, bf16 ZeRO-3 and ZeRO-2 steps on NCCL, CPU offload,
+# STAGE: tests       the GPU tests (fused SDPA kernels in bf16, inductor-compiled blocks against eager, bf16 ZeRO-3
+#                    and ZeRO-2 steps on NCCL (ZeRO-2 also with compiled blocks), CPU offload,
 #                    bf16 runs that save, resume and export); pytest options follow, e.g. `tests -k bf16_run`
 #                    to split them over two calls if one would pass 10 minutes
 #        train_step  base preset against the baseline, bf16, loader in the loop and not (benchmarks/train_step.py);
-#                    ZeRO-3 by default, `train_step --zero-stage 2` for ZeRO-2 (parameters whole, no gathers)
+#                    ZeRO-3 by default, `train_step --zero-stage 2` for ZeRO-2 (parameters whole, no gathers),
+#                    `train_step --zero-stage 2 --compile-blocks` with the encoder blocks compiled by inductor
 #        memory      state, step peak and saved activations of base and large, checkpointing off/on
 #        largest     the largest depth-scaled giant that trains one step with ZeRO-3 + CPU offload
 #                    (a probe takes minutes: narrow the search per call, e.g. largest --min-scale 1.8 --max-scale 1.8)

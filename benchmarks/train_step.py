@@ -23,6 +23,7 @@ each is with the loader in the loop. The data is a generated corpus at the prese
   DS_ACCELERATOR=cpu python benchmarks/train_step.py --preset tiny          # CPU, every session
   python benchmarks/train_step.py --preset base --record                    # one GPU, bf16
   python benchmarks/train_step.py --preset base --zero-stage 2 --record     # ZeRO-2: no gathers
+  python benchmarks/train_step.py --preset base --zero-stage 2 --compile-blocks --record  # + torch.compile
   torchrun --nproc_per_node 8 benchmarks/train_step.py --preset large       # 8 GPUs, DP 8
 
 ``--record`` appends a dated row to benchmarks/RESULTS.md; ``--json PATH`` writes every figure.
@@ -117,6 +118,7 @@ def run_settings(args, data: dict[str, Path], work: Path, dp: int, on_gpu: bool)
     stage = {"zero_optimization.stage": args.zero_stage} if args.zero_stage else {}  # else the config's
     return run_config.from_dict({
         "model": {"preset": args.preset, "activation_checkpointing": args.activation_checkpointing,
+                  "compile_blocks": args.compile_blocks,
                   "vocab_from_tokenizer": False},  # keep the preset's vocabulary (e.g. RoBERTa's 50265)
         "data": {"spec": str(data["blend"]), "tokenizer_dir": str(data["tokenizer"]), "cache_dir": str(work / "cache"),
                  "num_workers": args.workers, "augment": True},
@@ -216,7 +218,8 @@ def benchmark(args) -> dict:
                             "text": args.text_micro_batch or args.micro_batch},
             "micro_steps": args.micro_steps, "tensor_parallel": tp, "data_parallel": dp,
             "zero_stage": trainer.engine.zero_optimization_stage(),
-            "activation_checkpointing": args.activation_checkpointing, "loader_workers": args.workers,
+            "activation_checkpointing": args.activation_checkpointing, "compile_blocks": args.compile_blocks,
+            "loader_workers": args.workers,
             "steps": args.steps, "warmup": args.warmup, "rows": rows, **summarise(rows)}
 
 
@@ -243,6 +246,7 @@ def record(out: dict) -> None:
     parts = [f"{out['preset']} preset, {out['precision']}, micro-batch pair/image {out['micro_batch']['pair']} "
              f"text {out['micro_batch']['text']} x {out['micro_steps']} micro-steps, TP {out['tensor_parallel']} "
              f"DP {out['data_parallel']}, ZeRO-{out['zero_stage']}, activation checkpointing {'on' if out['activation_checkpointing'] else 'off'}, "
+             f"{'blocks compiled (torch.compile, inductor), ' if out.get('compile_blocks') else ''}"
              f"{out['steps']} timed steps; peak {out['peak_tflops']:.1f} TFLOP/s ({out['peak_source']})",
              f"xfm_scale blended step: {blend['samples_per_s']:.1f} samples/s, {blend['tflops']:.2f} TFLOP/s, "
              f"MFU {blend['mfu']:.1%}"]
@@ -271,6 +275,9 @@ def parse_args(argv=None):
     p.add_argument("--workers", type=int, default=None,
                    help="loader workers per rank (default: 0 on CPU; on GPU the node's cores per rank, less 2)")
     p.add_argument("--activation-checkpointing", action="store_true", help="checkpoint every encoder block (ours)")
+    p.add_argument("--compile-blocks", action="store_true",
+                   help="compile ours' encoder blocks with torch.compile (model.compile_blocks); "
+                        "the warm-up steps include the compilation")
     p.add_argument("--tensor-parallel-size", type=int, default=1)
     p.add_argument("--zero-stage", type=int, choices=(2, 3), default=None,
                    help="ZeRO stage of ours (default: 3, or --ds-config's): 3 partitions parameters (gathered "

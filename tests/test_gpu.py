@@ -2,8 +2,11 @@
 
 * every attention call of every micro-batch kind runs on a fused SDPA kernel (flash or
   memory-efficient) in bf16, forward and backward: the math fallback is switched off;
-* a bf16 training step on NCCL, with ZeRO-3 and with ZeRO-2, from pinned, non-blocking loader
-  batches (through benchmarks/train_step.py, which also times it against the baseline);
+* encoder blocks compiled by inductor (model.compile_blocks) give eager's losses and gradients in
+  bf16, and activation checkpointing replays their in-kernel dropout masks exactly;
+* a bf16 training step on NCCL, with ZeRO-3, with ZeRO-2 and with ZeRO-2 and compiled blocks, from
+  pinned, non-blocking loader batches (through benchmarks/train_step.py, which also times it
+  against the baseline);
 * a ZeRO-3 step with parameters and optimizer state offloaded to the CPU (benchmarks/memory.py);
 * the bf16 configs end to end through the launcher: a run saves (bf16 configs name their optimizer
   files ``bf16_zero_pp_rank_*``), stops, resumes from its checkpoint, and the export reads it.
@@ -50,14 +53,66 @@ def test_every_attention_runs_on_a_fused_kernel_in_bf16():
         assert torch.isfinite(out.total.float()), batch.modality
 
 
-@pytest.mark.parametrize("stage", [3, 2])
-def test_bf16_step_on_nccl_against_the_baseline(tmp_path, stage):
+def _grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+
+
+def test_inductor_compiled_blocks_match_eager_in_bf16():
+    """Inductor's generated kernels (model.compile_blocks) against the eager blocks, bf16, dropout
+    off: every objective's loss, and the gradients, agree to bf16 precision."""
+    from xfm_scale import build_model
+
+    cfg = tiny_config()
+    cfg.params_dtype = "bfloat16"
+    eager = build_model(cfg).cuda()
+    compiled = build_model(cfg).cuda()
+    compiled.load_state_dict(eager.state_dict())
+    compiled.compile_blocks()
+    for batch in batches(cfg, B=8):
+        batch = batch.to("cuda", dtype=torch.bfloat16)
+        expected, got = eager(batch), compiled(batch)
+        for name, loss in expected.losses.items():
+            assert abs(got.losses[name].float() - loss.float()) <= 3e-2 * abs(loss.float()) + 1e-3, name
+        expected.total.backward()
+        got.total.backward()
+    expected_grads, grads = _grads(eager), _grads(compiled)
+    worst = max(_relative(grads[n], expected_grads[n]) for n in expected_grads)
+    assert worst < 5e-2, f"compiled bf16 gradients differ from eager by {worst:.2e}"
+
+
+def test_inductor_compiled_blocks_replay_dropout_when_checkpointed():
+    """Inductor draws dropout and drop-path masks with its own in-kernel RNG, seeded from the CUDA
+    generator: activation checkpointing's recompute must draw the same masks (fp32, exact)."""
+    from xfm_scale import build_model
+
+    cfg = tiny_config(dropout=True)
+    model = build_model(cfg).cuda()
+    model.compile_blocks()
+
+    def run(checkpointing: bool, seed: int) -> dict[str, torch.Tensor]:
+        cfg.set_activation_checkpointing(checkpointing)
+        torch.manual_seed(seed)
+        model.zero_grad(set_to_none=True)
+        sum(model(b.to("cuda")).total for b in batches(cfg, B=8)).backward()
+        return _grads(model)
+
+    plain, checkpointed, other_seed = run(False, 7), run(True, 7), run(False, 8)
+    assert max(_relative(checkpointed[n], plain[n]) for n in plain) < 1e-5
+    assert max(_relative(other_seed[n], plain[n]) for n in plain) > 1e-3  # dropout is really on
+
+
+@pytest.mark.parametrize("stage,compile_blocks", [(3, False), (2, False), (2, True)])
+def test_bf16_step_on_nccl_against_the_baseline(tmp_path, stage, compile_blocks):
     out = tmp_path / "train_step.json"
     run_on_gpu(["benchmarks/train_step.py", "--preset", "tiny", "--steps", "2", "--warmup", "1", "--micro-batch", "8",
                 "--micro-steps", "2", "--workers", "2", "--zero-stage", str(stage), "--json", str(out),
-                "--work-dir", str(tmp_path)])
+                "--work-dir", str(tmp_path), *(["--compile-blocks"] if compile_blocks else [])])
     result = json.loads(out.read_text())
-    assert result["zero_stage"] == stage
+    assert result["zero_stage"] == stage and result["compile_blocks"] == compile_blocks
     assert result["precision"] == "bf16" and "spec sheet" in result["peak_source"], result["peak_source"]
     assert all(0 < r["mfu"] < 1 and r["process_max_allocated_gb"] > 0 for r in result["rows"])
 

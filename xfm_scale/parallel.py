@@ -194,7 +194,7 @@ def shutdown() -> None:
         torch.distributed.destroy_process_group()
 
 
-def build_engine(model_config, optim_cfg, ds_config: dict, total_steps: int):
+def build_engine(model_config, optim_cfg, ds_config: dict, total_steps: int, compile_backend: str | None = None):
     """Build X-FM inside ZeRO-3's partitioned construction and wrap it in a DeepSpeed engine.
 
     * ``zero.Init(data_parallel_group=DP group, mpu=...)``: each TP shard is partitioned over the DP
@@ -203,6 +203,7 @@ def build_engine(model_config, optim_cfg, ds_config: dict, total_steps: int):
       module's own parameters around its forward, not parameters it borrows);
     * ``deepspeed.initialize(..., mpu=...)`` so gradient averaging uses the DP group and the
       clipping norm counts TP-split parameters on every TP rank and replicated ones once.
+    ``compile_backend``: compile the encoder blocks with this torch.compile backend (None: eager).
     Returns (engine, optimizer, scheduler).
     """
     import deepspeed
@@ -217,6 +218,8 @@ def build_engine(model_config, optim_cfg, ds_config: dict, total_steps: int):
     with deepspeed.zero.Init(data_parallel_group=ps.get_data_parallel_group(), mpu=mpu,
                              config_dict_or_path=ds_config, enabled=stage3):
         model = XFM(model_config)
+    if compile_backend is not None:
+        model.compile_blocks(compile_backend)
     if stage3:
         for module, param in model.external_parameters():
             deepspeed.zero.register_external_parameter(module, param)

@@ -30,6 +30,17 @@ class ModelSection:
     """Recompute every encoder block in backward (DeepSpeed checkpointing). ``overrides`` refine it
     per encoder: ``{fusion.activation_checkpointing: false}``, or only the first N blocks with
     ``{vision.checkpointed_layers: N}``."""
+    compile_blocks: bool = False
+    """Compile each encoder block with ``torch.compile`` (one graph per encoder's blocks, see
+    ``XFM.compile_blocks``): fuses a block's element-wise work (LayerNorm, GELU, bias, dropout,
+    residual, layer scale) into fewer kernels. The first micro-batches of each kind and shape pay
+    the compilation (seconds to minutes). ZeRO-2 only: under ZeRO-3, DeepSpeed's parameter hooks
+    (which torch.compile does not trace) split each block's graph at every layer, which was
+    slower than eager. Measure it with benchmarks/train_step.py ``--compile-blocks`` before
+    turning it on for a long run."""
+    compile_backend: str = "inductor"
+    """The ``torch.compile`` backend for ``compile_blocks``: ``inductor`` generates the fused
+    kernels; ``aot_eager`` only traces (a quick check that the blocks compile, as the tests use)."""
     vocab_from_tokenizer: bool = True
     """Set text.vocab_size and pad id from the data section's tokenizer."""
     init_from: str | None = None
@@ -199,6 +210,21 @@ class RunConfig:
             _set_dotted(ds, dotted, value)
         return ds
 
+    def _check_compile(self, zero_stage: int) -> None:
+        import torch._dynamo
+
+        if zero_stage == 3:
+            # DeepSpeed's ZeRO-3 hooks around every layer (not traceable) cut each compiled block
+            # into per-layer graphs: on CPU at tiny size the blended step went from 0.37x to 0.28x
+            # the baseline (benchmarks/RESULTS.md), and this combination is not tested
+            raise ConfigError(f"model.compile_blocks=true with zero_optimization.stage=3 in {self.deepspeed.config}: "
+                              "compiled blocks need ZeRO-2 (ds_configs/zero2_bf16.json, or deepspeed.overrides "
+                              "{zero_optimization.stage: 2}); or set model.compile_blocks: false")
+        known = torch._dynamo.list_backends(exclude_tags=())
+        if self.model.compile_backend not in known:
+            raise ConfigError(f"model.compile_backend={self.model.compile_backend!r} is not a torch.compile backend; "
+                              f"use one of {', '.join(sorted(known))} (or set model.compile_blocks: false)")
+
     def micro_steps_per_step(self, data_parallel_size: int) -> int:
         per_micro_step = self.batch.micro_batch_size * data_parallel_size
         if self.batch.global_batch_size % per_micro_step:
@@ -235,6 +261,8 @@ class RunConfig:
             raise ConfigError(f"zero_optimization.stage={stage} in {self.deepspeed.config} (with deepspeed.overrides): "
                               "xfm_scale trains with ZeRO stage 3 (any model size) or 2 (the model fits on every "
                               "rank; faster); use a ds_configs/zero3_* or zero2_* config")
+        if self.model.compile_blocks:
+            self._check_compile(stage)
         if self.optim.schedule not in ("linear", "cosine"):
             raise ConfigError(f"optim.schedule={self.optim.schedule!r}: use 'linear' or 'cosine'")
         tp = self.parallel.tensor_parallel_size

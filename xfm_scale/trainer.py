@@ -78,7 +78,8 @@ class Trainer:
         self.loader = self.build_loader()
         ds_config = cfg.deepspeed_config(self.layout.data_parallel_size)
         self.engine, self.optimizer, self.scheduler = parallel.build_engine(
-            self.model_config, cfg.optim, ds_config, cfg.train.steps)
+            self.model_config, cfg.optim, ds_config, cfg.train.steps,
+            compile_backend=cfg.model.compile_backend if cfg.model.compile_blocks else None)
         if init_source is not None:
             given = engine_state.load_full_state(self.engine, init_source)
             if self.is_main:
@@ -224,6 +225,9 @@ class Trainer:
                  kernels.report(), getattr(self.optimizer, "xfm_implementation", type(self.optimizer).__name__))
         log.info("batch: global %d, %d micro-steps per step, ZeRO stage %s", self.cfg.batch.global_batch_size,
                  self.micro_steps, ds_config.get("zero_optimization", {}).get("stage"))
+        if self.cfg.model.compile_blocks:
+            log.info("encoder blocks compiled with torch.compile (%s); the first steps include the compilation",
+                     self.cfg.model.compile_backend)
 
     # ---- the loop -----------------------------------------------------------------------------------
     def run(self) -> dict[str, float]:

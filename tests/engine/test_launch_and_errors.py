@@ -51,6 +51,7 @@ def test_check_accepts_a_good_launch(good, tmp_path):
     ("missing_data", ["--num_gpus", "1"], "does not exist; fix the path"),
     ("zero_stage", ["--num_gpus", "1"], "zero_optimization.stage=1 in "),
     ("round_robin", ["--num_gpus", "1"], "zero_optimization.round_robin_gradients=true in "),
+    ("compile_zero3", ["--num_gpus", "1"], "model.compile_blocks=true with zero_optimization.stage=3 in "),
 ])
 def test_setup_errors_name_the_fix_before_any_rank_starts(good, tmp_path, case, extra, message):
     raw = json.loads(json.dumps(good))
@@ -74,6 +75,8 @@ def test_setup_errors_name_the_fix_before_any_rank_starts(good, tmp_path, case, 
         raw["deepspeed"] = {"overrides": {"zero_optimization.stage": 1}}
     elif case == "round_robin":
         raw["deepspeed"] = {"overrides": {"zero_optimization.stage": 2, "zero_optimization.round_robin_gradients": True}}
+    elif case == "compile_zero3":
+        raw["model"]["compile_blocks"] = True  # the default ds config is ZeRO-3
     result = check(write_config(tmp_path, raw), *extra)
     assert result.returncode == 2, (result.stdout, result.stderr)
     assert message in result.stderr, result.stderr

@@ -60,9 +60,9 @@ class RowParallelLinear(tp.RowParallelLinear):
 
     megatron-core 0.16.1's ``RowParallelLinear.forward`` passes ``tp_group=None`` to its matmul
     function, which then looks the group up again and, on global rank 0, calls ``warnings.warn``
-    on every call. That costs a Python warnings call per layer per micro-step (a text block at
-    ``tiny`` ran 30% slower on CPU) and breaks any ``torch.compile`` graph at every row-parallel
-    layer. The group it looks up is the one this layer already holds, so the result is the same."""
+    on every call. torch.compile cannot trace that call, so it broke a compiled block's graph at
+    every row-parallel layer. The group it looks up is the one this layer already holds, so the
+    result is the same."""
 
     def _forward_impl(self, input, weight, *args, **kwargs):
         if kwargs.get("tp_group", self.tp_group) is None:
@@ -82,6 +82,13 @@ def attend(q_BHNd: torch.Tensor, k_BHMd: torch.Tensor, v_BHMd: torch.Tensor,
     p = dropout if training else 0.0
     if p == 0.0:
         return F.scaled_dot_product_attention(q_BHNd, k_BHMd, v_BHMd, attn_mask=mask)
+    return _attend_with_tensor_parallel_dropout(q_BHNd, k_BHMd, v_BHMd, mask, p)
+
+
+# Swapping RNG streams (get/set_rng_state) cannot be traced by torch.compile: under compiled blocks
+# this call runs eagerly between the block's compiled graphs (SDPA is one fused kernel anyway).
+@torch.compiler.disable
+def _attend_with_tensor_parallel_dropout(q_BHNd, k_BHMd, v_BHMd, mask, p: float) -> torch.Tensor:
     with HOOKS.tensor_parallel_rng():
         return F.scaled_dot_product_attention(q_BHNd, k_BHMd, v_BHMd, attn_mask=mask, dropout_p=p)
 

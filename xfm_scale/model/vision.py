@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 
 import torch
-from timm.layers import DropPath
 from timm.models.beit import gen_relative_position_index
 from torch import nn
 
@@ -40,6 +39,29 @@ class RelativePositionBias(nn.Module):
         return bias_NNH.permute(2, 0, 1).unsqueeze(0)  # [1, Hl, N, N]
 
 
+class DropPath(nn.Module):
+    """Stochastic depth as timm's ``DropPath`` (drop whole samples' residual branch, scale by
+    1/keep), with the rate held in a tensor buffer.
+
+    Why not timm's: it keeps the rate as a Python float, and BEiT gives every block its own rate.
+    ``torch.compile`` specialises on Python numbers, so each block would compile its own graph and
+    compilation would stop at dynamo's recompile limit (8 graphs per function), leaving the deeper
+    blocks of ``base`` and ``large`` uncompiled. As a tensor the rate is an input of one graph that
+    serves every block."""
+
+    def __init__(self, rate: float):
+        super().__init__()
+        self.register_buffer("rate", torch.tensor(float(rate)), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return x
+        keep = 1.0 - self.rate.float()
+        shape = (x.shape[0],) + (1,) * (x.dim() - 1)
+        kept = (torch.rand(shape, device=x.device) < keep).to(x.dtype)
+        return x * kept / keep.to(x.dtype)
+
+
 class PreLNBlock(nn.Module):
     """BEiT block: x += drop_path(gamma_1 * attn(norm1(x))); x += drop_path(gamma_2 * mlp(norm2(x)))."""
 
@@ -56,7 +78,7 @@ class PreLNBlock(nn.Module):
         self.norm2 = kernels.LayerNorm(cfg.hidden_size, cfg.layer_norm_eps)
         self.mlp = MLP(cfg.hidden_size, cfg.ffn_hidden_size, config=mp_config, std=std, out_std=out_std)
         self.gamma_2 = layer_scale_init(cfg.hidden_size, cfg.layer_scale_init, dtype)
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.drop_path = DropPath(drop_path) if cfg.drop_path_rate > 0 else nn.Identity()
         self.dropout = nn.Dropout(cfg.hidden_dropout)
 
     def forward(self, x_BND: torch.Tensor) -> torch.Tensor:

@@ -98,6 +98,21 @@ class XFM(nn.Module):
         weight = self.text.embeddings.word_embeddings.weight
         return [(self.text_mlm_head, weight), (self.fusion_mlm_head, weight)]
 
+    def encoder_blocks(self) -> list[nn.Module]:
+        """Every transformer block of the three encoders."""
+        return [*self.text.blocks, *self.vision.blocks, *self.fusion.blocks]
+
+    def compile_blocks(self, backend: str = "inductor") -> None:
+        """Compile each encoder block with ``torch.compile`` (regional compilation).
+
+        Blocks of one encoder share their code, and their parameters are graph inputs, so one
+        graph serves all of an encoder's blocks (plus a few variants: with and without grad, eval,
+        a new batch size or length before dynamo marks it dynamic). Compiling blocks rather than
+        the whole model keeps the losses, the tied heads and the micro-batch dispatch eager, and
+        leaves state-dict names unchanged (``Module.compile`` compiles in place)."""
+        for block in self.encoder_blocks():
+            block.compile(backend=backend)
+
     # ---- pre-training forward -----------------------------------------------------------------------
     def forward(self, batch: Batch, return_intermediates: bool = False) -> XFMOutput:
         if isinstance(batch, TextBatch):
