@@ -44,6 +44,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import yaml
+from torch._dynamo.utils import counters
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
@@ -69,10 +70,14 @@ class Timing:
     """Samples of all data-parallel ranks in those steps."""
     flops: float
     """Model FLOPs per rank in those steps (no recompute; TP share)."""
+    graphs_compiled: int = 0
+    """torch.compile graphs built during the timed steps (a shape the warm-up did not show): the
+    compilation is then inside the timing and the figures are too low."""
 
     def row(self, peak: float) -> dict[str, float]:
         return {"samples_per_s": self.samples / self.seconds, "tflops": achieved_tflops(self.flops, self.seconds),
-                "mfu": mfu(self.flops, self.seconds, peak), "step_s": self.seconds}
+                "mfu": mfu(self.flops, self.seconds, peak), "step_s": self.seconds,
+                "graphs_compiled_while_timed": self.graphs_compiled}
 
 
 # ---- data -------------------------------------------------------------------------------------------
@@ -150,6 +155,7 @@ def time_steps(step_fn, steps, *, warmup: int, count: int, with_loader: bool, de
         pin = device.type == "cuda"
         fetched = [[b.pin_memory() if pin else b for b in next(steps)] for _ in range(count)]
         steps = iter(fetched)
+    graphs_before = counters["stats"]["unique_graphs"]
     seconds = samples = flops = 0.0
     for _ in range(count):
         _sync(device)
@@ -160,7 +166,7 @@ def time_steps(step_fn, steps, *, warmup: int, count: int, with_loader: bool, de
         seconds += time.perf_counter() - start
         samples += sum(b.size for b in batches) * dp
         flops += sum(flops_of(b) for b in batches)
-    return Timing(seconds, int(samples), flops)
+    return Timing(seconds, int(samples), flops, counters["stats"]["unique_graphs"] - graphs_before)
 
 
 def benchmark(args) -> dict:
@@ -236,8 +242,10 @@ def summarise(rows: list[dict]) -> dict:
 
 def _format_row(r: dict) -> str:
     memory = f"  process peak {r['process_max_allocated_gb']:.1f} GB" if "process_max_allocated_gb" in r else ""
+    compiled = (f"  WARNING: {r['graphs_compiled_while_timed']} graphs compiled while timed (more --warmup)"
+                if r["graphs_compiled_while_timed"] else "")
     return (f"{r['implementation']:>9} {r['case']:>5} {'loader' if r['loader'] else 'memory':>6}: "
-            f"{r['samples_per_s']:9.1f} samples/s  {r['tflops']:8.3f} TFLOP/s  MFU {r['mfu']:6.1%}{memory}")
+            f"{r['samples_per_s']:9.1f} samples/s  {r['tflops']:8.3f} TFLOP/s  MFU {r['mfu']:6.1%}{memory}{compiled}")
 
 
 def record(out: dict) -> None:
@@ -257,6 +265,9 @@ def record(out: dict) -> None:
             per_case += (f", {r['samples_per_s']:.1f} vs baseline {rows[('baseline', case, False)]['samples_per_s']:.1f}"
                          f" samples/s = {out['ratio_vs_baseline'][case]:.2f}x")
         parts.append(per_case)
+    late = sum(r.get("graphs_compiled_while_timed", 0) for r in out["rows"])
+    if late:
+        parts.append(f"{late} torch.compile graphs were built inside timed steps (figures too low)")
     slow = out["loader_slowdown"]
     parts.append("with the loader ({} workers): xfm_scale blend {:+.1%}".format(
         out["loader_workers"], -slow["xfm_scale/blend"])

@@ -57,14 +57,21 @@ def _grads(model) -> dict[str, torch.Tensor]:
     return {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+@pytest.fixture
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
 def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
 
 
-def test_inductor_compiled_blocks_match_eager_in_bf16():
+def test_inductor_compiled_blocks_match_eager_in_bf16(fresh_dynamo):
     """Inductor's generated kernels (model.compile_blocks) against the eager blocks, bf16, dropout
     off: every objective's loss, and the gradients, agree to bf16 precision."""
-    from xfm_scale import build_model
+    from xfm_scale import build_model, parallel
 
     cfg = tiny_config()
     cfg.params_dtype = "bfloat16"
@@ -72,22 +79,29 @@ def test_inductor_compiled_blocks_match_eager_in_bf16():
     compiled = build_model(cfg).cuda()
     compiled.load_state_dict(eager.state_dict())
     compiled.compile_blocks()
-    for batch in batches(cfg, B=8):
+    for index, batch in enumerate(batches(cfg, B=8)):
         batch = batch.to("cuda", dtype=torch.bfloat16)
-        expected, got = eager(batch), compiled(batch)
+        outputs = []
+        for model in (eager, compiled):
+            parallel.seed_everything(index)  # the same ITM hard negatives (drawn from the generator)
+            outputs.append(model(batch))
+        expected, got = outputs
         for name, loss in expected.losses.items():
             assert abs(got.losses[name].float() - loss.float()) <= 3e-2 * abs(loss.float()) + 1e-3, name
         expected.total.backward()
         got.total.backward()
     expected_grads, grads = _grads(eager), _grads(compiled)
-    worst = max(_relative(grads[n], expected_grads[n]) for n in expected_grads)
+    # over all gradients at once: per tensor, bf16 rounding dominates the near-zero ones
+    names = sorted(expected_grads)
+    worst = _relative(torch.cat([grads[n].flatten() for n in names]),
+                      torch.cat([expected_grads[n].flatten() for n in names]))
     assert worst < 5e-2, f"compiled bf16 gradients differ from eager by {worst:.2e}"
 
 
-def test_inductor_compiled_blocks_replay_dropout_when_checkpointed():
+def test_inductor_compiled_blocks_replay_dropout_when_checkpointed(fresh_dynamo):
     """Inductor draws dropout and drop-path masks with its own in-kernel RNG, seeded from the CUDA
     generator: activation checkpointing's recompute must draw the same masks (fp32, exact)."""
-    from xfm_scale import build_model
+    from xfm_scale import build_model, parallel
 
     cfg = tiny_config(dropout=True)
     model = build_model(cfg).cuda()
@@ -95,7 +109,7 @@ def test_inductor_compiled_blocks_replay_dropout_when_checkpointed():
 
     def run(checkpointing: bool, seed: int) -> dict[str, torch.Tensor]:
         cfg.set_activation_checkpointing(checkpointing)
-        torch.manual_seed(seed)
+        parallel.seed_everything(seed)  # also the TP-stream tracker attention dropout draws from
         model.zero_grad(set_to_none=True)
         sum(model(b.to("cuda")).total for b in batches(cfg, B=8)).backward()
         return _grads(model)

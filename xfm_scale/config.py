@@ -117,6 +117,8 @@ class VisionEncoderConfig(TransformerConfig):
         if self.image_size % self.patch_size:
             raise ConfigError(f"{name}: image_size={self.image_size} is not a multiple of "
                               f"patch_size={self.patch_size}")
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            raise ConfigError(f"{name}.drop_path_rate={self.drop_path_rate} must be in [0, 1)")
 
 
 @dataclass(kw_only=True)

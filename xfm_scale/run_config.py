@@ -31,13 +31,16 @@ class ModelSection:
     per encoder: ``{fusion.activation_checkpointing: false}``, or only the first N blocks with
     ``{vision.checkpointed_layers: N}``."""
     compile_blocks: bool = False
-    """Compile each encoder block with ``torch.compile`` (one graph per encoder's blocks, see
-    ``XFM.compile_blocks``): fuses a block's element-wise work (LayerNorm, GELU, bias, dropout,
-    residual, layer scale) into fewer kernels. The first micro-batches of each kind and shape pay
-    the compilation (seconds to minutes). ZeRO-2 only: under ZeRO-3, DeepSpeed's parameter hooks
-    (which torch.compile does not trace) split each block's graph at every layer, which was
-    slower than eager. Measure it with benchmarks/train_step.py ``--compile-blocks`` before
-    turning it on for a long run."""
+    """Compile each encoder block with ``torch.compile`` (the graphs of an encoder's blocks are
+    shared, see ``XFM.compile_blocks``): fuses a block's element-wise work (LayerNorm, GELU, bias,
+    dropout, residual, layer scale) into fewer kernels. Attention with dropout (text and fusion
+    in the presets) runs eagerly between a block's graphs. With Apex installed, its
+    FusedLayerNorm (a CUDA extension) may split the graphs too: check with the benchmark. The
+    first micro-batches of each kind and shape pay the compilation (seconds to minutes).
+    ZeRO-2 at TP=1 only: under ZeRO-3, DeepSpeed's parameter hooks (which torch.compile does not
+    trace) split each block's graph at every layer, which was slower than eager; TP > 1 is not
+    tested. Measure it with benchmarks/train_step.py ``--compile-blocks`` before turning it on
+    for a long run."""
     compile_backend: str = "inductor"
     """The ``torch.compile`` backend for ``compile_blocks``: ``inductor`` generates the fused
     kernels; ``aot_eager`` only traces (a quick check that the blocks compile, as the tests use)."""
@@ -213,6 +216,11 @@ class RunConfig:
     def _check_compile(self, zero_stage: int) -> None:
         import torch._dynamo
 
+        if self.parallel.tensor_parallel_size > 1:
+            # megatron's TP collectives would run inside the compiled graphs: not tested
+            raise ConfigError(f"model.compile_blocks=true with parallel.tensor_parallel_size="
+                              f"{self.parallel.tensor_parallel_size}: compiled blocks are supported at TP=1 "
+                              "(ZeRO-2); set parallel.tensor_parallel_size: 1 or model.compile_blocks: false")
         if zero_stage == 3:
             # DeepSpeed's ZeRO-3 hooks around every layer (not traceable) cut each compiled block
             # into per-layer graphs: on CPU at tiny size the blended step went from 0.37x to 0.28x

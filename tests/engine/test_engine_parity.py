@@ -76,9 +76,12 @@ def test_every_step_after_resume_equals_uninterrupted(resumed_and_full):
         assert abs(resumed[step] - expected[step]) <= 1e-6 * abs(expected[step]), (step, resumed[step], expected[step])
 
 
-def counting_checkpoints_train_rank(raw: dict) -> dict:
-    """One rank of a real run that also counts the blocks it checkpointed."""
+def counting_train_rank(raw: dict) -> dict:
+    """One rank of a real run that also counts the blocks it checkpointed, the blocks compiled and
+    the graphs dynamo built."""
     import os
+
+    from torch._dynamo.utils import counters
 
     from xfm_scale import run_config
     from xfm_scale.model import hooks
@@ -93,63 +96,47 @@ def counting_checkpoints_train_rank(raw: dict) -> dict:
 
     hooks.HOOKS.checkpoint = counting
     trainer.run()
-    return {"checkpointed_block_calls": calls[0]}
-
-
-def test_activation_checkpointing_in_the_zero3_engine_equals_plain(demo_world, tmp_path):
-    """Every encoder block checkpointed, with dropout and drop-path on, at DP=2 (ZeRO-3 partitions
-    and reduce-scatters over two ranks): the same losses at every step as without checkpointing (the
-    recompute replays the dropout masks), through ZeRO-3's gradient reduction (blocks run twice per
-    pair micro-batch)."""
-    dropout = {f"{enc}.{key}": 0.1 for enc in ("text", "fusion") for key in ("hidden_dropout", "attention_dropout")}
-    runs, calls = {}, {}
-    for checkpointing in (False, True):
-        raw = run_config_dict(demo_world, tmp_path / f"ckpt_{checkpointing}", steps=4, micro_batch=4, global_batch=16,
-                              model_overrides={**dropout, "vision.drop_path_rate": 0.1})
-        raw["model"]["activation_checkpointing"] = checkpointing
-        calls[checkpointing] = [r["checkpointed_block_calls"] for r in run_ranks(counting_checkpoints_train_rank, 2, raw)]
-        runs[checkpointing] = step_losses(tmp_path / f"ckpt_{checkpointing}")
-    assert calls[False] == [0, 0] and min(calls[True]) >= 4 * 2 * 2  # 4 steps x 2 micro-steps x >= 2 blocks
-    for checkpointing in (False, True):  # the logged MFU counts model FLOPs, HFU also the recompute
-        records = [json.loads(line) for line in (tmp_path / f"ckpt_{checkpointing}" / "metrics.jsonl").read_text().splitlines()]
-        utilisation = [(r["mfu"], r["hfu"]) for r in records if "mfu" in r]
-        assert utilisation and all(0 < mfu <= hfu for mfu, hfu in utilisation)
-        assert all((hfu > 1.2 * mfu) == checkpointing for mfu, hfu in utilisation), (checkpointing, utilisation)
-    assert sorted(runs[True]) == sorted(runs[False]) == [1, 2, 3, 4]
-    worst = max(abs(runs[True][s] - runs[False][s]) / abs(runs[False][s]) for s in runs[False])
-    assert worst < 1e-5, f"worst relative loss difference {worst:.2e}: {runs}"
-
-
-def compiled_train_rank(raw: dict) -> dict:
-    """One rank of a real run; how many of its blocks were compiled and how many graphs dynamo made."""
-    import os
-
-    from torch._dynamo.utils import counters
-
-    from xfm_scale import run_config
-    from xfm_scale.trainer import Trainer
-
-    trainer = Trainer(run_config.from_dict(raw, base_dir=os.getcwd()))
-    trainer.run()
     blocks = trainer.engine.module.encoder_blocks()
-    return {"compiled": sum(b._compiled_call_impl is not None for b in blocks), "blocks": len(blocks),
+    return {"checkpointed_block_calls": calls[0], "blocks": len(blocks),
+            "compiled_blocks": sum(b._compiled_call_impl is not None for b in blocks),
             "graphs": counters["stats"]["unique_graphs"]}
 
 
-def test_compiled_blocks_in_a_zero2_engine_train_as_eager(demo_world, tmp_path):
-    """model.compile_blocks in a ZeRO-2 engine at DP=2, every block checkpointed: the eager run's
-    loss at every step. The aot_eager backend runs dynamo's tracing and AOTAutograd's compiled
-    backward (what inductor builds on) in seconds; ZeRO-2's gradient hooks must see the gradients
-    that backward produces, and DeepSpeed's checkpoint must recompute compiled blocks."""
-    runs = {}
-    for compiled in (False, True):
-        raw = run_config_dict(demo_world, tmp_path / f"compiled_{compiled}", steps=3, micro_batch=4, global_batch=16)
-        raw["model"].update(activation_checkpointing=True, compile_blocks=compiled, compile_backend="aot_eager")
-        raw["deepspeed"] = {"overrides": {"zero_optimization.stage": 2}}
-        ranks = run_ranks(compiled_train_rank, 2, raw)
-        runs[compiled] = step_losses(tmp_path / f"compiled_{compiled}")
-        for r in ranks:
-            assert r["compiled"] == (r["blocks"] if compiled else 0) and (r["graphs"] > 0) == compiled, r
-    assert sorted(runs[True]) == sorted(runs[False]) == [1, 2, 3]
-    worst = max(abs(runs[True][s] - runs[False][s]) / abs(runs[False][s]) for s in runs[False])
-    assert worst < 1e-5, f"worst relative loss difference {worst:.2e}: {runs}"
+# name: (activation checkpointing, ZeRO stage, compiled blocks)
+ENGINE_VARIANTS = {"plain": (False, 3, False), "checkpointed": (True, 3, False),
+                   "checkpointed_compiled_zero2": (True, 2, True)}
+
+
+def test_checkpointed_and_compiled_blocks_in_the_engine_equal_plain(demo_world, tmp_path):
+    """Every encoder block checkpointed, with dropout, attention dropout and drop-path on, at DP=2
+    (ZeRO-3 partitions and reduce-scatters over two ranks): the same losses at every step as
+    without checkpointing (the recompute replays the dropout masks), through ZeRO-3's gradient
+    reduction (blocks run twice per pair micro-batch). And the same again with the blocks
+    compiled (model.compile_blocks) in a ZeRO-2 engine: the aot_eager backend runs dynamo's tracing
+    and AOTAutograd's compiled backward (what inductor builds on) in seconds and draws random
+    numbers as eager does; ZeRO-2's gradient hooks must see what that backward produces, and
+    DeepSpeed's checkpoint must recompute compiled blocks with the same masks."""
+    dropout = {f"{enc}.{key}": 0.1 for enc in ("text", "fusion") for key in ("hidden_dropout", "attention_dropout")}
+    runs, ranks = {}, {}
+    for name, (checkpointing, stage, compiled) in ENGINE_VARIANTS.items():
+        raw = run_config_dict(demo_world, tmp_path / name, steps=4, micro_batch=4, global_batch=16,
+                              model_overrides={**dropout, "vision.drop_path_rate": 0.1})
+        raw["model"].update(activation_checkpointing=checkpointing, compile_blocks=compiled, compile_backend="aot_eager")
+        raw["deepspeed"] = {"overrides": {"zero_optimization.stage": stage}}
+        ranks[name] = run_ranks(counting_train_rank, 2, raw)
+        runs[name] = step_losses(tmp_path / name)
+    for name, (checkpointing, _, compiled) in ENGINE_VARIANTS.items():
+        for r in ranks[name]:
+            assert (r["checkpointed_block_calls"] >= 4 * 2 * 2) == checkpointing, (name, r)  # steps x micro x blocks
+            assert r["compiled_blocks"] == (r["blocks"] if compiled else 0) and (r["graphs"] > 0) == compiled, (name, r)
+        # the logged MFU counts model FLOPs, HFU also the recompute
+        records = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        utilisation = [(r["mfu"], r["hfu"]) for r in records if "mfu" in r]
+        assert utilisation and all(0 < mfu <= hfu for mfu, hfu in utilisation)
+        assert all((hfu > 1.2 * mfu) == checkpointing for mfu, hfu in utilisation), (name, utilisation)
+    plain = runs["plain"]
+    assert sorted(plain) == [1, 2, 3, 4]
+    for name in ("checkpointed", "checkpointed_compiled_zero2"):
+        assert sorted(runs[name]) == sorted(plain)
+        worst = max(abs(runs[name][s] - plain[s]) / abs(plain[s]) for s in plain)
+        assert worst < 1e-5, f"{name}: worst relative loss difference {worst:.2e}: {runs}"

@@ -1,6 +1,7 @@
 """Single-process model tests: the stop-gradient, the MIM target, sizes, config errors, layout."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -125,9 +126,10 @@ def test_model_info_lists_presets_on_unknown_name():
     ({"vision.num_heads": 5}, 1, "vision: hidden_size=64 is not divisible by num_heads=5"),
     ({"fusion.hidden_size": 96, "fusion.num_heads": 4}, 1, "fusion.hidden_size=96 must equal text.hidden_size=64"),
     ({"vision.checkpointed_layers": 3}, 1, "vision.checkpointed_layers=3 must be in 0..2 (its num_layers), or null"),
+    ({"vision.drop_path_rate": 1.0}, 1, "vision.drop_path_rate=1.0 must be in [0, 1)"),
 ])
 def test_config_errors_name_the_fix(overrides, tp, message):
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         XFMConfig.from_preset("tiny", **overrides).validate(tp)
 
 

@@ -65,7 +65,7 @@ class RowParallelLinear(tp.RowParallelLinear):
     result is the same."""
 
     def _forward_impl(self, input, weight, *args, **kwargs):
-        if kwargs.get("tp_group", self.tp_group) is None:
+        if kwargs.get("tp_group") is None:
             kwargs["tp_group"] = self.tp_group
         return super()._forward_impl(input, weight, *args, **kwargs)
 

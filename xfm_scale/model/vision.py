@@ -44,10 +44,12 @@ class DropPath(nn.Module):
     1/keep), with the rate held in a tensor buffer.
 
     Why not timm's: it keeps the rate as a Python float, and BEiT gives every block its own rate.
-    ``torch.compile`` specialises on Python numbers, so each block would compile its own graph and
-    compilation would stop at dynamo's recompile limit (8 graphs per function), leaving the deeper
-    blocks of ``base`` and ``large`` uncompiled. As a tensor the rate is an input of one graph that
-    serves every block."""
+    torch 2.14's dynamo guarded on each float: compiled ``base`` blocks recompiled once per block
+    and stopped at its recompile limit (8), leaving the deeper blocks eager. As a tensor the rate
+    is an input of one graph that serves every block. Every block of an encoder with a non-zero
+    rate has one (the first, at rate 0, draws a mask that keeps everything), so all blocks share
+    the graph. Under ZeRO-3's ``zero.Init`` with bf16, DeepSpeed creates the buffer in bf16: the
+    rates are rounded to bf16 (0.1 -> 0.1001), a negligible change to a regularisation rate."""
 
     def __init__(self, rate: float):
         super().__init__()

@@ -105,9 +105,11 @@ class XFM(nn.Module):
     def compile_blocks(self, backend: str = "inductor") -> None:
         """Compile each encoder block with ``torch.compile`` (regional compilation).
 
-        Blocks of one encoder share their code, and their parameters are graph inputs, so one
-        graph serves all of an encoder's blocks (plus a few variants: with and without grad, eval,
-        a new batch size or length before dynamo marks it dynamic). Compiling blocks rather than
+        Blocks of one encoder share their code, and their parameters are graph inputs, so the
+        graphs of one block serve all of that encoder's blocks (plus a few variants: with and
+        without grad, eval, a new batch size or length before dynamo marks it dynamic). Without
+        dropout a block is one graph; attention with dropout runs eagerly between graphs (see
+        ``layers.attend``). Compiling blocks rather than
         the whole model keeps the losses, the tied heads and the micro-batch dispatch eager, and
         leaves state-dict names unchanged (``Module.compile`` compiles in place)."""
         for block in self.encoder_blocks():
