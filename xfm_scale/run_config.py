@@ -214,8 +214,6 @@ class RunConfig:
         return ds
 
     def _check_compile(self, zero_stage: int) -> None:
-        import torch._dynamo
-
         if self.parallel.tensor_parallel_size > 1:
             # megatron's TP collectives would run inside the compiled graphs: not tested
             raise ConfigError(f"model.compile_blocks=true with parallel.tensor_parallel_size="
@@ -228,6 +226,8 @@ class RunConfig:
             raise ConfigError(f"model.compile_blocks=true with zero_optimization.stage=3 in {self.deepspeed.config}: "
                               "compiled blocks need ZeRO-2 (ds_configs/zero2_bf16.json, or deepspeed.overrides "
                               "{zero_optimization.stage: 2}); or set model.compile_blocks: false")
+        import torch._dynamo  # (seconds to import: only when a run compiles)
+
         known = torch._dynamo.list_backends(exclude_tags=())
         if self.model.compile_backend not in known:
             raise ConfigError(f"model.compile_backend={self.model.compile_backend!r} is not a torch.compile backend; "

@@ -8,22 +8,23 @@ from engine_fixtures import run_config_dict, step_losses, train_rank
 from harness import run_ranks
 
 pytestmark = pytest.mark.dist
-STEPS = 20
+STEPS = 20  # of the resume runs
+PARITY_STEPS = 12
 
 
-def test_tp2_dp2_zero3_equals_single_rank_tp1_for_20_steps(demo_world, tmp_path):
+def test_tp2_dp2_zero3_equals_single_rank_tp1_for_12_steps(demo_world, tmp_path):
     # One rank must see the union of the two DP ranks' micro-batches (micro-batch 8 = 2 x 4), and
     # draw ITM negatives within the same groups of 4 the DP=2 ranks use.
     # grad_clip 0.05 makes clipping act on every step, so the TP-correct norm is exercised too.
-    single = run_config_dict(demo_world, tmp_path / "tp1", steps=STEPS, micro_batch=8, global_batch=16,
+    single = run_config_dict(demo_world, tmp_path / "tp1", steps=PARITY_STEPS, micro_batch=8, global_batch=16,
                              model_overrides={"objectives.itm_negative_group": 4}, grad_clip=0.05)
-    split = run_config_dict(demo_world, tmp_path / "tp2dp2", steps=STEPS, micro_batch=4, global_batch=16,
+    split = run_config_dict(demo_world, tmp_path / "tp2dp2", steps=PARITY_STEPS, micro_batch=4, global_batch=16,
                             tp=2, grad_clip=0.05)
     (ref,) = run_ranks(train_rank, 1, single)
     ranks = run_ranks(train_rank, 4, split)
     assert [(r["layout"].tensor_parallel_size, r["layout"].data_parallel_size) for r in ranks] == [(2, 2)] * 4
     expected, actual = step_losses(tmp_path / "tp1"), step_losses(tmp_path / "tp2dp2")
-    assert sorted(expected) == sorted(actual) == list(range(1, STEPS + 1))
+    assert sorted(expected) == sorted(actual) == list(range(1, PARITY_STEPS + 1))
     worst = max(abs(actual[s] - expected[s]) / abs(expected[s]) for s in expected)
     assert worst < 1e-4, f"worst relative loss difference {worst:.2e}"
     assert_trains(tmp_path / "tp1")
@@ -119,7 +120,7 @@ def test_checkpointed_and_compiled_blocks_in_the_engine_equal_plain(demo_world, 
     dropout = {f"{enc}.{key}": 0.1 for enc in ("text", "fusion") for key in ("hidden_dropout", "attention_dropout")}
     runs, ranks = {}, {}
     for name, (checkpointing, stage, compiled) in ENGINE_VARIANTS.items():
-        raw = run_config_dict(demo_world, tmp_path / name, steps=4, micro_batch=4, global_batch=16,
+        raw = run_config_dict(demo_world, tmp_path / name, steps=3, micro_batch=4, global_batch=16,
                               model_overrides={**dropout, "vision.drop_path_rate": 0.1})
         raw["model"].update(activation_checkpointing=checkpointing, compile_blocks=compiled, compile_backend="aot_eager")
         raw["deepspeed"] = {"overrides": {"zero_optimization.stage": stage}}
@@ -127,7 +128,7 @@ def test_checkpointed_and_compiled_blocks_in_the_engine_equal_plain(demo_world, 
         runs[name] = step_losses(tmp_path / name)
     for name, (checkpointing, _, compiled) in ENGINE_VARIANTS.items():
         for r in ranks[name]:
-            assert (r["checkpointed_block_calls"] >= 4 * 2 * 2) == checkpointing, (name, r)  # steps x micro x blocks
+            assert (r["checkpointed_block_calls"] >= 3 * 2 * 2) == checkpointing, (name, r)  # steps x micro x blocks
             assert r["compiled_blocks"] == (r["blocks"] if compiled else 0) and (r["graphs"] > 0) == compiled, (name, r)
         # the logged MFU counts model FLOPs, HFU also the recompute
         records = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
@@ -135,7 +136,7 @@ def test_checkpointed_and_compiled_blocks_in_the_engine_equal_plain(demo_world, 
         assert utilisation and all(0 < mfu <= hfu for mfu, hfu in utilisation)
         assert all((hfu > 1.2 * mfu) == checkpointing for mfu, hfu in utilisation), (name, utilisation)
     plain = runs["plain"]
-    assert sorted(plain) == [1, 2, 3, 4]
+    assert sorted(plain) == [1, 2, 3]
     for name in ("checkpointed", "checkpointed_compiled_zero2"):
         assert sorted(runs[name]) == sorted(plain)
         worst = max(abs(runs[name][s] - plain[s]) / abs(plain[s]) for s in plain)
