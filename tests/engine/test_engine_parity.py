@@ -8,7 +8,7 @@ from engine_fixtures import run_config_dict, step_losses, train_rank
 from harness import run_ranks
 
 pytestmark = pytest.mark.dist
-STEPS = 20  # of the resume runs
+STEPS, STOP = 14, 7  # the resume runs: stopped after step STOP and relaunched
 PARITY_STEPS = 12
 
 
@@ -42,38 +42,38 @@ def assert_trains(output_dir):
 
 @pytest.fixture(scope="module")
 def resumed_and_full(demo_world, tmp_path_factory):
-    """A 20-step run, and the same run stopped after step 10 and relaunched."""
+    """A 14-step run, and the same run stopped after step 7 and relaunched."""
     root = tmp_path_factory.mktemp("resume")
     full = run_config_dict(demo_world, root / "full", steps=STEPS, micro_batch=4, global_batch=16)
     run_ranks(train_rank, 2, full)
     resumed = run_config_dict(demo_world, root / "resumed", steps=STEPS, micro_batch=4, global_batch=16)
-    resumed["train"]["stop_at_step"] = 10  # the first invocation stops after step 10 ...
+    resumed["train"]["stop_at_step"] = STOP  # the first invocation stops after step 7 ...
     run_ranks(train_rank, 2, resumed)
     stopped = step_losses(root / "resumed")
-    assert max(stopped) == 10 and not (root / "resumed" / "final_metrics.json").exists()
+    assert max(stopped) == STOP and not (root / "resumed" / "final_metrics.json").exists()
     resumed["train"]["stop_at_step"] = None  # ... the same command relaunched continues it
     run_ranks(train_rank, 2, resumed)
     return root
 
 
 def test_resume_restores_model_data_cursor_and_step_exactly(resumed_and_full):
-    """The first loss after the resume (step 11: weights after step 10's update, the cursor's next
+    """The first loss after the resume (step 8: weights after step 7's update, the cursor's next
     batch) equals the uninterrupted run's, and the run completes with its checkpoints."""
     from xfm_scale import checkpoint
 
     expected, resumed = step_losses(resumed_and_full / "full"), step_losses(resumed_and_full / "resumed")
     assert sorted(resumed) == list(range(1, STEPS + 1))
-    for step in range(1, 12):
+    for step in range(1, STOP + 2):
         assert resumed[step] == expected[step], (step, resumed[step], expected[step])
-    assert checkpoint.complete_steps(resumed_and_full / "resumed" / "checkpoints") == [10, 20]
+    assert checkpoint.complete_steps(resumed_and_full / "resumed" / "checkpoints") == [STOP, STEPS]
 
 
 def test_every_step_after_resume_equals_uninterrupted(resumed_and_full):
-    """Steps 12..20 after the resume equal the uninterrupted run's. The blend has steps that leave
+    """Steps 9..14 after the resume equal the uninterrupted run's. The blend has steps that leave
     the vision and fusion encoders untouched, so this fails if ZeRO-3 steps them with the previous
     step's gradient (see parallel.begin_optimizer_step)."""
     expected, resumed = step_losses(resumed_and_full / "full"), step_losses(resumed_and_full / "resumed")
-    for step in range(12, STEPS + 1):
+    for step in range(STOP + 2, STEPS + 1):
         assert abs(resumed[step] - expected[step]) <= 1e-6 * abs(expected[step]), (step, resumed[step], expected[step])
 
 
