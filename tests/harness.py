@@ -52,9 +52,22 @@ def _load(payload: bytes):
     return torch.load(io.BytesIO(payload), weights_only=False)
 
 
+# Ranks are forked from a server process that has already imported the heavy stack: a fresh
+# interpreter spends ~7 s importing it (megatron-core alone imports torch._dynamo for its fusers),
+# and the suite starts well over a hundred ranks. The server only imports (no threads, no process
+# group, no tensors), so each fork starts clean; environment variables are set in the rank.
+_PRELOAD = ["torch", "deepspeed", "megatron.core", "xfm_scale.parallel", "xfm_scale.trainer"]
+
+
+def _context():
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(_PRELOAD)
+    return ctx
+
+
 def run_ranks(fn: Callable[..., Any], world_size: int, *args, timeout: float = 600, **kwargs) -> list[Any]:
-    """Run ``fn(*args, **kwargs)`` on ``world_size`` spawned ranks; return their results by rank."""
-    ctx = mp.get_context("spawn")
+    """Run ``fn(*args, **kwargs)`` on ``world_size`` fresh ranks; return their results by rank."""
+    ctx = _context()
     results = ctx.Queue()
     port = free_port()
     procs = [ctx.Process(target=_rank_entry, args=(fn, r, world_size, port, results, args, kwargs))
