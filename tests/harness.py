@@ -1,7 +1,8 @@
 """Runs a test body on N real ranks (separate processes, gloo on CPU).
 
 Every distributed test uses :func:`run_ranks`. The body is a top-level function (it is pickled by
-reference into each spawned process); it receives its arguments, reads its rank from
+reference into each rank process, forked from a server that has the heavy imports done); it
+receives its arguments, reads its rank from
 ``torch.distributed`` after it calls ``xfm_scale.parallel.initialize`` (or its own init), and
 returns a picklable result. The harness collects one result per rank, in rank order, and turns
 a failure on any rank into a test failure carrying that rank's traceback. Nothing is mocked.
