@@ -9,10 +9,10 @@ from harness import run_ranks
 
 pytestmark = pytest.mark.dist
 STEPS, STOP = 14, 7  # the resume runs: stopped after step STOP and relaunched
-PARITY_STEPS = 12
+PARITY_STEPS = 20
 
 
-def test_tp2_dp2_zero3_equals_single_rank_tp1_for_12_steps(demo_world, tmp_path):
+def test_tp2_dp2_zero3_equals_single_rank_tp1_for_20_steps(demo_world, tmp_path):
     # One rank must see the union of the two DP ranks' micro-batches (micro-batch 8 = 2 x 4), and
     # draw ITM negatives within the same groups of 4 the DP=2 ranks use.
     # grad_clip 0.05 makes clipping act on every step, so the TP-correct norm is exercised too.
