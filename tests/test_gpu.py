@@ -23,7 +23,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests" / "model"))
-from model_fixtures import batches, tiny_config  # noqa: E402
+from model_fixtures import batches, relative_error, tiny_config  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 GPU_ENV = {**{k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}, "DS_ACCELERATOR": "cuda",
@@ -64,10 +64,6 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
-def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
-
-
 def test_inductor_compiled_blocks_match_eager_in_bf16(fresh_dynamo):
     """Inductor's generated kernels (model.compile_blocks) against the eager blocks, bf16, dropout
     off: every objective's loss, and the gradients, agree to bf16 precision."""
@@ -93,7 +89,7 @@ def test_inductor_compiled_blocks_match_eager_in_bf16(fresh_dynamo):
     expected_grads, grads = _grads(eager), _grads(compiled)
     # over all gradients at once: per tensor, bf16 rounding dominates the near-zero ones
     names = sorted(expected_grads)
-    worst = _relative(torch.cat([grads[n].flatten() for n in names]),
+    worst = relative_error(torch.cat([grads[n].flatten() for n in names]),
                       torch.cat([expected_grads[n].flatten() for n in names]))
     assert worst < 5e-2, f"compiled bf16 gradients differ from eager by {worst:.2e}"
 
@@ -115,8 +111,8 @@ def test_inductor_compiled_blocks_replay_dropout_when_checkpointed(fresh_dynamo)
         return _grads(model)
 
     plain, checkpointed, other_seed = run(False, 7), run(True, 7), run(False, 8)
-    assert max(_relative(checkpointed[n], plain[n]) for n in plain) < 1e-5
-    assert max(_relative(other_seed[n], plain[n]) for n in plain) > 1e-3  # dropout is really on
+    assert max(relative_error(checkpointed[n], plain[n]) for n in plain) < 1e-5
+    assert max(relative_error(other_seed[n], plain[n]) for n in plain) > 1e-3  # dropout is really on
 
 
 @pytest.mark.parametrize("stage,compile_blocks", [(3, False), (2, False), (2, True)])

@@ -14,15 +14,7 @@ from model_fixtures import batches, relative_error, tiny_config
 from xfm_scale import build_model, parallel
 from xfm_scale.model.layers import padding_mask
 
-pytestmark = pytest.mark.unit
-
-
-@pytest.fixture(scope="module", autouse=True)
-def world_of_one():
-    # a real (one-rank) process group and megatron state: the row-parallel layers' group lookup,
-    # which used to break graphs, happens only then
-    parallel.initialize(tensor_parallel_size=1, seed=5)
-    yield
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("world_of_one")]
 
 
 @pytest.fixture(autouse=True)

@@ -10,17 +10,11 @@ import torch
 
 from harness import tool_env
 from model_fixtures import batches, tiny_config
-from xfm_scale import PRESETS, ConfigError, XFMConfig, build_model, parallel
+from xfm_scale import PRESETS, ConfigError, XFMConfig, build_model
 from xfm_scale.model import tp_layout
 
-pytestmark = pytest.mark.unit
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("world_of_one")]
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def world_of_one():
-    parallel.initialize(tensor_parallel_size=1, seed=5)
-    yield
 
 
 def _grad_norm(loss: torch.Tensor, params: list[torch.nn.Parameter]) -> float:

@@ -109,9 +109,9 @@ class XFM(nn.Module):
         graphs of one block serve all of that encoder's blocks (plus a few variants: with and
         without grad, eval, a new batch size or length before dynamo marks it dynamic). Without
         dropout a block is one graph; attention with dropout runs eagerly between graphs (see
-        ``layers.attend``). Compiling blocks rather than
-        the whole model keeps the losses, the tied heads and the micro-batch dispatch eager, and
-        leaves state-dict names unchanged (``Module.compile`` compiles in place)."""
+        ``layers.attend``). Compiling blocks rather than the whole model keeps the losses, the tied
+        heads and the micro-batch dispatch eager, and leaves state-dict names unchanged
+        (``Module.compile`` compiles in place)."""
         for block in self.encoder_blocks():
             block.compile(backend=backend)
 
