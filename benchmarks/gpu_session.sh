@@ -12,7 +12,9 @@
 #                    to split them over two calls if one would pass 10 minutes
 #        train_step  base preset against the baseline, bf16, loader in the loop and not (benchmarks/train_step.py);
 #                    ZeRO-3 by default, `train_step --zero-stage 2` for ZeRO-2 (parameters whole, no gathers),
-#                    `train_step --zero-stage 2 --compile-blocks` with the encoder blocks compiled by inductor
+#                    `train_step --zero-stage 2 --compile-blocks` with the encoder blocks compiled by inductor;
+#                    add `--profile /tmp/xfm_profile` to profile one step per case after the timing (the time by
+#                    owner lands in the JSON; the blended step's two traces are copied to $OUT for Perfetto)
 #        memory      state, step peak and saved activations of base and large, checkpointing off/on
 #        largest     the largest depth-scaled giant that trains one step with ZeRO-3 + CPU offload
 #                    (a probe takes minutes: narrow the search per call, e.g. largest --min-scale 1.8 --max-scale 1.8)
@@ -36,3 +38,7 @@ case "$stage" in
   *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac
 cp benchmarks/RESULTS.md "$out/RESULTS.md"
+# $OUT takes 8 files of 16 MiB at most: of the traces, the blended step's two only
+for trace in /tmp/xfm_profile/{xfm_scale,baseline}_blend_rank0.json.gz; do
+  [ -f "$trace" ] && cp "$trace" "$out/" || true
+done

@@ -26,7 +26,9 @@ each is with the loader in the loop. The data is a generated corpus at the prese
   python benchmarks/train_step.py --preset base --zero-stage 2 --compile-blocks --record  # + torch.compile
   torchrun --nproc_per_node 8 benchmarks/train_step.py --preset large       # 8 GPUs, DP 8
 
-``--record`` appends a dated row to benchmarks/RESULTS.md; ``--json PATH`` writes every figure.
+``--record`` appends a dated row to benchmarks/RESULTS.md; ``--json PATH`` writes every figure;
+``--profile DIR`` then profiles one step per implementation and case (benchmarks/profile_step.py:
+Chrome traces, and the time by owner, so the next lever is chosen by where the time goes).
 """
 from __future__ import annotations
 
@@ -50,6 +52,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 import results  # noqa: E402  (benchmarks/results.py)
+from profile_step import format_table, profile_step  # noqa: E402
 from baseline_xfm import BaselineTrainer  # noqa: E402
 from xfm_scale import parallel, run_config  # noqa: E402
 from xfm_scale.config import XFMConfig  # noqa: E402
@@ -203,7 +206,7 @@ def benchmark(args) -> dict:
             raise SystemExit("the baseline has no tensor parallelism: use --no-baseline with TP > 1")
         baseline = BaselineTrainer(model_config, cfg.optim, device, bf16=bf16, seed=cfg.train.seed)
         implementations["baseline"] = baseline.train_step
-    rows = []
+    rows, profiles = [], {}
     for case in CASES:
         for with_loader in (False, True):
             for name, step_fn in implementations.items():
@@ -218,6 +221,9 @@ def benchmark(args) -> dict:
                 rows.append(row)
                 if layout.rank == 0:
                     print(_format_row(row), flush=True)
+        if args.profile:
+            profiles.update(profile_case(args.profile, case, implementations, trainer.build_loader(str(data[case])),
+                                         layout.rank))
     return {"preset": args.preset, "device": results.hardware(), "precision": "bf16" if bf16 else "fp32",
             "peak_tflops": peak / 1e12, "peak_source": peak_source,
             "micro_batch": {"pair": args.micro_batch, "image": args.micro_batch,
@@ -226,7 +232,22 @@ def benchmark(args) -> dict:
             "zero_stage": trainer.engine.zero_optimization_stage(),
             "activation_checkpointing": args.activation_checkpointing, "compile_blocks": args.compile_blocks,
             "loader_workers": args.workers,
-            "steps": args.steps, "warmup": args.warmup, "rows": rows, **summarise(rows)}
+            "steps": args.steps, "warmup": args.warmup, "rows": rows, "profile": profiles, **summarise(rows)}
+
+
+def profile_case(out_dir: str, case: str, implementations: dict, loader, rank: int) -> dict:
+    """One more step of each implementation on the case's next step, under the profiler (after the
+    timed ones, so nothing compiles in it): its trace goes to OUT_DIR/IMPL_CASE_rankR.json.gz and
+    its time-by-owner tables are returned (benchmarks/profile_step.py)."""
+    batches = next(loader.iter_steps())
+    summaries = {}
+    for name, step_fn in implementations.items():
+        trace = Path(out_dir) / f"{name}_{case}_rank{rank}.json.gz"
+        summaries[f"{name}/{case}"] = summary = profile_step(lambda: step_fn(batches), trace)
+        if rank == 0:
+            print("\n".join(t for t in (format_table(f"{name} {case}", summary),
+                                         format_table(f"{name} {case}", summary, "device")) if t), flush=True)
+    return summaries
 
 
 def summarise(rows: list[dict]) -> dict:
@@ -265,6 +286,11 @@ def record(out: dict) -> None:
             per_case += (f", {r['samples_per_s']:.1f} vs baseline {rows[('baseline', case, False)]['samples_per_s']:.1f}"
                          f" samples/s = {out['ratio_vs_baseline'][case]:.2f}x")
         parts.append(per_case)
+    for key, summary in out.get("profile", {}).items():
+        if key.startswith("xfm_scale/"):
+            parts.append(f"profiled {key.split('/')[1]} step {summary['wall_s']:.3f} s, host time by owner: " + ", ".join(
+                f"{r['owner']} {r['seconds']:.3f} s" for r in summary["host"][:3]) + "".join(
+                f", device: {r['owner']} {r['seconds']:.3f} s" for r in summary["device"][:2]))
     late = sum(r.get("graphs_compiled_while_timed", 0) for r in out["rows"])
     if late:
         parts.append(f"{late} torch.compile graphs were built inside timed steps (figures too low)")
@@ -297,6 +323,9 @@ def parse_args(argv=None):
     p.add_argument("--no-baseline", action="store_true", help="time xfm_scale only")
     p.add_argument("--max-corpus", type=int, default=4000, help="at most this many generated samples per corpus")
     p.add_argument("--work-dir", default=None, help="where the generated data and run files go (default: a temp dir)")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="after the timing, profile one more step of each implementation per case: Chrome traces "
+                        "to DIR, time by owner (DeepSpeed, megatron, xfm_scale, ...) printed and in --json")
     p.add_argument("--json", default=None, help="write every figure to this file")
     p.add_argument("--record", action="store_true", help="append a dated row to benchmarks/RESULTS.md")
     args = p.parse_args(argv)

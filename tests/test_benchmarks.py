@@ -4,7 +4,9 @@
   the same model: loaded with an XFM's weights it gives the same losses on every micro-batch kind,
   so the throughput ratio compares two implementations of one computation.
 * benchmarks/train_step.py runs end to end at tiny size on CPU (as every session does) and reports
-  consistent figures for both implementations, every case, with and without the loader.
+  consistent figures for both implementations, every case, with and without the loader; its
+  profiles (benchmarks/profile_step.py) charge every traced microsecond once, to the code that
+  asked for it.
 * benchmarks/memory.py: activation checkpointing really shrinks what the forward keeps for backward,
   a one-step probe with ZeRO-3 + CPU offload trains, and the search for the largest model stops at
   the first size that does not fit.
@@ -79,7 +81,7 @@ def test_train_step_benchmark_reports_both_implementations(tmp_path):
     out = tmp_path / "train_step.json"
     proc = run_script(["benchmarks/train_step.py", "--preset", "tiny", "--steps", "1", "--warmup", "1",
                        "--micro-steps", "2", "--micro-batch", "8", "--zero-stage", "2", "--json", str(out),
-                       "--work-dir", str(tmp_path)])
+                       "--work-dir", str(tmp_path), "--profile", str(tmp_path / "profile")])
     result = json.loads(out.read_text())
     assert result["zero_stage"] == 2  # the engine it timed, not only the flag
     rows = {(r["implementation"], r["case"], r["loader"]): r for r in result["rows"]}
@@ -97,6 +99,56 @@ def test_train_step_benchmark_reports_both_implementations(tmp_path):
                                       / rows[("baseline", case, lo)]["samples_per_s"])
     assert result["peak_tflops"] > 0 and "measured matmul peak" in result["peak_source"]
     assert "ratio xfm_scale / baseline" in proc.stdout
+    # --profile: one traced step per implementation and case, its host time shared out by owner
+    assert set(result["profile"]) == {f"{impl}/{case}" for impl in ("xfm_scale", "baseline")
+                                      for case in ("text", "image", "pair", "blend")}
+    for key, summary in result["profile"].items():
+        impl, case = key.split("/")
+        assert (tmp_path / "profile" / f"{impl}_{case}_rank0.json.gz").stat().st_size > 0
+        assert summary["host_total_s"] == pytest.approx(summary["wall_s"], rel=0.1), key  # nothing counted twice
+        owners = [r["owner"] for r in summary["host"]]
+        assert any(o.startswith("deepspeed/") for o in owners) == (impl == "xfm_scale"), (key, owners)
+        assert summary["device"] == []  # no GPU here
+    assert "xfm_scale blend: host time by owner" in proc.stdout
+
+
+@pytest.mark.unit
+def test_the_profile_tables_charge_each_microsecond_to_the_code_that_asked_for_it():
+    from profile_step import BACKWARD, summarise_trace
+
+    def span(cat, name, ts, dur, tid=1, **args):
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "pid": 1, "tid": tid, "args": args}
+
+    trainer, forward = "xfm_scale/trainer.py(270): train_step", "deepspeed/runtime/engine.py(2100): forward"
+    hook = "deepspeed/runtime/zero/stage_1_and_2.py(1414): reduce_hook"
+    events = [
+        span("python_function", trainer, 0, 100_000),
+        # record_function's span starts inside its __enter__ frame and outlives it: must not count
+        span("python_function", "torch/autograd/profiler.py(921): __enter__", 200, 500),
+        span("user_annotation", "profiled step", 600, 99_000),
+        span("python_function", forward, 5_000, 40_000),
+        span("cpu_op", "aten::linear", 10_000, 20_000),
+        span("cpu_op", "aten::mm", 12_000, 15_000),
+        span("cuda_runtime", "cudaLaunchKernel", 13_000, 2_000, correlation=7),
+        span("cpu_op", "autograd::engine::evaluate_function: MmBackward0", 50_000, 30_000),
+        span("cpu_op", "aten::mm", 52_000, 10_000),
+        span("python_function", hook, 65_000, 10_000),
+        span("cpu_op", "aten::copy_", 66_000, 8_000),
+        span("kernel", "sm90_gemm", 14_000, 25_000, tid=7, correlation=7),
+        span("kernel", "stray_kernel", 60_000, 1_000, tid=7, correlation=99),
+    ]
+    summary = summarise_trace(events)
+    host = {r["owner"]: r for r in summary["host"]}
+    assert summary["wall_s"] == pytest.approx(0.099) and summary["host_total_s"] == pytest.approx(0.1)
+    assert host[trainer]["seconds"] == pytest.approx(0.030)  # its Python (with the unmarked __enter__): 100 - 40 - 30 ms
+    assert host[forward]["seconds"] == pytest.approx(0.040)
+    assert dict(map(tuple, host[forward]["operators"])) == pytest.approx({"aten::linear": 0.020, "Python": 0.020})
+    assert host[BACKWARD]["seconds"] == pytest.approx(0.020)  # the engine's own op and the mm in it
+    assert dict(map(tuple, host[hook]["operators"])) == pytest.approx({"aten::copy_": 0.008, "Python": 0.002})
+    device = {r["owner"]: r for r in summary["device"]}
+    assert device[forward]["operators"] == [["aten::linear", pytest.approx(0.025)]]  # launched under it
+    assert device["unknown launch"]["seconds"] == pytest.approx(0.001)
+    assert summary["device_total_s"] == pytest.approx(0.026)
 
 
 @pytest.mark.unit
