@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import math
 import os
 import random
 import socket
 import sys
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -155,9 +157,14 @@ def initialize(tensor_parallel_size: int = 1, seed: int = 1234, timeout_s: float
         with contextlib.redirect_stdout(sys.stderr):
             deepspeed.init_distributed(dist_backend="gloo" if _on_cpu() else "nccl", verbose=False,
                                        timeout=datetime.timedelta(seconds=timeout_s))
+    if _on_cpu() and world_size > 1:
+        _unlink_deepspeed_shm_segment()
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
-    ps.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel_size)
+    # The TP and DP groups carry ZeRO's collectives: they get the run's timeout too (megatron's
+    # default is 30 minutes, so a dead rank would hang its peers that long).
+    ps.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel_size,
+                                 distributed_timeout_minutes=max(1, math.ceil(timeout_s / 60)))
     mpu = MegatronMPU()
     ds_ckpt.configure(mpu, partition_activations=False, contiguous_checkpointing=False,
                       checkpoint_in_cpu=False, synchronize=False, profile=False)
@@ -172,6 +179,24 @@ def initialize(tensor_parallel_size: int = 1, seed: int = 1234, timeout_s: float
                   tensor_parallel_rng=lambda: ds_ckpt.get_cuda_rng_tracker().fork(),
                   name="deepspeed")
     return current_layout()
+
+
+def deepspeed_shm_segment(rank: int) -> Path:
+    """The shared-memory segment DeepSpeed's CPU all-reduce creates for ``rank`` when all ranks
+    are on one machine (deepspeed/ops/csrc/cpu/comm/shm.cpp, 0.19.8: named after the user id,
+    MASTER_ADDR and MASTER_PORT)."""
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    return Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
+
+
+def _unlink_deepspeed_shm_segment() -> None:
+    """DeepSpeed never unlinks its CPU all-reduce segments (66 MB per rank): every multi-rank CPU
+    run used to leave them in /dev/shm, that is in RAM, until reboot (8.7 GB after a few days of
+    test runs here). ``init_distributed`` returns once this rank has mapped every peer's segment;
+    after the barrier every rank has, so the names can go. The mappings stay valid until the
+    processes exit, and nothing is left behind however they exit."""
+    torch.distributed.barrier()
+    deepspeed_shm_segment(torch.distributed.get_rank()).unlink(missing_ok=True)
 
 
 def current_layout() -> ParallelLayout:

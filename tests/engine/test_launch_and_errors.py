@@ -1,16 +1,18 @@
 """The entry point as users run it: set-up errors before any rank trains (each naming the fix),
-and a two-node job on localhost (two node processes, under torchrun and under DeepSpeed's runner
-with --no_ssh and a node rank) that trains and checkpoints."""
+a two-node job on localhost (two node processes, under torchrun and under DeepSpeed's runner
+with --no_ssh and a node rank) that trains and checkpoints, and ranks that leave nothing in
+/dev/shm."""
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from engine_fixtures import run_config_dict
-from harness import free_port, tool_env
+from harness import free_port, run_ranks, tool_env
 
 pytestmark = pytest.mark.dist
 ROOT = Path(__file__).resolve().parents[2]
@@ -127,3 +129,33 @@ def test_two_node_processes_on_localhost_train_and_checkpoint(good, tmp_path, ru
     # both nodes' ranks wrote their ZeRO partitions into the one checkpoint
     shards = sorted(p.name for p in (out / "checkpoints" / "step00000003").glob("*optim_states.pt"))
     assert len(shards) == 2, shards
+
+
+def shm_rank():
+    """Initialise as under DeepSpeed's launcher (LOCAL_SIZE set: its shared-memory all-reduce is
+    on); report whether the ranks' segments are still named in /dev/shm and whether the
+    shared-memory all-reduce still works."""
+    import os
+
+    import deepspeed.comm as ds_comm
+    import torch
+
+    os.environ["LOCAL_SIZE"] = os.environ["WORLD_SIZE"]
+    from xfm_scale import parallel
+
+    layout = parallel.initialize(1)
+    backend_has_shm = getattr(ds_comm.comm.cdb, "shm_comm_op", None) is not None
+    left = [parallel.deepspeed_shm_segment(r).exists() for r in range(layout.world_size)]
+    summed = torch.full((8,), float(layout.rank + 1))
+    ds_comm.inference_all_reduce(summed)
+    return backend_has_shm, left, summed
+
+
+def test_ranks_leave_no_shared_memory_behind():
+    """DeepSpeed's CPU all-reduce segments (66 MB each, in RAM) used to outlive every run."""
+    results = run_ranks(shm_rank, 2)
+    if not results[0][0]:
+        pytest.skip("DeepSpeed's shared-memory comm op is not built on this machine")
+    for _, left, summed in results:
+        assert left == [False, False]
+        assert torch.equal(summed, torch.full((8,), 3.0))  # 1 + 2: the mapped segments still serve
