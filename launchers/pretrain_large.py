@@ -8,8 +8,8 @@
 
 Every rank loads and validates the run config before it touches the process group, so a bad
 config fails at once with a message naming the fix. ``--check`` validates without starting ranks
-(hostfile, TP size vs ranks, batch divisibility, config keys, data paths): the sweep script and
-cluster users run it before submitting.
+(hostfile, TP size vs ranks, batch divisibility, config keys and value ranges, data paths and the
+blend spec's corpora, init folders): the sweep script and cluster users run it before submitting.
 
 Exit codes: 0 finished (or stopped at train.stop_at_step), 2 bad input (the message names the fix),
 3 the run stopped itself after saving a checkpoint (too many skipped non-finite steps or bad
@@ -80,10 +80,17 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     from xfm_scale.checkpoint import CheckpointSaveError
+    from xfm_scale.data.shards import DataSpecError
     from xfm_scale.trainer import Trainer, TrainingStopped
+    from xfm_scale.zero_checkpoint import CheckpointError
 
     try:
         Trainer(cfg).run()
+    except (ConfigError, DataSpecError, CheckpointError) as err:
+        # bad input found only once the ranks are up (a checkpoint or an init folder that does not
+        # load, a corpus whose shards disagree with its manifest): the message names the fix
+        print(f"error (rank {rank}): {err}", file=sys.stderr)
+        return 2
     except (TrainingStopped, CheckpointSaveError) as err:  # a diagnosis, not a crash: no traceback
         if rank == 0:
             print(f"error: {err}", file=sys.stderr)

@@ -13,6 +13,7 @@ step determine every RNG stream: nothing else needs saving).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -26,6 +27,7 @@ from xfm_scale.model.tp_layout import partition_spec
 COMPLETE = "COMPLETE.json"
 POINTER = "latest_complete"
 _TAG = re.compile(r"^step(\d{8})$")
+log = logging.getLogger(__name__)
 
 
 def tag_for(step: int) -> str:
@@ -47,6 +49,37 @@ def complete_steps(ckpt_dir: str | Path) -> list[int]:
 def latest_complete(ckpt_dir: str | Path) -> int | None:
     steps = complete_steps(ckpt_dir)
     return steps[-1] if steps else None
+
+
+def agreed_latest_complete(ckpt_dir: str | Path) -> int | None:
+    """Rank 0's :func:`latest_complete`, the same on every rank: a rank reading a shared
+    filesystem's cached listing could otherwise resume from another step than its peers."""
+    choice = [latest_complete(ckpt_dir) if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(choice, src=0)
+    return choice[0]
+
+
+def check_visible_to_every_rank(marker: Path, key: str, wait_s: float = 60.0) -> None:
+    """Raise on every rank (ConfigError naming ``key``) unless every rank sees ``marker``, which
+    rank 0 has just written into the output folder. Every rank writes its ZeRO partitions there,
+    so a folder that is not shared by all nodes would otherwise fail at the first save, hours
+    in, as a write error. A shared folder slow to show a new file (NFS attribute caching) gets
+    ``wait_s``."""
+    import socket
+
+    from xfm_scale.config import ConfigError
+
+    dist.barrier()
+    deadline = time.monotonic() + wait_s
+    while not marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    seen = [None] * dist.get_world_size()
+    dist.all_gather_object(seen, (socket.gethostname(), marker.exists()))
+    blind = sorted({f"{host} (rank {rank})" for rank, (host, ok) in enumerate(seen) if not ok})
+    if blind:
+        raise ConfigError(f"{key}={marker.parent}: {marker.name}, written there by rank 0, is not visible on "
+                          f"{', '.join(blind)}; every rank writes its checkpoint partitions into this folder, so "
+                          f"set {key} to storage that every node shares")
 
 
 def universal_checkpoint_info(model, vocab_size: int, padded_vocab_size: int) -> dict:
@@ -90,9 +123,13 @@ def save(engine, ckpt_dir: str | Path, step: int, client_state: dict, keep_last:
     tag = tag_for(step)
     from xfm_scale.parallel import collective_device
 
-    if dist.get_rank() == 0 and (ckpt_dir / tag).is_dir() and not (ckpt_dir / tag / COMPLETE).exists():
-        # a save of this step that never completed (a crash mid-write): its files, perhaps of
-        # another ZeRO stage or layout, must not mix with this save's
+    if dist.get_rank() == 0 and (ckpt_dir / tag).is_dir():
+        # A save of this step that never completed (a crash mid-write), or a complete one of an
+        # earlier run in this folder that was not resumed (train.resume: false): its files,
+        # perhaps of another ZeRO stage or layout, must not mix with this save's, and its
+        # COMPLETE.json must not vouch for a folder being rewritten.
+        if (ckpt_dir / tag / COMPLETE).exists():
+            log.warning("replacing %s, saved by an earlier run that this one did not resume", ckpt_dir / tag)
         shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
     dist.barrier()
 

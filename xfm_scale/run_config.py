@@ -233,6 +233,36 @@ class RunConfig:
             raise ConfigError(f"model.compile_backend={self.model.compile_backend!r} is not a torch.compile backend; "
                               f"use one of {', '.join(sorted(known))} (or set model.compile_blocks: false)")
 
+    # (key, smallest allowed value): fields whose bad values would otherwise fail inside the ranks
+    # (a zero log_every divides by zero at the first step; a zero TP size in the model check)
+    _MINIMUM = (("batch.micro_batch_size", 1), ("batch.global_batch_size", 1), ("train.steps", 1),
+                ("train.log_every", 1), ("train.eval_every", 0), ("train.save_every", 0), ("train.keep_last", 0),
+                ("train.max_skipped_in_a_row", 1), ("train.collective_timeout_s", 1),
+                ("parallel.tensor_parallel_size", 1), ("data.num_workers", 0), ("data.bad_sample_grace", 0),
+                ("data.eval_max_pairs", 1), ("optim.lr", 0), ("optim.warmup_steps", 0), ("optim.grad_clip", 0))
+
+    def _check_ranges(self) -> None:
+        for key, lowest in self._MINIMUM:
+            section, name = key.split(".")
+            value = getattr(getattr(self, section), name)
+            if value is not None and value < lowest:
+                raise ConfigError(f"{key}={value} must be >= {lowest}")
+        text_mbs = self.batch.text_micro_batch_size
+        if text_mbs is not None and text_mbs < 1:
+            raise ConfigError(f"batch.text_micro_batch_size={text_mbs} must be >= 1 (or null: micro_batch_size)")
+        if not 0 <= self.data.max_bad_sample_rate <= 1:
+            raise ConfigError(f"data.max_bad_sample_rate={self.data.max_bad_sample_rate} must be in [0, 1]")
+
+    def _check_data_spec(self) -> None:
+        """The blend spec parses and names corpora that exist, checked here in one process rather
+        than inside every rank after the process group is up."""
+        from xfm_scale.data import spec as data_spec
+
+        try:
+            data_spec.load_spec(self.data.spec)
+        except ValueError as err:  # DataSpecError, and anything the spec's YAML raises
+            raise ConfigError(f"data.spec: {err}") from None
+
     def micro_steps_per_step(self, data_parallel_size: int) -> int:
         per_micro_step = self.batch.micro_batch_size * data_parallel_size
         if self.batch.global_batch_size % per_micro_step:
@@ -252,10 +282,12 @@ class RunConfig:
         if self.data.eval_manifest and not os.path.exists(self.data.eval_manifest):
             raise ConfigError(f"data.eval_manifest: {self.data.eval_manifest} does not exist; fix the "
                               f"path or set it to null to disable evaluation")
-        for key in ("batch.micro_batch_size", "batch.global_batch_size", "train.steps"):
-            section, name = key.split(".")
-            if getattr(getattr(self, section), name) < 1:
-                raise ConfigError(f"{key} must be >= 1")
+        for key in ("model.init_from", "model.init_text_from", "model.init_vision_from"):
+            path = getattr(self.model, key.split(".")[1])
+            if path and not os.path.exists(path):
+                raise ConfigError(f"{key}: {path} does not exist; fix the path or remove the key")
+        self._check_ranges()
+        self._check_data_spec()
         zero = self._deepspeed_json().get("zero_optimization", {})
         stage = zero.get("stage", 0)
         for option in ("round_robin_gradients", "elastic_checkpoint"):

@@ -67,10 +67,12 @@ class Trainer:
         self.ckpt_dir = self.output_dir / "checkpoints"
         if self.is_main:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-            (self.output_dir / "run_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+            checkpoint.write_atomically(self.output_dir / "run_config.json", json.dumps(cfg.to_dict(), indent=2))
+        checkpoint.check_visible_to_every_rank(self.output_dir / "run_config.json", "train.output_dir")
         self.device = parallel.device()
         self.micro_steps = cfg.micro_steps_per_step(self.layout.data_parallel_size)
-        self.resume_step = checkpoint.latest_complete(self.ckpt_dir) if cfg.train.resume else None
+        self.resume_step = checkpoint.agreed_latest_complete(self.ckpt_dir) if cfg.train.resume else None
+        self.last_saved_step = self.resume_step  # kept here: a shared folder's listing may lag
         # read once: its model config builds the model, its layout decides how it is loaded
         self.resume_checkpoint = (ZeroCheckpoint(self.ckpt_dir / checkpoint.tag_for(self.resume_step))
                                   if self.resume_step is not None else None)
@@ -428,9 +430,10 @@ class Trainer:
         every = self.cfg.train.save_every
         if not (force or (every and self.step % every == 0)):
             return
-        if checkpoint.latest_complete(self.ckpt_dir) == self.step:
+        if self.last_saved_step == self.step:
             return
         checkpoint.save(self.engine, self.ckpt_dir, self.step, self.client_state(), self.cfg.train.keep_last)
+        self.last_saved_step = self.step
 
     def client_state(self) -> dict:
         """What a checkpoint carries besides DeepSpeed's own state (see xfm_scale/checkpoint.py)."""

@@ -54,6 +54,9 @@ def test_check_accepts_a_good_launch(good, tmp_path):
     ("zero_stage", ["--num_gpus", "1"], "zero_optimization.stage=1 in "),
     ("round_robin", ["--num_gpus", "1"], "zero_optimization.round_robin_gradients=true in "),
     ("compile_zero3", ["--num_gpus", "1"], "model.compile_blocks=true with zero_optimization.stage=3 in "),
+    ("bad_spec", ["--num_gpus", "1"], "data.spec: corpus 'demo_pairs': unknown field(s) ['wieght']"),
+    ("log_every", ["--num_gpus", "1"], "train.log_every=0 must be >= 1"),
+    ("init_from", ["--num_gpus", "1"], "model.init_from: "),
 ])
 def test_setup_errors_name_the_fix_before_any_rank_starts(good, tmp_path, case, extra, message):
     raw = json.loads(json.dumps(good))
@@ -79,6 +82,15 @@ def test_setup_errors_name_the_fix_before_any_rank_starts(good, tmp_path, case, 
         raw["deepspeed"] = {"overrides": {"zero_optimization.stage": 2, "zero_optimization.round_robin_gradients": True}}
     elif case == "compile_zero3":
         raw["model"]["compile_blocks"] = True  # the default ds config is ZeRO-3
+    elif case == "bad_spec":  # the spec file exists, but a corpus's field is misspelled
+        spec = yaml.safe_load(Path(raw["data"]["spec"]).read_text())
+        spec["corpora"][0]["wieght"] = spec["corpora"][0].pop("weight")
+        raw["data"]["spec"] = str(tmp_path / "misspelled.yaml")
+        Path(raw["data"]["spec"]).write_text(yaml.safe_dump(spec))
+    elif case == "log_every":
+        raw["train"]["log_every"] = 0
+    elif case == "init_from":
+        raw["model"]["init_from"] = str(tmp_path / "no_export")
     result = check(write_config(tmp_path, raw), *extra)
     assert result.returncode == 2, (result.stdout, result.stderr)
     assert message in result.stderr, result.stderr
@@ -159,3 +171,42 @@ def test_ranks_leave_no_shared_memory_behind():
     for _, left, summed in results:
         assert left == [False, False]
         assert torch.equal(summed, torch.full((8,), 3.0))  # 1 + 2: the mapped segments still serve
+
+
+def output_folder_rank(root: str, shared: bool, wait_s: float):
+    """Rank 0 writes the marker into its output folder; with ``shared`` false every rank looks in
+    a folder of its own, as nodes whose train.output_dir is node-local storage would."""
+    import torch.distributed as dist
+
+    from xfm_scale import checkpoint, parallel
+    from xfm_scale.config import ConfigError
+
+    parallel.initialize(1)
+    rank = dist.get_rank()
+    folder = Path(root) / ("shared" if shared else f"node{rank}")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "step_dirs" / ("step00000004" if rank == 0 else "step00000009")).mkdir(parents=True)
+    for step_dir in (folder / "step_dirs").iterdir():
+        (step_dir / checkpoint.COMPLETE).write_text("{}")
+    if rank == 0:
+        (folder / "run_config.json").write_text("{}")
+    dist.barrier()  # both ranks' step folders exist before rank 0 lists
+    agreed = checkpoint.agreed_latest_complete(folder / "step_dirs")
+    try:
+        checkpoint.check_visible_to_every_rank(folder / "run_config.json", "train.output_dir", wait_s=wait_s)
+    except ConfigError as err:
+        return agreed, str(err)
+    return agreed, None
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_an_output_folder_some_node_cannot_see_fails_at_start_on_every_rank(tmp_path, shared):
+    results = run_ranks(output_folder_rank, 2, str(tmp_path), shared, 1.0)
+    for agreed, error in results:
+        if shared:
+            assert error is None
+            assert agreed == 9  # one folder: rank 1's later checkpoint is there for rank 0 too
+        else:
+            assert "train.output_dir=" in error and "is not visible on" in error and "(rank 1)" in error
+            assert "(rank 0)" not in error
+            assert agreed == 4  # rank 0's listing decides for everyone, though rank 1 sees step 9
