@@ -168,7 +168,8 @@ class DeepSpeedSection:
     config: str = "ds_configs/cpu_fp32.json"
     """A DeepSpeed JSON config (ds_configs/); batch sizes and clipping are filled in from this file."""
     overrides: dict[str, Any] = field(default_factory=dict)
-    """Dotted-key overrides of that JSON, e.g. {"zero_optimization.stage": 2}."""
+    """Dotted-key overrides of that JSON, e.g. {"zero_optimization.stage": 2}; a dict value is merged
+    into the section it names ({"zero_optimization": {"stage": 2}} keeps the section's other keys)."""
 
 
 @dataclass(kw_only=True)
@@ -210,7 +211,7 @@ class RunConfig:
                 raise ConfigError(f"deepspeed.config: {self.deepspeed.config} is not valid JSON ({err})") from None
         ds.pop("_comment", None)
         for dotted, value in self.deepspeed.overrides.items():
-            _set_dotted(ds, dotted, value)
+            _set_dotted(ds, dotted, value, merge=True)
         return ds
 
     def _check_compile(self, zero_stage: int) -> None:
@@ -323,11 +324,18 @@ _PATH_KEYS = {("data", "spec"), ("data", "tokenizer_dir"), ("data", "eval_manife
 _REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+def _set_dotted(tree: dict, dotted: str, value: Any, merge: bool = False) -> None:
+    """Set ``a.b.c`` in a nested dict. With ``merge`` (DeepSpeed overrides) a dict value is merged
+    key by key into a dict already there, so ``{zero_optimization: {stage: 2}}`` changes the stage
+    and keeps the section's other keys, as ``zero_optimization.stage: 2`` does."""
     *parents, leaf = dotted.split(".")
     for part in parents:
         tree = tree.setdefault(part, {})
-    tree[leaf] = value
+    if merge and isinstance(value, dict) and isinstance(tree.get(leaf), dict):
+        for key, inner in value.items():
+            _set_dotted(tree[leaf], key, inner, merge=True)
+    else:
+        tree[leaf] = value
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:

@@ -368,18 +368,39 @@ def command_for(spec: SweepSpec, run: Run, master_port: int | str = "PORT") -> l
 
 
 # ---- launch check (before any rank starts) ---------------------------------------------------------------
+ENTRY_POINTS = ("pretrain_large.py", "pretrain_base.py")
+"""The launchers/ scripts whose run config the sweep can validate itself (as their --check does)."""
+
+
 def launch_problem(spec: SweepSpec, run: Run) -> str | None:
-    """Why ``run`` cannot start (a TP/batch/hostfile mismatch), or None. Checked only as far as the
-    sweep can know: the world size from the launcher's flags (deepspeed or torchrun), the sizes from
-    the base config's YAML plus the overrides."""
+    """Why ``run`` cannot start, or None: a TP/batch/hostfile mismatch (the world size from the
+    launcher's flags, deepspeed or torchrun; the sizes from the base config's YAML plus the
+    overrides) and, when the command runs an xfm_scale entry point, everything its ``--check``
+    validates (keys, value ranges, paths, the blend spec), so a bad grid point is reported here
+    rather than after its launch (with ``sbatch --wait``, after its queue wait)."""
+    from xfm_scale.config import ConfigError
+
     try:
-        world = world_size_of_command(command_for(spec, run, master_port=0))
+        command = command_for(spec, run, master_port=0)
+        world = world_size_of_command(command)
         sizes = _batch_sizes(spec, run)
         if world is not None and sizes is not None:
             check_launch(world, *sizes)
-    except LaunchError as err:
+        if any(Path(token).name in ENTRY_POINTS for token in command):
+            _validate_run_config(spec, run, world)
+    except (LaunchError, ConfigError) as err:
         return str(err)
     return None
+
+
+def _validate_run_config(spec: SweepSpec, run: Run, world: int | None) -> None:
+    """The entry point's validation of the run config it will load: the base config with this
+    run's ``--set`` values, read back as the entry point reads them."""
+    from xfm_scale import run_config
+
+    overrides = run_config.parse_overrides([f"{key}={format_value(value)}" for key, value in run.overrides.items()])
+    overrides["train.output_dir"] = str(run.output_dir)
+    run_config.load(spec.base_config, overrides).validate(world)
 
 
 def _batch_sizes(spec: SweepSpec, run: Run) -> tuple[int, int, int] | None:

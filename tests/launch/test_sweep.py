@@ -301,12 +301,19 @@ def test_cli_subprocess_exit_code_and_message(world):
 
 
 # ---- shipped files --------------------------------------------------------------------------------
-def test_example_sweep_is_valid(monkeypatch):
+def test_example_sweep_is_valid(monkeypatch, demo_world):
+    import dataclasses
+
     monkeypatch.chdir(REPO)  # its paths are relative to the repository root, where users run it
     spec = load_sweep("launchers/sweeps/example.yaml")
     runs = expand(spec)
     assert [r.name for r in runs] == ["lr=0.0005,tp=1", "lr=0.0005,tp=2", "lr=0.001,tp=1", "lr=0.001,tp=2"]
-    assert all(launch_problem(spec, r) is None for r in runs)
+    # the demo data its comment says to build first: here, the session's demo world
+    built = {"data.spec": str(demo_world.spec), "data.tokenizer_dir": str(demo_world.tokenizer_dir),
+             "data.eval_manifest": str(demo_world.eval_manifest)}
+    assert set(built) <= set(runs[0].overrides)
+    for run in runs:
+        assert launch_problem(spec, dataclasses.replace(run, overrides={**run.overrides, **built})) is None
 
 
 def test_slurm_template_launches_one_torchrun_per_node(tmp_path):
@@ -320,7 +327,7 @@ def test_slurm_template_launches_one_torchrun_per_node(tmp_path):
         (bin_dir / name).write_text(f"#!/bin/bash\n{body}\n")
         (bin_dir / name).chmod(0o755)
     env = dict(tool_env(), PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_NNODES="2", SLURM_GPUS_ON_NODE="4",
-               SLURM_JOB_ID="1234", SLURM_JOB_NODELIST="node-[a-b]", SLURM_SUBMIT_DIR=str(REPO),
+               SLURM_JOB_ID="1234", SLURM_JOB_NODELIST="node-[a-b]", SLURM_SUBMIT_DIR=str(REPO), SLURM_CPUS_PER_TASK="48",
                TMPDIR=str(tmp_path), XFM_VENV=str(tmp_path / "venv"), PYTHON=str(bin_dir / "python"))
     args = ["--config", "launchers/configs/base.yaml", "--set", "optim.lr=2.0e-4"]
     proc = subprocess.run(["bash", str(REPO / "launchers" / "slurm_pretrain.sbatch"), *args], env=env,
@@ -331,6 +338,27 @@ def test_slurm_template_launches_one_torchrun_per_node(tmp_path):
     assert (tmp_path / "check.txt").read_text().split() == [
         "launchers/pretrain_large.py", "--check", "--hostfile", str(hostfile), *args]
     assert (tmp_path / "srun.txt").read_text().split() == [
-        "--ntasks-per-node=1", "--kill-on-bad-exit=1", str(tmp_path / "venv" / "bin" / "torchrun"),
+        # the job's cores per task reach the step (srun does not inherit them since Slurm 22.05)
+        "--ntasks-per-node=1", "--kill-on-bad-exit=1", "--cpus-per-task=48", str(tmp_path / "venv" / "bin" / "torchrun"),
         "--nnodes", "2", "--nproc_per_node", "4", "--rdzv_id", "1234", "--rdzv_backend", "c10d",
         "--rdzv_endpoint", "node-a:21234", "launchers/pretrain_large.py", *args]
+
+
+def test_grid_points_the_entry_point_would_refuse_are_not_launched(world, demo_world, capsys):
+    """With the real entry point in the command, each run's config (the base config plus its --set
+    values) is validated as its --check would, before anything is launched."""
+    from engine_fixtures import run_config_dict
+
+    raw = run_config_dict(demo_world, world["tmp"] / "unused", steps=2, micro_batch=2, global_batch=8)
+    (world["tmp"] / "run.yaml").write_text(yaml.safe_dump(raw))
+    command = world["command"].replace(str(FAKE), str(REPO / "launchers" / "pretrain_large.py"))
+    ranges = _sweep_file(world, grid="  train.log_every: [0]\n", fixed="  num_gpus: 2\n", command=command)
+    typo = _sweep_file(world, grid="  optim.lr: [1.0e-4]\n", fixed="  num_gpus: 2\n  optim.learning_rate: 1.0e-3\n",
+                       command=command, name="typo.yaml")
+    for path, message in ((ranges, "train.log_every=0 must be >= 1"), (typo, "unknown key(s) optim.learning_rate")):
+        assert _main(world, path) == 2  # no run of the sweep can launch
+        captured = capsys.readouterr()
+        assert "cannot launch: " in captured.out and message in captured.out, captured.out
+        assert "1 runs: 0 finished, 0 to run, 0 failed before, 1 cannot launch" in captured.out
+        assert "no run of" in captured.err
+    assert not list((world["tmp"] / "out").rglob("run.log"))  # nothing was started

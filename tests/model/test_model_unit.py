@@ -188,3 +188,14 @@ def test_run_config_overrides_refine_activation_checkpointing_per_encoder():
         "train": {"steps": 1}})
     model = cfg.model_config()
     assert [e.checkpointed_blocks for e in (model.text, model.vision, model.fusion)] == [2, 1, 0]
+
+
+def test_deepspeed_overrides_change_keys_not_whole_sections(demo_world, tmp_path):
+    from xfm_scale import run_config
+
+    raw = {"data": {"spec": str(demo_world.spec), "tokenizer_dir": str(demo_world.tokenizer_dir)},
+           "batch": {"micro_batch_size": 4, "global_batch_size": 8}, "train": {"steps": 1}}
+    plain = run_config.from_dict(raw, base_dir=str(tmp_path)).deepspeed_config(1)["zero_optimization"]
+    for overrides in ({"zero_optimization.stage": 2}, {"zero_optimization": {"stage": 2}}):
+        cfg = run_config.from_dict({**raw, "deepspeed": {"overrides": overrides}}, base_dir=str(tmp_path))
+        assert cfg.deepspeed_config(1)["zero_optimization"] == {**plain, "stage": 2}, overrides
