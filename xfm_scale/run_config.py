@@ -278,8 +278,8 @@ class RunConfig:
         for key, path in (("data.spec", self.data.spec), ("data.tokenizer_dir", self.data.tokenizer_dir),
                           ("deepspeed.config", self.deepspeed.config)):
             if not os.path.exists(path):
-                raise ConfigError(f"{key}: {path} does not exist; fix the path (relative paths are "
-                                  f"resolved against the run config's folder)")
+                raise ConfigError(f"{key}: {path} does not exist; fix the path (relative paths are read from "
+                                  f"the run config's folder, or from the current directory when given by --set)")
         if self.data.eval_manifest and not os.path.exists(self.data.eval_manifest):
             raise ConfigError(f"data.eval_manifest: {self.data.eval_manifest} does not exist; fix the "
                               f"path or set it to null to disable evaluation")
@@ -407,13 +407,15 @@ def from_dict(raw: dict[str, Any], base_dir: str | Path = ".", overrides: dict[s
     for required in ("data", "batch", "train"):
         if required not in raw:
             raise ConfigError(f"missing section {required!r} in the run config")
-    base = Path(base_dir).resolve()
-    for section, key in _PATH_KEYS:
+    # A relative path in the file is read from the file's folder; one given on the command line
+    # (--set, a sweep's values) from the current directory, as a shell user expects.
+    base, here = Path(base_dir).resolve(), Path.cwd()
+    from_command_line = {tuple(dotted.split(".", 1)) for dotted in (overrides or {})}
+    for section, key in (*_PATH_KEYS, ("deepspeed", "config")):
         if section in raw and key in raw[section]:
-            raw[section][key] = _resolve(raw[section][key], base, (section, key))
-    if "deepspeed" in raw and "config" in raw["deepspeed"]:
-        raw["deepspeed"]["config"] = _resolve(raw["deepspeed"]["config"], base, ("deepspeed", "config"))
-    else:
+            root = here if (section, key) in from_command_line else base
+            raw[section][key] = _resolve(raw[section][key], root, (section, key))
+    if "config" not in raw.get("deepspeed", {}):
         raw.setdefault("deepspeed", {})["config"] = str(_REPO_ROOT / DeepSpeedSection().config)
     return RunConfig(**{name: _build_section(name, cls, raw[name]) for name, cls in _SECTIONS.items() if name in raw})
 

@@ -199,3 +199,21 @@ def test_deepspeed_overrides_change_keys_not_whole_sections(demo_world, tmp_path
     for overrides in ({"zero_optimization.stage": 2}, {"zero_optimization": {"stage": 2}}):
         cfg = run_config.from_dict({**raw, "deepspeed": {"overrides": overrides}}, base_dir=str(tmp_path))
         assert cfg.deepspeed_config(1)["zero_optimization"] == {**plain, "stage": 2}, overrides
+
+
+def test_relative_paths_on_the_command_line_are_read_from_the_current_directory(demo_world, tmp_path, monkeypatch):
+    """In the file: from the file's folder; given by --set (or a sweep): from where the user is."""
+    import shutil
+
+    from xfm_scale import run_config
+
+    config_dir, cwd = tmp_path / "configs", tmp_path / "work"
+    for folder in (config_dir, cwd):
+        shutil.copytree(demo_world.tokenizer_dir, folder / "tok")
+    (config_dir / "run.yaml").write_text(
+        f"data: {{spec: {demo_world.spec}, tokenizer_dir: tok}}\n"
+        "batch: {micro_batch_size: 4, global_batch_size: 8}\ntrain: {steps: 1}\n")
+    monkeypatch.chdir(cwd)
+    assert run_config.load(config_dir / "run.yaml").data.tokenizer_dir == str(config_dir / "tok")
+    given = run_config.load(config_dir / "run.yaml", run_config.parse_overrides(["data.tokenizer_dir=tok"]))
+    assert given.data.tokenizer_dir == str(cwd / "tok")
