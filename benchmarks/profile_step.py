@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import shutil
 from collections import defaultdict
 from pathlib import Path
 
@@ -50,9 +51,11 @@ def profile_step(step_fn, trace_path: Path) -> dict:
     trace_path.parent.mkdir(parents=True, exist_ok=True)
     plain = trace_path.with_suffix("")  # torch writes plain JSON; keep the gzipped copy only
     prof.export_chrome_trace(str(plain))
-    events = json.loads(plain.read_text())["traceEvents"]
-    with gzip.open(trace_path, "wt") as f:
-        f.write(plain.read_text())
+    del prof  # its events can take gigabytes at base size: not held while the trace is read
+    with open(plain, "rb") as src, gzip.open(trace_path, "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    with open(plain) as f:
+        events = json.load(f)["traceEvents"]
     plain.unlink()
     return summarise_trace(events)
 
