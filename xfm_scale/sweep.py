@@ -479,7 +479,7 @@ def _plan(spec: SweepSpec, runs: list[Run], state: dict, retry_failed: bool, rep
         if run.finished:
             report.already_finished.append(run.name)
             _warn_if_changed(spec, run, log)
-        elif (problem := launch_problem(spec, run)) is not None:
+        elif (problem := launch_problem(spec, run) or _resume_problem(spec, run)) is not None:
             report.invalid[run.name] = problem
             log(f"skip {run.name}: cannot launch: {problem}")
         elif state.get(run.name, {}).get("status") == "failed" and not retry_failed:
@@ -494,14 +494,33 @@ def _plan(spec: SweepSpec, runs: list[Run], state: dict, retry_failed: bool, rep
     return todo
 
 
-def _warn_if_changed(spec: SweepSpec, run: Run, log: Callable[[str], None]) -> None:
+def _recorded_fingerprint(run: Run) -> str | None:
+    """The fingerprint the run was last launched with; None when it was not launched by a sweep."""
     try:
-        recorded = json.loads((run.output_dir / RUN_RECORD).read_text()).get("fingerprint")
+        return json.loads((run.output_dir / RUN_RECORD).read_text()).get("fingerprint")
     except (OSError, json.JSONDecodeError, AttributeError):
-        return  # finished outside this sweep (or by an older one): nothing to compare with
-    if recorded != _fingerprint(spec, run):
+        return None
+
+
+def _warn_if_changed(spec: SweepSpec, run: Run, log: Callable[[str], None]) -> None:
+    recorded = _recorded_fingerprint(run)
+    if recorded is not None and recorded != _fingerprint(spec, run):
         log(f"warning: {run.name} finished with a different base config, command or fixed values; its "
             f"results are kept. Delete {run.output_dir} to run it again with the current ones")
+
+
+def _resume_problem(spec: SweepSpec, run: Run) -> str | None:
+    """A started run whose settings changed since: relaunched, the entry point would resume its
+    checkpoints (trained with the old settings) under the new ones, and its results would look
+    like the new settings'. Refused, with the way out."""
+    recorded = _recorded_fingerprint(run)
+    if recorded is None or recorded == _fingerprint(spec, run):
+        return None
+    if not any((run.output_dir / "checkpoints").glob("step*")):
+        return None  # nothing to resume: it starts afresh with the current settings
+    return (f"its checkpoints in {run.output_dir / 'checkpoints'} were written with a different base config, "
+            f"command or fixed values, and a relaunch would resume them with the current ones; delete "
+            f"{run.output_dir} to start it afresh, or restore the sweep file")
 
 
 def _execute(spec: SweepSpec, todo: list[Run], state: dict, max_parallel: int, env: dict | None,

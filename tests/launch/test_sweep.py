@@ -362,3 +362,24 @@ def test_grid_points_the_entry_point_would_refuse_are_not_launched(world, demo_w
         assert "1 runs: 0 finished, 0 to run, 0 failed before, 1 cannot launch" in captured.out
         assert "no run of" in captured.err
     assert not list((world["tmp"] / "out").rglob("run.log"))  # nothing was started
+
+
+def test_a_started_run_is_not_resumed_under_changed_settings(world, capsys):
+    """A run that failed after writing checkpoints, retried once the sweep file changed, would
+    continue those checkpoints under the new settings: refused, with the way out."""
+    tmp = world["tmp"]
+    fixed = f"  num_gpus: 1\n  fake.fail_file: {tmp / 'fail.txt'}\n"
+    (tmp / "fail.txt").write_text("0.0001\n")
+    path = _sweep_file(world, grid="  optim.lr: [1e-4]\n", fixed=fixed + "  train.steps: 5\n")
+    assert _main(world, path) == 1  # failed...
+    (tmp / "out" / "lr=0.0001" / "checkpoints" / "step00000002").mkdir(parents=True)  # ...after a save
+    (tmp / "fail.txt").write_text("")
+    path = _sweep_file(world, grid="  optim.lr: [1e-4]\n", fixed=fixed + "  train.steps: 50\n")
+    assert _main(world, path, "--retry-failed") == 2  # its only run cannot launch
+    out = capsys.readouterr().out
+    assert "skip lr=0.0001: cannot launch: its checkpoints in " in out and "delete " in out
+    assert len(_counted(world)) == 1
+    # unchanged settings: the retry resumes as usual
+    path = _sweep_file(world, grid="  optim.lr: [1e-4]\n", fixed=fixed + "  train.steps: 5\n")
+    assert _main(world, path, "--retry-failed") == 0
+    assert len(_counted(world)) == 2
