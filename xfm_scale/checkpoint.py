@@ -103,10 +103,24 @@ def universal_checkpoint_info(model, vocab_size: int, padded_vocab_size: int) ->
 
 
 def write_atomically(path: Path, text: str) -> None:
-    """Readers see the old file or the new one, never a partial write."""
+    """Readers see the old file or the new one, never a partial write, also after a node crash
+    (the file's data and then its new name are on disk before this returns)."""
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(text)
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    _fsync(path.parent)
+
+
+def _fsync(path: str | Path) -> None:
+    """Flush a file's data, or a folder's entries, to the device."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class CheckpointSaveError(RuntimeError):
@@ -134,15 +148,20 @@ def save(engine, ckpt_dir: str | Path, step: int, client_state: dict, keep_last:
     dist.barrier()
 
     errors: list[Exception] = []
+    written: list[str] = []  # this rank's partition files, made durable before COMPLETE.json
 
     def recording(write):
         # A failed write must not skip DeepSpeed's later collectives (a rank that raised would wait
         # in our all_reduce while the others wait in DeepSpeed's barrier): record it and go on.
         def call(*args, **kwargs):
             try:
-                return write(*args, **kwargs)
+                result = write(*args, **kwargs)
             except (OSError, RuntimeError) as err:  # torch.save reports a failed write as RuntimeError
                 errors.append(err)
+                return None
+            if write.__name__ == "save":  # checkpoint_engine.save(state_dict, path)
+                written.append(kwargs.get("path", args[1] if len(args) > 1 else None))
+            return result
         return call
 
     # DeepSpeed's two writers in save_checkpoint: every partition file, and rank 0's copy of its
@@ -158,6 +177,14 @@ def save(engine, ckpt_dir: str | Path, step: int, client_state: dict, keep_last:
     finally:
         for (obj, name), original in zip(writers, originals):
             setattr(obj, name, original)
+    if not errors:
+        # On disk before rank 0 publishes COMPLETE.json: after a node crash (not just a killed
+        # process) a published checkpoint must not hold files still in the page cache.
+        try:
+            for path in [*filter(None, written), ckpt_dir / tag]:
+                _fsync(path)
+        except OSError as err:
+            errors.append(err)
     error = errors[0] if errors else None
     failed = torch.tensor([float(error is not None)], device=collective_device())
     dist.all_reduce(failed, op=dist.ReduceOp.MAX)
