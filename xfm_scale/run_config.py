@@ -260,7 +260,7 @@ class RunConfig:
         from xfm_scale.data import spec as data_spec
 
         try:
-            data_spec.load_spec(self.data.spec)
+            data_spec.check_spec(self.data.spec)
         except ValueError as err:  # DataSpecError, and anything the spec's YAML raises
             raise ConfigError(f"data.spec: {err}") from None
 

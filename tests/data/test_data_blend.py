@@ -1,12 +1,16 @@
-"""The blend: prefix-exact mixture (megatron's helper), per-epoch shuffles, cache, report."""
+"""The blend: prefix-exact mixture (megatron's helper), per-epoch shuffles, cache, modality streams,
+report."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from xfm_scale.data.blend import build_blend
+import xfm_scale.data.blend as blend_module
+from xfm_scale.data.blend import build_blend, modality_streams, stream_file
+from xfm_scale.data.shards import MODALITIES
 from xfm_scale.data.spec import parse_data_path
 from conftest import text_corpus, write_spec
 
@@ -101,3 +105,34 @@ def test_report_rows_and_megatron_data_path_form(skewed_spec, tmp_path):
     assert main(["--data-path", data_path, "--num-samples", "1000", "--out", str(tmp_path / "b"),
                  "--seed", "5"]) == 0
     assert json.loads((tmp_path / "b" / "report.json").read_text())["cache_hit"] is True
+
+
+def test_modality_streams_are_files_of_the_cache_mapped_on_load(demo, tmp_path, monkeypatch):
+    """The loader's per-modality position streams are written once into the blend cache and
+    memory-mapped by every loader (no [N] array per rank); they equal the split of the blend."""
+    blend = build_blend(demo.spec, num_samples=3000, seed=1, cache_dir=tmp_path)
+    codes = np.array([MODALITIES.index(c.modality) for c in blend.corpora])[np.asarray(blend.corpus_index)]
+    expected = {m: np.flatnonzero(codes == i) for i, m in enumerate(MODALITIES)}
+    for m in MODALITIES:
+        assert isinstance(blend.streams[m], np.memmap) and Path(blend.streams[m].filename).parent == blend.path
+        assert blend.streams[m].dtype == np.int64 and np.array_equal(blend.streams[m], expected[m])
+    monkeypatch.setattr(blend_module, "STREAM_CHUNK", 7)  # the chunked build equals the whole one
+    chunked = modality_streams(blend.corpus_index, blend.corpora)
+    assert all(np.array_equal(chunked[m], expected[m]) for m in MODALITIES)
+
+    for m in MODALITIES:  # a cache folder from before the streams were cached gets them added...
+        (blend.path / stream_file(m)).unlink()
+
+    def read_only(*args):
+        raise PermissionError("read-only cache")
+
+    with monkeypatch.context() as patch:  # ...or, where it is read-only, the loader builds them in memory
+        patch.setattr(blend_module, "_add_streams", read_only)
+        in_memory = build_blend(demo.spec, num_samples=3000, seed=1, cache_dir=tmp_path)
+    assert all(np.array_equal(in_memory.streams[m], expected[m]) for m in MODALITIES)
+    again = build_blend(demo.spec, num_samples=3000, seed=1, cache_dir=tmp_path)
+    assert again.cache_hit and again.fingerprint == blend.fingerprint
+    assert all(isinstance(again.streams[m], np.memmap) and np.array_equal(again.streams[m], expected[m])
+               for m in MODALITIES)
+    uncached = build_blend(demo.spec, num_samples=3000, seed=1)
+    assert all(np.array_equal(uncached.streams[m], expected[m]) for m in MODALITIES)

@@ -1,4 +1,5 @@
-"""The demo world (captions really describe the images) and make_shards' input formats."""
+"""The demo world (captions really describe the images), make_shards' input formats, and what
+writing a corpus leaves in its folder."""
 from __future__ import annotations
 
 import json
@@ -10,7 +11,7 @@ import pytest
 from xfm_scale.data.demo import COLOURS, Scene, caption, draw
 from xfm_scale.data.loader import load_pair_eval_set, load_tokenizer
 from xfm_scale.data.sources import read_images, read_pairs, read_text
-from xfm_scale.data.shards import Skip, iter_tar_samples, verify_manifest
+from xfm_scale.data.shards import Skip, iter_tar_samples, verify_manifest, write_corpus
 from conftest import png
 
 pytestmark = pytest.mark.unit
@@ -87,3 +88,33 @@ def test_source_formats(tmp_path):
     (tmp_path / "coco.json").write_text(json.dumps(coco))
     out = list(read_pairs(tmp_path / "coco.json"))
     assert [r["txt"] if isinstance(r, dict) else r.reason for r in out] == ["one", "two", "missing_image_file"]
+
+
+def _texts(prefix: str, n: int):
+    return [{"txt": f"{prefix} {i}"} for i in range(n)]
+
+
+def test_rewriting_a_corpus_deletes_and_lists_only_its_own_shards(tmp_path):
+    """Corpora may share a folder: writing ``wiki`` must neither delete nor list ``wiki-en``'s
+    shards (nor a user's ``wiki-backup.tar``), while its own stale shards do go."""
+    write_corpus(_texts("en", 6), out_dir=tmp_path, name="wiki-en", modality="text", maxcount=2)
+    (tmp_path / "wiki-backup.tar").write_bytes(b"not ours")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    first = write_corpus(_texts("wiki", 5), out_dir=tmp_path, name="wiki", modality="text", maxcount=2)
+    listed = [s["name"] for s in json.loads(first.manifest_path.read_text())["shards"]]
+    assert listed == ["wiki-000000.tar", "wiki-000001.tar", "wiki-000002.tar"]
+
+    second = write_corpus(_texts("wiki", 2), out_dir=tmp_path, name="wiki", modality="text", maxcount=2)
+    manifest = json.loads(second.manifest_path.read_text())
+    assert [s["name"] for s in manifest["shards"]] == ["wiki-000000.tar"] and manifest["num_samples"] == 2
+    ours = {p.name for p in tmp_path.iterdir()} - set(before)
+    assert ours == {"wiki-000000.tar", "wiki-000000.tar.idx.json", "wiki.manifest.json"}  # stale 1, 2 gone
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before  # the others untouched
+    assert verify_manifest(tmp_path / "wiki-en.manifest.json") == []
+
+
+def test_a_corpus_with_no_sample_lists_no_shard(tmp_path):
+    result = write_corpus([Skip("empty_text")], out_dir=tmp_path, name="void", modality="text")
+    manifest = json.loads(result.manifest_path.read_text())
+    assert manifest["shards"] == [] and manifest["skipped"] == {"empty_text": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["void.manifest.json"]  # no empty tar left behind

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from xfm_scale.data.blend import build_blend
-from xfm_scale.data.loader import BlendLoader, LoaderConfig
+from xfm_scale.data.loader import BlendLoader, LoaderConfig, replacement_sample
 from xfm_scale.data.shards import DataSpecError, write_corpus
 from blend_data_cli import main as blend_main
 from conftest import png, text_corpus, write_spec
@@ -137,13 +137,14 @@ def test_bad_records_met_at_load_time_are_counted_and_replaced(tmp_path, demo):
         runs.append((keys, loader.bad_samples.as_dict()))
     (keys, counts), (keys2, counts2) = runs
     # 20 draws = 2 epochs of 10: each bad record is met twice as a draw, plus whenever it is the
-    # replacement of a bad one (one corpus: the replacement of position p is position p + 1).
+    # replacement of a bad one (the seeded draw of replacement_sample, retried while bad).
     reasons = {2: "bad_image", 5: "empty_caption", 7: "missing_image"}
     expected: dict[str, int] = {}
     for position in range(20):
-        while (sample := int(blend.sample_index[position])) in reasons:
+        sample, attempt = int(blend.sample_index[position]), 0
+        while sample in reasons:
             expected[f"shaky/{reasons[sample]}"] = expected.get(f"shaky/{reasons[sample]}", 0) + 1
-            position = (position + 1) % 20
+            sample, attempt = replacement_sample(blend.seed, position, attempt, 10), attempt + 1
     assert counts == expected and sum(counts.values()) >= 6
     assert len(keys) == 20 and not {"shaky/000000002", "shaky/000000005", "shaky/000000007"} & set(keys)
     assert (keys2, counts2) == (keys, counts)  # replacement is deterministic

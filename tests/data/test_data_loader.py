@@ -1,5 +1,6 @@
 """The loader: one modality per global micro-step on all ranks, worker-count independence, exact
-resume, resume at another data-parallel size with no sample repeated or lost."""
+resume, resume at another data-parallel size with no sample repeated or lost, bad samples replaced
+without duplicating another rank's, streams memory-mapped from the blend cache."""
 from __future__ import annotations
 
 from collections import Counter
@@ -12,7 +13,8 @@ import torch
 from xfm_scale.batch import IGNORE_INDEX, ImageBatch, PairBatch, TextBatch
 from xfm_scale.data.blend import build_blend
 from xfm_scale.data.loader import BlendLoader, LoaderConfig
-from xfm_scale.data.shards import DataSpecError
+from xfm_scale.data.shards import DataSpecError, write_corpus
+from conftest import write_spec
 
 pytestmark = pytest.mark.unit
 MBS = {"text": 6, "image": 3, "pair": 4}
@@ -82,6 +84,13 @@ def test_modality_schedule_is_the_same_for_every_rank_and_dp_size(blend, cfg):
     share = {m: len(loader.schedule.streams[m]) / blend.num_samples for m in MBS}
     for m in MBS:
         assert consumed[m] / sum(consumed.values()) == pytest.approx(share[m], abs=0.01)
+
+
+def test_every_loader_maps_the_blends_streams(blend, cfg):
+    loaders = [BlendLoader(blend, cfg, dp_rank=r, dp_size=2) for r in range(2)]
+    for m in MBS:
+        assert all(loader.schedule.streams[m] is blend.streams[m] for loader in loaders)
+        assert isinstance(blend.streams[m], np.memmap)
 
 
 def test_ranks_read_disjoint_slices_of_the_same_global_micro_batch(blend, cfg):
@@ -168,12 +177,18 @@ def test_a_longer_blend_of_the_same_spec_continues_a_cursor(blend, cfg, demo, tm
     assert_same_batches(take(continued, 6), reference[-6:])
 
 
-def test_trainer_rng_untouched_and_wrong_blend_state_refused(blend, cfg, demo, tmp_path):
+def test_trainer_rng_untouched_and_wrong_blend_state_refused(blend, cfg, demo, tmp_path, monkeypatch):
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)
-    take(BlendLoader(blend, cfg), 4)
-    assert torch.equal(torch.rand(3), expected)
+    # With 0 workers the loader runs in the trainer's process: torch.manual_seed per sample would
+    # also reseed the CUDA generators, which fork_rng(devices=[]) does not restore.
+    cuda_seeds = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", cuda_seeds.append)
+    monkeypatch.setattr(torch.cuda, "manual_seed", cuda_seeds.append)
+    batches = take(BlendLoader(blend, cfg), 4)
+    assert any(isinstance(b, (ImageBatch, PairBatch)) for b in batches)  # augmentations were seeded
+    assert torch.equal(torch.rand(3), expected) and cuda_seeds == []
     other = build_blend(demo.spec, num_samples=1500, seed=8, cache_dir=tmp_path)
     with pytest.raises(DataSpecError, match="saved with another blend"):
         BlendLoader(other, cfg).load_state_dict(BlendLoader(blend, cfg).state_dict())
@@ -189,3 +204,23 @@ def test_eval_transform_is_deterministic_and_augmentation_varies_by_sample(blend
     px = aug[image].pixel_values_BCHW
     assert not torch.equal(px[0], px[1])
     assert np.unique(aug[image].mim_mask_BP.numpy(), axis=0).shape[0] > 1
+
+
+def test_a_bad_samples_replacement_is_no_other_sample_of_the_micro_step(demo, tmp_path):
+    """Replacing a bad sample by the corpus's next blend position put the next rank's sample (or its
+    own next one) in twice. The seeded replacement does not, and is the same at any DP size."""
+    records = [{"txt": "   " if i % 10 == 3 else f"sentence number {i}"} for i in range(5000)]  # 10% empty
+    write_corpus(records, out_dir=tmp_path / "t", name="holey", modality="text", maxcount=2500)
+    spec = write_spec(tmp_path / "s.yaml", [{"name": "holey", "modality": "text", "weight": 1,
+                                             "manifest": "t/holey.manifest.json"}])
+    blend = build_blend(spec, num_samples=96, seed=0, cache_dir=tmp_path / "c")
+    cfg = LoaderConfig(tokenizer_dir=str(demo.tokenizer_dir), micro_batch_sizes={"text": 8})
+    loaders = [BlendLoader(blend, cfg, dp_rank=r, dp_size=2) for r in range(2)]
+    ranks = [list(loader) for loader in loaders]
+    assert len(ranks[0]) == len(ranks[1]) == 6
+    assert sum(loader.bad_samples.total() for loader in loaders) >= 5
+    steps = list(zip(*ranks))
+    assert [set(a.sample_keys) & set(b.sample_keys) for a, b in steps] == [set()] * 6  # not on both ranks
+    assert [len(set(a.sample_keys + b.sample_keys)) for a, b in steps] == [16] * 6  # nor twice on one
+    whole = list(BlendLoader(blend, replace(cfg, micro_batch_sizes={"text": 16})))
+    assert [b.sample_keys for b in whole] == [a.sample_keys + b.sample_keys for a, b in zip(*ranks)]

@@ -55,6 +55,7 @@ def test_check_accepts_a_good_launch(good, tmp_path):
     ("round_robin", ["--num_gpus", "1"], "zero_optimization.round_robin_gradients=true in "),
     ("compile_zero3", ["--num_gpus", "1"], "model.compile_blocks=true with zero_optimization.stage=3 in "),
     ("bad_spec", ["--num_gpus", "1"], "data.spec: corpus 'demo_pairs': unknown field(s) ['wieght']"),
+    ("missing_shard", ["--num_gpus", "1"], "has missing shards: "),
     ("log_every", ["--num_gpus", "1"], "train.log_every=0 must be >= 1"),
     ("init_from", ["--num_gpus", "1"], "model.init_from: "),
 ])
@@ -83,9 +84,15 @@ def test_setup_errors_name_the_fix_before_any_rank_starts(good, tmp_path, case, 
     elif case == "compile_zero3":
         raw["model"]["compile_blocks"] = True  # the default ds config is ZeRO-3
     elif case == "bad_spec":  # the spec file exists, but a corpus's field is misspelled
-        spec = yaml.safe_load(Path(raw["data"]["spec"]).read_text())
+        spec = copied_spec(raw["data"]["spec"])
         spec["corpora"][0]["wieght"] = spec["corpora"][0].pop("weight")
         raw["data"]["spec"] = str(tmp_path / "misspelled.yaml")
+        Path(raw["data"]["spec"]).write_text(yaml.safe_dump(spec))
+    elif case == "missing_shard":  # a corpus pattern naming shards that are not there
+        spec = copied_spec(raw["data"]["spec"])
+        spec["corpora"].append({"name": "gone", "modality": "text", "weight": 0.1,
+                                "shards": str(tmp_path / "gone-{000000..000003}.tar")})
+        raw["data"]["spec"] = str(tmp_path / "gone.yaml")
         Path(raw["data"]["spec"]).write_text(yaml.safe_dump(spec))
     elif case == "log_every":
         raw["train"]["log_every"] = 0
@@ -94,6 +101,15 @@ def test_setup_errors_name_the_fix_before_any_rank_starts(good, tmp_path, case, 
     result = check(write_config(tmp_path, raw), *extra)
     assert result.returncode == 2, (result.stdout, result.stderr)
     assert message in result.stderr, result.stderr
+
+
+def copied_spec(path: str) -> dict:
+    """A blend spec's content with its manifest paths made absolute, to be written elsewhere."""
+    spec = yaml.safe_load(Path(path).read_text())
+    for corpus in spec["corpora"]:
+        if "manifest" in corpus:
+            corpus["manifest"] = str(Path(path).parent / corpus["manifest"])
+    return spec
 
 
 def torchrun_node(config: Path, node_rank: int, port: int, nnodes: int = 2, nproc: int = 1) -> subprocess.Popen:

@@ -5,6 +5,7 @@ Public entry points (see docs/data.md):
 * :class:`BlendLoader` (blend, :class:`LoaderConfig`, dp_rank, dp_size): yields Batch objects,
   ``state_dict()`` / ``load_state_dict()``, ``bad_samples``
 * :func:`build_demo_data` -> :class:`DemoData` (spec, tokenizer dir, held-out eval set)
+* :func:`check_spec` (spec path): the cheap pre-launch check; raises :class:`DataSpecError`
 
 Names resolve lazily so the CLIs that only write shards or blends do not import torch.
 """
@@ -15,7 +16,7 @@ _WHERE = {
     "DemoData": "demo", "build_demo_data": "demo",
     "BadSampleCounter": "loader", "BlendLoader": "loader", "LoaderConfig": "loader",
     "load_pair_eval_set": "loader", "load_tokenizer": "loader",
-    "DataSpecError": "shards", "write_corpus": "shards",
+    "DataSpecError": "shards", "write_corpus": "shards", "check_spec": "spec",
 }
 __all__ = sorted(_WHERE)
 

@@ -2,12 +2,15 @@
 
 Schedule (a pure function of the blend and the micro-batch sizes; the same on every rank):
 
-* The blend's global sample sequence is split into one stream per modality, each in blend order.
+* The blend's global sample sequence is split into one stream per modality, each in blend order
+  (``Blend.streams``: files of the blend cache, memory-mapped by every rank and worker).
 * The modality of global micro-step t comes from megatron's ``build_blending_indices`` run over
-  the modalities with weights ``count_m / micro_batch_size_m``: the number of micro-steps of each
-  modality tracks the blend's sample share divided by its micro-batch size, so every stream is
-  consumed at the blend's rate. The data-parallel size cancels out of those weights: the modality
-  of micro-step t is the same for any DP size.
+  the modalities with weights ``w_m / micro_batch_size_m``, where ``w_m`` is the spec's normalised
+  weight of modality m (the sum over its corpora). The blend fills stream m at rate ``w_m`` (within
+  about a sample at every prefix), so every stream is consumed at the rate it is filled. The spec
+  weights, not the realised stream lengths, make the schedule of a longer blend extend a shorter
+  one's. The data-parallel size cancels out of those weights: the modality of micro-step t is the
+  same for any DP size.
 * A micro-step of modality m consumes the next ``mbs_m x dp_size`` samples of stream m; DP rank r
   reads the r-th contiguous slice of ``mbs_m``. Tensor-parallel ranks of one replica pass the
   same dp_rank and read identical data.
@@ -16,7 +19,8 @@ Schedule (a pure function of the blend and the micro-batch sizes; the same on ev
 
 Randomness (augmentation, MLM/IMLM/MIM masks) derives from (seed, global sample index) only, so
 0, 1 or N DataLoader workers give identical batches. A bad sample (corrupt image, empty caption)
-is counted per (corpus, reason) and replaced by the next sample of the same corpus in blend order.
+is counted per (corpus, reason) and replaced by a seeded random sample of the same corpus
+(:func:`replacement_sample`), also a function of (seed, blend position) only.
 Legend: B batch, L text length, P patches, C channels, H/W image size.
 """
 from __future__ import annotations
@@ -128,8 +132,11 @@ class _Schedule:
     """The modality of every global micro-step, and the per-modality streams of blend positions."""
 
     def __init__(self, blend: Blend, micro_batch_sizes: dict[str, int]):
-        codes = blend.modality_codes()
-        self.streams = {m: np.flatnonzero(codes == i) for i, m in enumerate(MODALITIES)}
+        # The blend's own streams: memory-mapped from its cache, shared by every rank and worker
+        # rather than rebuilt in memory here (8 bytes per blend sample in every rank). Measured,
+        # N = 20M, demo spec, mbs 256/96/96: BlendLoader() held 153 MiB (peak 191 MiB) when it built
+        # them, 0 MiB (peak 2 MiB: the micro-step schedule) with the mapped files.
+        self.streams = blend.streams
         present = [m for m in MODALITIES if len(self.streams[m])]
         self.present = set(present)
         mbs = {m: micro_batch_sizes.get(m, 1) for m in present}
@@ -162,10 +169,10 @@ class _PlanSampler(Sampler):
             m = ld.schedule.modality_at(t)
             mbs = cfg.micro_batch_sizes[m]
             start = offsets[m] + ld.dp_rank * mbs
-            indices = ld.schedule.streams[m][start:start + mbs]
+            indices = np.array(ld.schedule.streams[m][start:start + mbs])  # a copy, not a view of the map
             offsets[m] += mbs * ld.dp_size
             t += 1
-            yield _Plan(t - 1, m, np.asarray(indices), (t, *(offsets[k] for k in MODALITIES)))
+            yield _Plan(t - 1, m, indices, (t, *(offsets[k] for k in MODALITIES)))
 
     def __len__(self) -> int:  # unknown in general; DataLoader only needs it for len(loader)
         raise TypeError("the number of micro-batches depends on the blend; see BlendLoader.num_steps")
@@ -275,7 +282,7 @@ class _MicroBatchDataset(Dataset):
         self.corpus_starts = [np.cumsum([0, *c.shard_samples]).tolist() for c in blend.corpora]
         self.mim = BlockMaskGenerator(grid=cfg.mim_grid, num_masked=cfg.mim_num_masked, min_block=cfg.mim_min_block)
         self.transform = train_transform(cfg.image_size) if cfg.augment else eval_transform(cfg.image_size)
-        self._lazy: dict = {}  # per process: tokenizer, shard reader, indexes, corpus positions
+        self._lazy: dict = {}  # per process: tokenizer, shard reader, shard indexes
 
     def __getstate__(self):  # spawned workers rebuild the per-process state
         return {**self.__dict__, "_lazy": {}}
@@ -290,7 +297,9 @@ class _MicroBatchDataset(Dataset):
         bad: list[tuple[str, str]] = []
         samples = [self._sample(int(i), plan.modality, bad) for i in plan.global_indices]
         build = {"text": self._text_batch, "image": self._image_batch, "pair": self._pair_batch}[plan.modality]
-        with torch.random.fork_rng(devices=[]):  # per-sample seeding must not disturb the trainer's RNG
+        # Per-sample seeding must not disturb the trainer's RNG: apply_seeded seeds only the CPU
+        # generator (never CUDA's), and fork_rng(devices=[]) restores exactly that one.
+        with torch.random.fork_rng(devices=[]):
             batch = build(samples)
         return batch, bad, plan.cursor_after
 
@@ -299,31 +308,26 @@ class _MicroBatchDataset(Dataset):
 
     # -------------------------------------------------------------- reading one sample
     def _sample(self, global_index: int, modality: str, bad: list) -> tuple[int, str, dict]:
-        """(global index, sample key, decoded members) of a sample, replacing bad ones."""
-        position = global_index
-        for _ in range(self.cfg.max_bad_in_a_row + 1):
-            c = int(self.blend.corpus_index[position])
+        """(global index, sample key, decoded members) of a sample, replacing bad ones. A
+        replacement keeps the bad sample's global index: its augmentation and masks are seeded
+        from the blend position, whichever sample fills it."""
+        c = int(self.blend.corpus_index[global_index])
+        corpus = self.blend.corpora[c]
+        sample = int(self.blend.sample_index[global_index])
+        for attempt in range(self.cfg.max_bad_in_a_row + 1):
             try:
-                key, members = self._read(c, int(self.blend.sample_index[position]))
+                key, members = self._read(c, sample)
             except FileNotFoundError:  # a shard that disappeared after the blend was built
                 key, members = None, "missing_shard"
             except (EOFError, OSError, tarfile.TarError):  # cut short, or unreadable storage
                 key, members = None, "truncated_shard"
             decoded = members if isinstance(members, str) else decode_sample(members, modality, self.cfg.max_caption_chars)
             if not isinstance(decoded, str):
-                return global_index, f"{self.blend.corpora[c].name}/{key}", decoded
-            bad.append((self.blend.corpora[c].name, decoded))
-            position = self._next_of_corpus(c, position)
-        raise RuntimeError(f"corpus '{self.blend.corpora[c].name}': more than {self.cfg.max_bad_in_a_row} "
+                return global_index, f"{corpus.name}/{key}", decoded
+            bad.append((corpus.name, decoded))
+            sample = replacement_sample(self.seed, global_index, attempt, corpus.num_samples)
+        raise RuntimeError(f"corpus '{corpus.name}': more than {self.cfg.max_bad_in_a_row} "
                            f"bad samples in a row (last: {decoded}); check its shards with tools/make_shards.py")
-
-    def _next_of_corpus(self, c: int, position: int) -> int:
-        """The next blend position drawing from corpus c (wrapping at the end): the replacement."""
-        positions = self._lazy.get(("pos", c))
-        if positions is None:
-            positions = self._lazy[("pos", c)] = np.flatnonzero(np.asarray(self.blend.corpus_index) == c)
-        j = int(np.searchsorted(positions, position, side="right"))
-        return int(positions[j % len(positions)])
 
     def _locate(self, c: int, sample: int) -> tuple[str, dict[str, list[int]], str]:
         """(key, member spans, shard path) of sample ``sample`` of corpus ``c``."""
@@ -385,6 +389,24 @@ class _MicroBatchDataset(Dataset):
         return PairBatch(pixel_values_BCHW=pixels, caption_ids_BL=ids, caption_mask_BL=attention,
                          imlm_input_ids_BL=masked, imlm_labels_BL=labels, mim_mask_BP=mim,
                          sample_keys=tuple(s[1] for s in samples))
+
+
+_REPLACEMENT_STREAM = 0x5EB1AC  # keeps these draws apart from sample_rngs' (seed, index) stream
+
+
+def replacement_sample(seed: int, global_index: int, attempt: int, corpus_size: int) -> int:
+    """The sample of the same corpus that stands in for the bad sample at blend position
+    ``global_index`` on replacement try ``attempt`` (0, 1, ...): a seeded uniform draw over the
+    whole corpus.
+
+    Not the corpus's next blend position: in a micro-step the next draw of the same corpus is
+    usually the next data-parallel rank's slot, so two ranks would train on one sample. A uniform
+    draw meets another sample of the same global micro-batch only with probability (its samples of
+    that corpus) / corpus_size. A function of (seed, blend position, attempt) alone, so the result
+    is the same for any worker count and DP size, and after a resume.
+    """
+    rng = np.random.default_rng([seed, global_index, attempt, _REPLACEMENT_STREAM])
+    return int(rng.integers(corpus_size))
 
 
 def decode_sample(members: dict[str, bytes], modality: str, max_caption_chars: int = 2000) -> dict | str:

@@ -18,6 +18,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import tarfile
 from collections import Counter
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ TEXT_EXT = "txt"
 MANIFEST_SUFFIX = ".manifest.json"
 INDEX_SUFFIX = ".idx.json"
 INDEX_VERSION = 1
+SHARD_HINT = "run tools/make_shards.py to (re)build it"
 
 
 class DataSpecError(ValueError):
@@ -63,13 +65,14 @@ def write_corpus(records: Iterable[dict | Skip], *, out_dir: str | Path, name: s
     """Write ``records`` as webdataset shards ``OUT/NAME-000000.tar`` ... plus the manifest.
 
     A record is a dict of webdataset members without the key (``{"txt": str}``,
-    ``{"png": bytes}``, ``{"jpg": bytes, "txt": str}``) or a :class:`Skip`.
+    ``{"png": bytes}``, ``{"jpg": bytes, "txt": str}``) or a :class:`Skip`. The corpus's previous
+    shards in ``out_dir`` are deleted first, and only they: other corpora may share the folder.
     """
     if modality not in MODALITIES:
         raise DataSpecError(f"corpus '{name}': unknown modality '{modality}'; use one of {', '.join(MODALITIES)}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for old in out_dir.glob(f"{name}-*.tar*"):  # a rewrite must not leave stale shards behind
+    for old in own_files(out_dir, name):  # a rewrite must not leave stale shards behind
         old.unlink()
     skipped: Counter[str] = Counter()
     count = 0
@@ -81,10 +84,12 @@ def write_corpus(records: Iterable[dict | Skip], *, out_dir: str | Path, name: s
                 continue
             writer.write({"__key__": f"{count:09d}", **record})
             count += 1
-    shards = sorted(out_dir.glob(f"{name}-*.tar"))
     entries = []
-    for shard in shards:
+    for shard in own_files(out_dir, name, indexes=False):
         index = build_index(shard)
+        if not index["keys"]:  # ShardWriter opens its first shard before any record: 0 written
+            shard.unlink()
+            continue
         write_index(shard, index)
         entries.append({"name": shard.name, "samples": len(index["keys"]),
                         "bytes": shard.stat().st_size, "sha256": sha256_file(shard)})
@@ -95,6 +100,27 @@ def write_corpus(records: Iterable[dict | Skip], *, out_dir: str | Path, name: s
     return WriteResult(manifest_path=manifest_path, num_samples=count, skipped=dict(skipped))
 
 
+def shard_name_pattern(name: str) -> re.Pattern:
+    """Exactly the files :func:`write_corpus` writes for corpus ``name``: ``NAME-<digits>.tar``
+    (ShardWriter's ``%06d``, wider past 999999) and its ``.idx.json`` sidecar.
+
+    A glob such as ``NAME-*.tar`` would also match another corpus's shards in the same folder
+    (``wiki`` would take ``wiki-en-000000.tar``), and a rewrite of one must never delete the other.
+    """
+    return re.compile(rf"{re.escape(name)}-(\d{{6,}})\.tar(?:{re.escape(INDEX_SUFFIX)})?")
+
+
+def own_files(out_dir: Path, name: str, *, indexes: bool = True) -> list[Path]:
+    """Corpus ``name``'s shards in ``out_dir`` (and their index sidecars), in shard-number order."""
+    pattern = shard_name_pattern(name)
+    found = []
+    for path in out_dir.iterdir():
+        match = pattern.fullmatch(path.name)
+        if match and (indexes or not path.name.endswith(INDEX_SUFFIX)) and path.is_file():
+            found.append((int(match.group(1)), path.name, path))
+    return [path for _, _, path in sorted(found)]
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -103,14 +129,49 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def read_manifest(path: str | Path, corpus: str) -> dict:
+    """A manifest, checked field by field: anything malformed is a :class:`DataSpecError` naming
+    ``corpus``, the file and the field (never a bare JSONDecodeError or KeyError in a rank)."""
+    path = Path(path)
+    if not path.is_file():
+        what = "is a folder, not a manifest file" if path.is_dir() else "does not exist"
+        raise DataSpecError(f"corpus '{corpus}': manifest {path} {what}; point 'manifest:' at its "
+                            f"NAME{MANIFEST_SUFFIX} or {SHARD_HINT}")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise DataSpecError(f"corpus '{corpus}': manifest {path} is not readable JSON ({exc}); "
+                            f"{SHARD_HINT}") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), list):
+        raise DataSpecError(f"corpus '{corpus}': manifest {path} has no 'shards' list; {SHARD_HINT}")
+    modality = manifest.get("modality")
+    if modality is not None and modality not in MODALITIES:
+        raise DataSpecError(f"corpus '{corpus}': manifest {path} says modality {modality!r}; fix it to one "
+                            f"of {', '.join(MODALITIES)} or {SHARD_HINT}")
+    for i, entry in enumerate(manifest["shards"]):
+        bad = [key for key in ("name", "bytes", "samples") if not _valid_entry_field(entry, key)]
+        if bad:
+            raise DataSpecError(f"corpus '{corpus}': manifest {path}, shard entry #{i + 1} has no valid "
+                                f"{', '.join(repr(k) for k in bad)} (want name: str, bytes and samples: "
+                                f"ints >= 0); {SHARD_HINT}")
+    return manifest
+
+
+def _valid_entry_field(entry, key: str) -> bool:
+    value = entry.get(key) if isinstance(entry, dict) else None
+    if key == "name":
+        return isinstance(value, str) and bool(value)
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def verify_manifest(manifest_path: str | Path) -> list[str]:
     """Recompute every shard's size and sha256; return the names of shards that differ."""
     manifest_path = Path(manifest_path)
-    manifest = json.loads(manifest_path.read_text())
+    manifest = read_manifest(manifest_path, manifest_path.name.removesuffix(MANIFEST_SUFFIX))
     bad = []
     for entry in manifest["shards"]:
         path = manifest_path.parent / entry["name"]
-        if not path.exists() or path.stat().st_size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
+        if not path.is_file() or path.stat().st_size != entry["bytes"] or sha256_file(path) != entry.get("sha256"):
             bad.append(entry["name"])
     return bad
 
@@ -140,6 +201,24 @@ def build_index(shard: str | Path) -> dict:
                 members.append({})
             members[position[key]][ext.lower()] = [info.offset_data, info.size]
     return {"version": INDEX_VERSION, "bytes": os.path.getsize(shard), "keys": keys, "members": members}
+
+
+def first_sample_members(shard: str | Path) -> dict[str, list[int]]:
+    """The first sample's members (``ext -> [offset, size]``) from the tar headers at the start of
+    the shard: what :func:`build_index` records first, for a few KB read instead of the whole scan
+    (how :func:`xfm_scale.data.spec.check_spec` checks a corpus's modality cheaply)."""
+    members: dict[str, list[int]] = {}
+    first = None
+    with tarfile.open(shard, "r:") as tar:
+        for info in tar:
+            key, ext = base_plus_ext(info.name) if info.isfile() else (None, None)
+            if key is None or key.startswith("__"):
+                continue
+            if first is not None and key != first:
+                break  # webdataset writes a sample's members together: the first sample is complete
+            first = key
+            members[ext.lower()] = [info.offset_data, info.size]
+    return members
 
 
 def write_index(shard: str | Path, index: dict, cache_dir: str | Path | None = None) -> None:

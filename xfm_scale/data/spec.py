@@ -10,11 +10,12 @@ Megatron form (``--data-path "w1 p1 w2 p2"``): each path is a manifest or a shar
 modality is taken from the manifest or detected from the first sample's members.
 
 Every error is a :class:`DataSpecError` whose message names the corpus and says what to change.
+:func:`check_spec` is the cheap form of :func:`validate` (one process, before any rank starts):
+it trusts the manifests' sample counts instead of reading every shard's index.
 """
 from __future__ import annotations
 
 import glob
-import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -23,9 +24,8 @@ from pathlib import Path
 import braceexpand
 
 from ..yaml_files import read_yaml
-from .shards import MANIFEST_SUFFIX, MODALITIES, DataSpecError, detect_modality, load_index
-
-_SHARD_HINT = "run tools/make_shards.py to (re)build it"
+from .shards import (MANIFEST_SUFFIX, MODALITIES, SHARD_HINT, DataSpecError, detect_modality,
+                     first_sample_members, load_index, read_manifest)
 
 
 @dataclass(kw_only=True)
@@ -85,9 +85,15 @@ def _corpus_spec(entry, i: int) -> CorpusSpec:
                             "allowed: name, modality, weight, shards, manifest")
     weight = entry.get("weight")
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
-        raise DataSpecError(f"corpus '{name}': weight {weight!r} is not a number; give 'weight:' >= 0")
+        raise DataSpecError(f"corpus '{name}': weight {weight!r} is not a finite number; give 'weight:' >= 0")
     if ("shards" in entry) == ("manifest" in entry):
         raise DataSpecError(f"corpus '{name}': give exactly one of 'shards:' (a pattern) or 'manifest:'")
+    for key, example in (("shards", "shards/NAME/NAME-{000000..000031}.tar"),
+                         ("manifest", f"shards/NAME/NAME{MANIFEST_SUFFIX}")):
+        value = entry.get(key, example)
+        if not isinstance(value, str) or not value.strip():  # `shards: null` would fail deep in braceexpand
+            raise DataSpecError(f"corpus '{name}': '{key}:' is {value!r}; give a path string such as "
+                                f"'{example}' (relative to the spec)")
     return CorpusSpec(name=name, modality=entry.get("modality"), weight=float(weight),
                       shards=entry.get("shards"), manifest=entry.get("manifest"))
 
@@ -102,8 +108,9 @@ def parse_data_path(data_path: str | list[str]) -> list[CorpusSpec]:
             raise DataSpecError(f"--data-path has {len(tokens)} items; give weight/path pairs 'w1 p1 w2 p2'")
         pairs = [(tokens[i + 1], tokens[i]) for i in range(0, len(tokens), 2)]
         for path, w in pairs:
-            if not _is_number(w):
-                raise DataSpecError(f"corpus '{path}': weight {w!r} is not a number; write 'w1 p1 w2 p2'")
+            if not _is_number(w) or not math.isfinite(float(w)):  # "nan" and "inf" parse as floats
+                raise DataSpecError(f"corpus '{path}': weight {w!r} is not a finite number; write 'w1 p1 w2 p2' "
+                                    "with weights >= 0")
     else:
         pairs = [(path, "1") for path in tokens]
     specs, seen = [], set()
@@ -132,8 +139,34 @@ def _name_from_path(path: str) -> str:
     return re.split(r"[-_]?[{\[*]|\.tar", base)[0] or Path(path).parent.name
 
 
-def validate(specs: list[CorpusSpec], root: Path, cache_dir: str | Path | None = None) -> list[Corpus]:
-    """Check the spec and open every shard's index. Raises :class:`DataSpecError`."""
+def check_spec(path: str | Path) -> None:
+    """Check a YAML blend spec in one process, cheaply; raises :class:`DataSpecError` naming the
+    corpus and the file to fix. For ``--check`` and the run config's validation, before any rank.
+
+    Checks the spec's structure (unique names, weights finite and >= 0 with one > 0, modalities
+    known); per manifest corpus, that the manifest exists and parses, that its modality agrees with
+    the spec's, and that every shard it lists exists with the recorded size and is recorded with
+    samples (the manifest's counts are trusted: no shard index is read); per pattern corpus, that
+    the pattern matches shards; per corpus, the modality of the first sample of its first shard (a
+    few KB of tar headers). :func:`validate` (the blend build) also reads every shard's index and
+    compares its sample count with the manifest's.
+    """
+    specs, root = load_spec(path)
+    check_structure(specs)
+    for s in specs:
+        if s.manifest is not None:
+            shards, modality, samples = _manifest_shards(s, root)
+            empty = [shard.name for shard, n in zip(shards, samples) if n == 0]
+            if empty:
+                raise DataSpecError(f"corpus '{s.name}': manifest {root / s.manifest} lists shards with no "
+                                    f"samples ({', '.join(empty[:3])}); {SHARD_HINT}")
+        else:
+            shards, modality = _expand_pattern(s, root), s.modality
+        _check_modality(s, modality, _first_members(s, shards[0]), shards[0])
+
+
+def check_structure(specs: list[CorpusSpec]) -> None:
+    """The checks that need no file: names unique, modalities known, weights usable."""
     names = [s.name for s in specs]
     for name in sorted(set(names)):
         if names.count(name) > 1:
@@ -143,50 +176,73 @@ def validate(specs: list[CorpusSpec], root: Path, cache_dir: str | Path | None =
         if s.modality is not None and s.modality not in MODALITIES:
             raise DataSpecError(f"corpus '{s.name}': unknown modality '{s.modality}'; "
                                 f"use one of {', '.join(MODALITIES)}")
+        if not math.isfinite(s.weight):
+            raise DataSpecError(f"corpus '{s.name}': weight {s.weight} is not a finite number; give a weight >= 0")
         if s.weight < 0:
             raise DataSpecError(f"corpus '{s.name}': weight {s.weight:g} is negative; "
                                 "weights must be >= 0 (0 disables a corpus)")
     if all(s.weight == 0 for s in specs):
         raise DataSpecError(f"all corpus weights are zero ({', '.join(names)}); "
                             "give at least one corpus a positive weight")
+
+
+def validate(specs: list[CorpusSpec], root: Path, cache_dir: str | Path | None = None) -> list[Corpus]:
+    """Check the spec and open every shard's index. Raises :class:`DataSpecError`."""
+    check_structure(specs)
     return [_open_corpus(s, root, cache_dir) for s in specs]
 
 
 def _open_corpus(s: CorpusSpec, root: Path, cache_dir) -> Corpus:
-    modality = s.modality
+    modality, recorded = s.modality, None
     if s.manifest is not None:
-        shards, modality = _manifest_shards(s, root)
+        shards, modality, recorded = _manifest_shards(s, root)
     else:
         shards = _expand_pattern(s, root)
     samples, sizes = [], []
-    for shard in shards:
+    for i, shard in enumerate(shards):
         try:
             index = load_index(shard, cache_dir)
         except Exception as exc:  # noqa: BLE001 - tarfile raises several types for garbage
             raise DataSpecError(f"corpus '{s.name}': shard {shard} is not a readable tar ({exc}); "
-                                f"{_SHARD_HINT}") from None
+                                f"{SHARD_HINT}") from None
         if not index["keys"]:
             raise DataSpecError(f"corpus '{s.name}': shard {shard} holds no samples; remove it from "
-                                f"the spec or {_SHARD_HINT}")
+                                f"the spec or {SHARD_HINT}")
+        if recorded is not None and len(index["keys"]) != recorded[i]:  # the index is read anyway
+            raise DataSpecError(f"corpus '{s.name}': shard {shard} holds {len(index['keys'])} samples, its "
+                                f"manifest {root / s.manifest} says {recorded[i]}; {SHARD_HINT}")
         if len(samples) == 0:
-            modality = _check_modality(s, modality, index, shard)
+            modality = _check_modality(s, modality, index["members"][0], shard)
         samples.append(len(index["keys"]))
         sizes.append(index["bytes"])
     return Corpus(name=s.name, modality=modality, weight=s.weight, shards=[str(p) for p in shards],
                   shard_samples=samples, shard_bytes=sizes)
 
 
-def _check_modality(s: CorpusSpec, modality: str | None, index: dict, shard: Path) -> str:
-    found = detect_modality(index["members"][0])
+def _check_modality(s: CorpusSpec, modality: str | None, members: dict, shard: Path) -> str:
+    """The corpus's modality, checked against its first sample's ``members``."""
+    found = detect_modality(members)
     if modality is None:
         if found is None:
             raise DataSpecError(f"corpus '{s.name}': cannot tell the modality of {shard} "
-                                f"(members {sorted(index['members'][0])}); use a YAML spec with 'modality:'")
+                                f"(members {sorted(members)}); use a YAML spec with 'modality:'")
         return found
     if found != modality and not (modality == "image" and found == "pair"):  # pairs may serve as images
         raise DataSpecError(f"corpus '{s.name}': declared modality '{modality}' but {shard} holds "
-                            f"'{found}' samples (members {sorted(index['members'][0])}); fix 'modality:'")
+                            f"'{found}' samples (members {sorted(members)}); fix 'modality:'")
     return modality
+
+
+def _first_members(s: CorpusSpec, shard: Path) -> dict:
+    try:
+        members = first_sample_members(shard)
+    except Exception as exc:  # noqa: BLE001 - tarfile raises several types for garbage
+        raise DataSpecError(f"corpus '{s.name}': shard {shard} is not a readable tar ({exc}); "
+                            f"{SHARD_HINT}") from None
+    if not members:
+        raise DataSpecError(f"corpus '{s.name}': shard {shard} holds no samples; remove it from "
+                            f"the spec or {SHARD_HINT}")
+    return members
 
 
 def _expand_pattern(s: CorpusSpec, root: Path) -> list[Path]:
@@ -194,38 +250,52 @@ def _expand_pattern(s: CorpusSpec, root: Path) -> list[Path]:
     missing: list[str] = []
     for item in braceexpand.braceexpand(s.shards):
         full = str(root / item)
-        matches = sorted(glob.glob(full)) if glob.has_magic(item) else ([full] if Path(full).exists() else [])
+        matches = sorted(glob.glob(full)) if glob.has_magic(item) else [full]
+        matches = [m for m in matches if Path(m).is_file()]  # a folder is no shard
         if not matches:
             missing.append(full)
         paths.extend(Path(m).resolve() for m in matches)
     if missing:
         shown = ", ".join(missing[:3]) + (f" (+{len(missing) - 3} more)" if len(missing) > 3 else "")
         raise DataSpecError(f"corpus '{s.name}': shard pattern '{s.shards}' has missing shards: {shown}; "
-                            f"fix the pattern (relative to {root}) or {_SHARD_HINT}")
+                            f"fix the pattern (relative to {root}) or {SHARD_HINT}")
     return paths
 
 
-def _manifest_shards(s: CorpusSpec, root: Path) -> tuple[list[Path], str]:
+def _manifest_shards(s: CorpusSpec, root: Path) -> tuple[list[Path], str, list[int]]:
+    """(shard paths, modality, samples per shard as recorded) of a manifest corpus; every shard
+    listed must exist with the recorded size (a stat each: no shard is read)."""
     path = root / s.manifest
-    if not path.exists():
-        raise DataSpecError(f"corpus '{s.name}': manifest {path} does not exist; fix 'manifest:' "
-                            f"(relative to {root}) or {_SHARD_HINT}")
-    manifest = json.loads(path.read_text())
-    if s.modality is not None and manifest.get("modality") not in (s.modality, None) and \
-            not (s.modality == "image" and manifest.get("modality") == "pair"):
-        raise DataSpecError(f"corpus '{s.name}': spec says modality '{s.modality}' but the manifest says "
-                            f"'{manifest.get('modality')}'; fix 'modality:'")
-    if not manifest.get("shards"):
+    if not path.is_file():
+        what = "is a folder, not a manifest file" if path.is_dir() else "does not exist"
+        raise DataSpecError(f"corpus '{s.name}': manifest {path} {what}; fix 'manifest:' "
+                            f"(relative to {root}) or {SHARD_HINT}")
+    manifest = read_manifest(path, s.name)
+    modality = _manifest_modality(s, manifest.get("modality"), path)
+    if not manifest["shards"]:
         raise DataSpecError(f"corpus '{s.name}': manifest {path} lists no shards (0 samples written: "
-                            f"see its 'skipped' counts {manifest.get('skipped')}); fix the source and {_SHARD_HINT}")
+                            f"see its 'skipped' counts {manifest.get('skipped')}); fix the source and {SHARD_HINT}")
     shards = []
     for entry in manifest["shards"]:
         shard = (path.parent / entry["name"]).resolve()
-        if not shard.exists():
+        if not shard.is_file():
             raise DataSpecError(f"corpus '{s.name}': shard {shard} listed in {path.name} is missing; "
-                                f"copy it back or {_SHARD_HINT}")
+                                f"copy it back or {SHARD_HINT}")
         if shard.stat().st_size != entry["bytes"]:
             raise DataSpecError(f"corpus '{s.name}': shard {shard} has {shard.stat().st_size} bytes, the "
-                                f"manifest says {entry['bytes']} (truncated or rewritten); {_SHARD_HINT}")
+                                f"manifest says {entry['bytes']} (truncated or rewritten); {SHARD_HINT}")
         shards.append(shard)
-    return shards, s.modality or manifest["modality"]
+    return shards, modality, [entry["samples"] for entry in manifest["shards"]]
+
+
+def _manifest_modality(s: CorpusSpec, recorded: str | None, path: Path) -> str:
+    """The spec's modality, checked against the manifest's; the manifest's when the spec has none."""
+    if s.modality is None:
+        if recorded is None:
+            raise DataSpecError(f"corpus '{s.name}': manifest {path} records no 'modality' and the spec gives "
+                                f"none; give the corpus 'modality:' in a YAML spec, or {SHARD_HINT}")
+        return recorded
+    if recorded not in (s.modality, None) and not (s.modality == "image" and recorded == "pair"):
+        raise DataSpecError(f"corpus '{s.name}': spec says modality '{s.modality}' but the manifest says "
+                            f"'{recorded}'; fix 'modality:'")
+    return s.modality

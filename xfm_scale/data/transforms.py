@@ -1,9 +1,12 @@
 """Image transforms (torchvision) and the per-sample seeding that makes them deterministic.
 
-torchvision's v1 transforms draw from torch's global generator and take no generator argument, so
-each sample's augmentation is made deterministic by seeding that generator from
-(seed, global sample index) right before the sample, inside ``torch.random.fork_rng`` so the
-trainer's own random state is left as it was.
+torchvision's v1 transforms draw from torch's global CPU generator and take no generator argument,
+so each sample's augmentation is made deterministic by seeding that generator from
+(seed, global sample index) right before the sample, inside ``torch.random.fork_rng(devices=[])``,
+which restores the CPU generator afterwards. Only the CPU generator is seeded
+(``torch.default_generator.manual_seed``): ``torch.manual_seed`` would also reseed every CUDA
+generator, which ``fork_rng(devices=[])`` does not restore, and with ``num_workers=0`` the loader
+runs in the trainer's process, so the trainer's CUDA random state (dropout) would change.
 """
 from __future__ import annotations
 
@@ -43,6 +46,7 @@ def sample_rngs(seed: int, global_index: int) -> tuple[int, np.random.Generator]
 
 
 def apply_seeded(transform, image, torch_seed: int) -> torch.Tensor:
-    """Run ``transform`` with torch's global generator seeded (call inside ``fork_rng``)."""
-    torch.manual_seed(torch_seed)
+    """Run ``transform`` with torch's global CPU generator seeded (call inside ``fork_rng``).
+    The same CPU state as ``torch.manual_seed`` gives, without touching the CUDA generators."""
+    torch.default_generator.manual_seed(torch_seed)
     return transform(image)
