@@ -6,7 +6,8 @@
 --checkpoint is the trainer's OUTPUT/checkpoints folder (the latest complete checkpoint, or --tag)
 or one tag folder. Writes OUT/xfm (whole model, for xfm_scale at any TP size), OUT/text_encoder
 (transformers RoBERTa/BERT with tokenizer) and OUT/vision_encoder (timm BEiT-v2). See
-xfm_scale/export.py. Exit code 2: the checkpoint or an argument is wrong (the message names it).
+xfm_scale/export.py. Exit code 2: the checkpoint, an argument or the output folder is wrong (the
+message names it); a previous export in --out is then left as it was.
 """
 import argparse
 import logging
@@ -17,6 +18,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 def main(argv=None) -> int:
+    from xfm_scale.config import ConfigError
     from xfm_scale.export import DTYPES, export_checkpoint
     from xfm_scale.zero_checkpoint import CheckpointError
 
@@ -32,7 +34,10 @@ def main(argv=None) -> int:
     try:
         folders = export_checkpoint(args.checkpoint, args.out, tag=args.tag, dtype=args.dtype,
                                     tokenizer_dir=args.tokenizer, progress=not args.no_progress)
-    except (CheckpointError, FileNotFoundError) as err:
+    except (CheckpointError, ConfigError, OSError) as err:
+        # CheckpointError: the checkpoint (unfinished, incomplete, NVMe-offloaded, not ours);
+        # ConfigError: the tokenizer, or a model config timm cannot represent; OSError: a missing
+        # folder, or --out that cannot be written (permissions, disk full)
         print(f"error: {err}", file=sys.stderr)
         return 2
     for kind, folder in folders.items():

@@ -33,6 +33,9 @@ def main(argv=None) -> int:
         folder = import_encoders(args.out, preset=args.preset, text=args.text, vision=args.vision,
                                  vision_architecture=args.vision_arch)
     except (ConfigError, OSError) as err:
+        # ConfigError: a source that is not a complete BERT/RoBERTa or BEiT-v2 checkpoint (timm's and
+        # transformers' load failures are turned into it, naming the file); OSError: unreadable input
+        # or an --out that cannot be written
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(folder)

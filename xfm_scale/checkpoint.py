@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import shutil
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from xfm_scale.durable import fsync_path, write_atomically
 from xfm_scale.model.tp_layout import partition_spec
 
 COMPLETE = "COMPLETE.json"
@@ -102,27 +102,6 @@ def universal_checkpoint_info(model, vocab_size: int, padded_vocab_size: int) ->
             "xfm_strided_parameters": strided}
 
 
-def write_atomically(path: Path, text: str) -> None:
-    """Readers see the old file or the new one, never a partial write, also after a node crash
-    (the file's data and then its new name are on disk before this returns)."""
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync(path.parent)
-
-
-def _fsync(path: str | Path) -> None:
-    """Flush a file's data, or a folder's entries, to the device."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class CheckpointSaveError(RuntimeError):
     """A save that failed on some rank (disk full, storage gone); nothing was published."""
 
@@ -182,7 +161,7 @@ def save(engine, ckpt_dir: str | Path, step: int, client_state: dict, keep_last:
         # process) a published checkpoint must not hold files still in the page cache.
         try:
             for path in [*filter(None, written), ckpt_dir / tag]:
-                _fsync(path)
+                fsync_path(path)
         except OSError as err:
             errors.append(err)
     error = errors[0] if errors else None

@@ -3,13 +3,17 @@ the language encoder and timm BEiT-v2 for the vision encoder.
 
 Our parameter names follow those libraries' modules closely, so a conversion is a rename plus, for
 the language encoder, a split of the fused QKV (ours: one [3D, D] weight stacked [q; k; v], which
-is what :mod:`xfm_scale.model.tp_layout` merges to) into transformers' query/key/value. The vocab
-rows past the real vocabulary (padding to a multiple of 128 x TP) are dropped on export and added
-back as zeros on import. Everything here works on full (TP-merged) tensors, one at a time, so the
-exporter can stream.
+is what :mod:`xfm_scale.model.tp_layout` merges to) into transformers' query/key/value. The
+language encoder's MLM head (``text_mlm_head``) goes with it, in the layout of the hub's
+roberta-base / bert-base (encoder under ``roberta.``/``bert.``, head as ``lm_head.*`` /
+``cls.predictions.*``, decoder tied to the word embeddings), so both ``AutoModel`` and
+``AutoModelForMaskedLM`` load the folder. The vocab rows past the real vocabulary (padding to a
+multiple of 128 x TP) are dropped on export and added back as zeros on import. Everything here
+works on full (TP-merged) tensors, one at a time, so the exporter can stream.
 """
 from __future__ import annotations
 
+import math
 import re
 from typing import Iterator
 
@@ -60,6 +64,51 @@ def text_to_hf(name: str, tensor: torch.Tensor, vocab_size: int) -> Iterator[tup
     yield prefix + _TEXT_BLOCK[rest], tensor
 
 
+# ours (under text_mlm_head.) -> transformers' MLM head, per flavour. Its decoder weight is the word
+# embedding in both libraries (tied), so it is neither stored nor read.
+_TEXT_HEAD = {
+    "roberta": {"dense.weight": "lm_head.dense.weight", "dense.bias": "lm_head.dense.bias",
+                "layer_norm.weight": "lm_head.layer_norm.weight", "layer_norm.bias": "lm_head.layer_norm.bias",
+                "bias": "lm_head.bias"},
+    "bert": {"dense.weight": "cls.predictions.transform.dense.weight",
+             "dense.bias": "cls.predictions.transform.dense.bias",
+             "layer_norm.weight": "cls.predictions.transform.LayerNorm.weight",
+             "layer_norm.bias": "cls.predictions.transform.LayerNorm.bias", "bias": "cls.predictions.bias"},
+}
+TEXT_HEAD_PREFIX = "text_mlm_head."
+
+
+def text_model_to_hf(name: str, tensor: torch.Tensor, cfg: TextEncoderConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    """transformers ...ForMaskedLM (name, tensor) pairs for one of our full parameter names: the
+    language encoder (``text.``) under the ``roberta.``/``bert.`` prefix, its MLM head
+    (``text_mlm_head.``) under the head's names, bias cut to the vocabulary; nothing for the rest."""
+    if name.startswith("text."):
+        for hf_name, piece in text_to_hf(name[len("text."):], tensor, cfg.vocab_size):
+            yield f"{cfg.flavour}.{hf_name}", piece
+    elif name.startswith(TEXT_HEAD_PREFIX):
+        rest = name[len(TEXT_HEAD_PREFIX):]
+        if rest not in _TEXT_HEAD[cfg.flavour]:
+            raise KeyError(f"no transformers name for MLM-head parameter {name!r}")
+        yield _TEXT_HEAD[cfg.flavour][rest], tensor[:cfg.vocab_size] if rest == "bias" else tensor
+
+
+def text_head_hf_names(flavour: str) -> list[str]:
+    """transformers' names of the MLM-head tensors a checkpoint stores (the tied decoder excluded)."""
+    return list(_TEXT_HEAD[flavour].values())
+
+
+def text_head_from_hf(hf_state: dict[str, torch.Tensor], cfg: TextEncoderConfig) -> dict[str, torch.Tensor]:
+    """Our ``text_mlm_head`` state (names without the prefix) from a transformers ...ForMaskedLM
+    state dict. Refuses a decoder that is not the word embedding: ours is tied to it."""
+    out = {ours: _take(hf_state, theirs) for ours, theirs in _TEXT_HEAD[cfg.flavour].items()}
+    decoder = {"roberta": "lm_head.decoder.weight", "bert": "cls.predictions.decoder.weight"}[cfg.flavour]
+    embedding = hf_state.get(f"{cfg.flavour}.embeddings.word_embeddings.weight")
+    if decoder in hf_state and embedding is not None and not torch.equal(hf_state[decoder], embedding):
+        raise ConfigError(f"the pretrained MLM decoder ({decoder}) differs from the word embeddings; the "
+                          "language encoder's MLM head decodes with the word embeddings (tie_word_embeddings)")
+    return out
+
+
 def text_from_hf(hf_state: dict[str, torch.Tensor], cfg: TextEncoderConfig) -> dict[str, torch.Tensor]:
     """Our language-encoder state (names without ``text.``) from a transformers BERT/RoBERTa state
     dict (``bert.``/``roberta.`` prefixes and the pooler/LM head are ignored)."""
@@ -84,13 +133,16 @@ def _take(state: dict[str, torch.Tensor], name: str) -> torch.Tensor:
 
 
 def text_config_to_hf(cfg: TextEncoderConfig):
-    """A transformers RobertaConfig/BertConfig for the language encoder (no pooler weights exist:
-    AutoModel reports the pooler as newly initialised, as for any MLM-pretrained checkpoint)."""
+    """A transformers RobertaConfig/BertConfig for the language encoder and its MLM head, naming the
+    ...ForMaskedLM architecture as the hub's roberta-base does (no pooler weights exist: AutoModel
+    reports the pooler as newly initialised, as for any MLM-pretrained checkpoint)."""
     import transformers
 
     cls = transformers.RobertaConfig if cfg.flavour == "roberta" else transformers.BertConfig
-    return cls(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
-               num_attention_heads=cfg.num_heads, intermediate_size=cfg.ffn_hidden_size, hidden_act="gelu",
+    architecture = "RobertaForMaskedLM" if cfg.flavour == "roberta" else "BertForMaskedLM"
+    return cls(architectures=[architecture], tie_word_embeddings=True, vocab_size=cfg.vocab_size,
+               hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+               intermediate_size=cfg.ffn_hidden_size, hidden_act="gelu",
                hidden_dropout_prob=cfg.hidden_dropout, attention_probs_dropout_prob=cfg.attention_dropout,
                max_position_embeddings=cfg.max_position_embeddings, type_vocab_size=cfg.type_vocab_size,
                layer_norm_eps=cfg.layer_norm_eps, pad_token_id=cfg.pad_token_id)
@@ -127,34 +179,70 @@ def vision_to_timm(name: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch
 
 def vision_from_timm(timm_state: dict[str, torch.Tensor], mask_token: torch.Tensor | None) -> dict[str, torch.Tensor]:
     """Our vision-encoder state from a timm BEiT(-v2) state dict (its classifier head dropped; the
-    MIM mask token, which timm has not, is kept from ``mask_token`` when given)."""
+    MIM mask token, which timm has not, is kept from ``mask_token`` when given). A model without
+    layer scale gets gammas of 1.0, which compute the same and leave no parameter uninitialised."""
     out = {}
     for name, tensor in timm_state.items():
         if name.startswith("head.") or name.endswith("relative_position_index"):
             continue
         out[name.replace(".attn.relative_position_bias_table", ".rel_pos.relative_position_bias_table")] = tensor
+    for name, tensor in timm_state.items():
+        if name.endswith(".norm1.weight"):  # one per block
+            block = name[:-len("norm1.weight")]
+            for gamma in ("gamma_1", "gamma_2"):
+                out.setdefault(block + gamma, torch.ones_like(tensor))
     if mask_token is not None:
         out["mask_token"] = mask_token
     return out
 
 
+TIMM_LAYER_NORM_EPS = 1e-6
+"""timm's Beit normalises with its LayerNorm default; model_args cannot pass another eps (a class)."""
+
+
 def vision_model_args(cfg: VisionEncoderConfig) -> dict:
-    """timm ``Beit`` keyword arguments that build this vision encoder (no classifier, mean pooling)."""
+    """timm ``Beit`` keyword arguments that build this vision encoder (no classifier, mean pooling).
+    Refuses what timm cannot build exactly: a LayerNorm eps other than timm's, no layer scale."""
+    if cfg.layer_norm_eps != TIMM_LAYER_NORM_EPS:
+        raise ConfigError(f"vision.layer_norm_eps={cfg.layer_norm_eps}: timm's Beit uses {TIMM_LAYER_NORM_EPS} and "
+                          "its config.json cannot change it; the vision encoder cannot be exported to timm")
+    if not cfg.layer_scale_init:  # timm builds no gammas for init_values 0, but ours has them
+        raise ConfigError(f"vision.layer_scale_init={cfg.layer_scale_init}: timm's Beit has no layer scale at 0; "
+                          "use 1.0 for a model without layer scale")
     return {"img_size": cfg.image_size, "patch_size": cfg.patch_size, "in_chans": cfg.num_channels,
             "embed_dim": cfg.hidden_size, "depth": cfg.num_layers, "num_heads": cfg.num_heads,
-            "mlp_ratio": cfg.ffn_hidden_size / cfg.hidden_size, "init_values": cfg.layer_scale_init,
+            "mlp_ratio": _timm_mlp_ratio(cfg.hidden_size, cfg.ffn_hidden_size), "init_values": cfg.layer_scale_init,
             "use_abs_pos_emb": False, "use_rel_pos_bias": True, "use_shared_rel_pos_bias": False,
             "qkv_bias": True, "num_classes": 0, "global_pool": "avg"}
+
+
+def _timm_mlp_ratio(hidden: int, ffn: int) -> float:
+    """An mlp_ratio from which timm rebuilds exactly ``ffn``: it truncates int(hidden * ratio), and
+    ffn / hidden can land one ulp low (hidden 88, ffn 120 -> 119), so step up to the next float."""
+    ratio = ffn / hidden
+    for _ in range(4):
+        if int(hidden * ratio) == ffn:
+            return ratio
+        ratio = math.nextafter(ratio, math.inf)
+    raise ConfigError(f"vision.ffn_hidden_size={ffn} with hidden_size={hidden}: no mlp_ratio makes timm's "
+                      "int(hidden_size * mlp_ratio) equal it; choose another ffn_hidden_size")
+
+
+def vision_pretrained_cfg(cfg: VisionEncoderConfig) -> dict:
+    """timm's pretrained_cfg: the preprocessing the model was trained and evaluated with
+    (:mod:`xfm_scale.data.transforms`: CLIP mean/std; evaluation resizes the short side to the
+    image size with bicubic interpolation, then centre-crops it whole, i.e. crop_pct 1.0)."""
+    from xfm_scale.data.transforms import CLIP_MEAN, CLIP_STD
+
+    return {"input_size": [cfg.num_channels, cfg.image_size, cfg.image_size], "interpolation": "bicubic",
+            "crop_pct": 1.0, "crop_mode": "center", "mean": list(CLIP_MEAN), "std": list(CLIP_STD),
+            "num_classes": 0, "first_conv": "patch_embed.proj", "classifier": "head"}
 
 
 def vision_timm_config(cfg: VisionEncoderConfig) -> dict:
     """config.json in timm's hub layout: ``architecture``, ``model_args``, ``pretrained_cfg``."""
     return {"architecture": TIMM_ARCHITECTURE, "num_classes": 0, "num_features": cfg.hidden_size,
-            "global_pool": "avg", "model_args": vision_model_args(cfg),
-            "pretrained_cfg": {"input_size": [cfg.num_channels, cfg.image_size, cfg.image_size],
-                               "interpolation": "bicubic", "mean": [0.485, 0.456, 0.406],
-                               "std": [0.229, 0.224, 0.225], "num_classes": 0, "first_conv": "patch_embed.proj",
-                               "classifier": "head"}}
+            "global_pool": "avg", "model_args": vision_model_args(cfg), "pretrained_cfg": vision_pretrained_cfg(cfg)}
 
 
 def vision_config_from_timm_model(model) -> VisionEncoderConfig:
@@ -170,6 +258,8 @@ def vision_config_from_timm_model(model) -> VisionEncoderConfig:
         ffn_hidden_size=blocks[0].mlp.fc1.out_features, layer_norm_eps=blocks[0].norm1.eps,
         image_size=model.patch_embed.img_size[0], patch_size=model.patch_embed.patch_size[0],
         num_channels=model.patch_embed.proj.in_channels,
-        layer_scale_init=float(gamma.detach().mean()) if gamma is not None else 0.1)
+        # Without layer scale the block adds attn/mlp unscaled: gammas of 1.0 do the same (the
+        # pretrained gammas, when there are some, are loaded over this initial value).
+        layer_scale_init=float(gamma.detach().mean()) if gamma is not None else 1.0)
 
 

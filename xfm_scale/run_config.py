@@ -105,8 +105,11 @@ class OptimSection:
     """Peak learning rate of pretrained (encoder) parameters."""
     new_param_lr_scale: float = 2.0
     """Learning-rate multiplier for newly initialised parameters (fusion encoder and heads)."""
-    pretrained_modules: list[str] = field(default_factory=lambda: ["text", "vision"])
-    """Top-level model modules counted as pretrained (the rest get new_param_lr_scale)."""
+    pretrained_modules: list[str] = field(default_factory=lambda: ["text", "vision", "text_mlm_head"])
+    """Top-level model modules counted as pretrained (the rest get new_param_lr_scale). The language
+    encoder's MLM head is imported with it (roberta-base's lm_head), as the reference's
+    RobertaForMaskedLM is, so it trains at lr x1 like the encoder; a text source saved without a
+    head leaves it newly initialised (the import warns) and still at x1 unless removed from here."""
     weight_decay: float = 0.01
     """AdamW decoupled weight decay; not applied to norms, biases, gammas, tokens, bias tables."""
     betas: tuple[float, float] = (0.9, 0.98)

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from xfm_scale.durable import replace_durably
+
 _DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64"}
 
 
@@ -38,6 +40,7 @@ class StreamingSafetensorsWriter:
         text = json.dumps(header, separators=(",", ":")).encode()
         text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as the reference writer does
         self._tmp = self.path.with_name(self.path.name + ".partial")
+        self._finished = False
         self._file = open(self._tmp, "wb")
         try:
             self._file.write(struct.pack("<Q", len(text)) + text)
@@ -57,15 +60,32 @@ class StreamingSafetensorsWriter:
         self._file.write(data.reshape(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b"")
         self._next += 1
 
+    def finish(self) -> None:
+        """Complete the temporary file and flush it to disk (not yet visible under its name), so
+        that several files can be written first and published together (:meth:`publish`)."""
+        if self._finished:
+            return
+        try:
+            if self._next != len(self._expected):
+                missing = [n for n, _, _ in self._expected[self._next:]]
+                raise ValueError(f"{self.path}: {len(missing)} planned tensors never written, e.g. {missing[:3]}")
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        except BaseException:
+            self.abort()
+            raise
+        self._file.close()
+        self._finished = True
+
+    def publish(self) -> Path:
+        """Rename the finished file into place (atomic, and durable: see :func:`replace_durably`)."""
+        self.finish()
+        replace_durably(self._tmp, self.path, synced=True)
+        return self.path
+
     def close(self) -> Path:
         """Publish the file (renamed into place only when every planned tensor was written)."""
-        self._file.close()
-        if self._next != len(self._expected):
-            missing = [n for n, _, _ in self._expected[self._next:]]
-            os.unlink(self._tmp)
-            raise ValueError(f"{self.path}: {len(missing)} planned tensors never written, e.g. {missing[:3]}")
-        os.replace(self._tmp, self.path)
-        return self.path
+        return self.publish()
 
     def abort(self) -> None:
         self._file.close()

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from xfm_scale import checkpoint, engine_state, kernels, parallel, pretrained
+from xfm_scale import checkpoint, durable, engine_state, kernels, parallel, pretrained
 from xfm_scale.config import ConfigError, XFMConfig
 from xfm_scale.flops import FlopCount
 from xfm_scale.run_config import RunConfig
@@ -67,7 +67,7 @@ class Trainer:
         self.ckpt_dir = self.output_dir / "checkpoints"
         if self.is_main:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-            checkpoint.write_atomically(self.output_dir / "run_config.json", json.dumps(cfg.to_dict(), indent=2))
+            durable.write_atomically(self.output_dir / "run_config.json", json.dumps(cfg.to_dict(), indent=2))
         checkpoint.check_visible_to_every_rank(self.output_dir / "run_config.json", "train.output_dir")
         self.device = parallel.device()
         self.micro_steps = cfg.micro_steps_per_step(self.layout.data_parallel_size)
@@ -452,7 +452,7 @@ class Trainer:
         self.maybe_save(force=True)
         final = {**self.last_log, **self.last_eval, "step": float(self.step)}
         if self.is_main:
-            checkpoint.write_atomically(self.output_dir / "final_metrics.json", json.dumps(final, indent=2))
+            durable.write_atomically(self.output_dir / "final_metrics.json", json.dumps(final, indent=2))
             self.writer.close()
         dist.barrier()
         return final

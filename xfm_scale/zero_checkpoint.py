@@ -15,6 +15,11 @@ of its fragments in DP-rank order.
 Either way the TP shards merge by the layout recorded in the client state
 (``universal_checkpoint_info``: row-parallel on dim 1, replicated, strided fused QKV/KV).
 
+Not readable: a save with the optimizer offloaded to NVMe (ZeRO-Infinity, ds_configs/
+zero3_nvme_template.json). DeepSpeed then copies the swapped fp32 weights and Adam state to
+``TAG/offloaded_tensors/rankN/`` in its swapper's own format and leaves the partitions in the
+optimizer files empty; only DeepSpeed's own load at the saved layout reads them back.
+
 Why not DeepSpeed's own tools: zero_to_fp32 refuses TP > 1, and its universal checkpoint loader
 partitions over DP only (see ../shared/design/stack-notes.md). This reader streams: the files are
 memory-mapped, and one merged tensor at a time is materialised.
@@ -42,6 +47,8 @@ STATE_KEYS = ("fp32", "exp_avg", "exp_avg_sq")
 # one per TP rank (mp_rank_TT_model_states.pt, counted as DP rank 0 here); optimizer states are per
 # (DP, TP) rank in both.
 _FILE = re.compile(r"^(?:(?:bf16_)?zero_pp_rank_(\d+)_)?mp_rank_(\d+)_(optim|model)_states\.pt$")
+NVME_OFFLOADED = "offloaded_tensors"
+"""The sub-folder where DeepSpeed saves optimizer state swapped to NVMe (engine.save_checkpoint)."""
 
 
 class CheckpointError(ValueError):
@@ -119,6 +126,21 @@ class ZeroCheckpoint:
     @property
     def step(self) -> int:
         return int(self.meta["step"])
+
+    @property
+    def nvme_offloaded(self) -> bool:
+        """Saved with the optimizer offloaded to NVMe: its tensors are not in the partition files."""
+        return (self.folder / NVME_OFFLOADED).is_dir()
+
+    def require_tensors(self) -> None:
+        """Raise unless the fp32 weights and Adam state are readable here (not NVMe-offloaded). The
+        metadata (config, step, layout) stays readable either way, as a same-layout resume needs."""
+        if self.nvme_offloaded:
+            raise CheckpointError(
+                f"{self.folder} was saved with the optimizer offloaded to NVMe: its fp32 weights and Adam state "
+                f"are in {NVME_OFFLOADED}/ (DeepSpeed's swap files), which export and resharding cannot read. "
+                "Resume it at its saved layout (same TP, DP and ZeRO stage, with the NVMe config), or export / "
+                "reshard a checkpoint saved by a run without NVMe offload (offload_optimizer.device cpu or none)")
 
     @cached_property
     def partition_specs(self) -> dict[str, tuple[int, int] | None]:
@@ -203,6 +225,7 @@ class ZeroCheckpoint:
         return sd["base_optimizer_state"] if self.stage == 2 else sd["optimizer_state_dict"]
 
     def _flat(self, d: int, t: int, group: int, key: str) -> torch.Tensor:
+        self.require_tensors()  # else narrow() fails on DeepSpeed's empty placeholders
         sd = self._optim_file(d, t)["optimizer_state_dict"]
         if key == "fp32":
             flat_groups = sd["single_partition_of_fp32_groups"] if self.stage == 2 else sd["fp32_flat_groups"]

@@ -67,9 +67,25 @@ def probe(trainer, raw: dict) -> dict:
         losses = dict(zip(names, (losses / dp).tolist()))
         ids, mask = random_text(cfg.text.vocab_size, cfg.text.pad_token_id)
         text = trainer.engine.module.encode_text(ids, mask)
+        mlm = mlm_logits(trainer.engine.module, text[mask.bool()])
         image = trainer.engine.module.encode_image(random_pixels(cfg.vision.image_size))
-    return {"losses": losses, "text": text, "image": image, "step": trainer.step,
+    return {"losses": losses, "text": text, "mlm_logits": mlm, "image": image, "step": trainer.step,
             "layout": (trainer.layout.tensor_parallel_size, trainer.layout.data_parallel_size)}
+
+
+def mlm_logits(model, hidden_MD: torch.Tensor) -> torch.Tensor:
+    """The language encoder's MLM-head logits [M, vocab] (real vocabulary only): its parameters
+    gathered from their ZeRO-3 partitions, its vocab-parallel logits gathered over TP."""
+    import deepspeed
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    head = model.text_mlm_head
+    with deepspeed.zero.GatheredParameters([*head.parameters(), head.tied_embedding.weight]):
+        local = head._logits(hidden_MD)
+    parts = [torch.empty_like(local) for _ in range(ps.get_tensor_model_parallel_world_size())]
+    dist.all_gather(parts, local.contiguous(), group=ps.get_tensor_model_parallel_group())
+    return torch.cat(parts, dim=-1)[:, :model.config.text.vocab_size]
 
 
 def parallel_dp_group():

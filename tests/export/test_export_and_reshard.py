@@ -55,29 +55,53 @@ def assert_losses_equal(got: dict, want: dict, rel: float = 1e-5):
 
 
 def test_text_encoder_loads_in_transformers_and_matches_the_live_model(original):
-    from transformers import AutoModel, AutoTokenizer
+    """AutoModel: the encoder (only the pooler new); AutoModelForMaskedLM: the encoder and the trained
+    MLM head (nothing missing), whose logits are the live model's text_mlm_head's."""
+    from transformers import AutoModel, AutoModelForMaskedLM, AutoTokenizer
 
     folder = original["export"] / "text_encoder"
-    model = AutoModel.from_pretrained(folder).eval()
+    model, info = AutoModel.from_pretrained(folder, output_loading_info=True)
     assert type(model).__name__ == "RobertaModel"
+    assert {k.split(".")[0] for k in info["missing_keys"]} == {"pooler"} and not info["mismatched_keys"]
     cfg = json.loads((folder / "config.json").read_text())
     ids, mask = random_text(cfg["vocab_size"], cfg["pad_token_id"])
     with torch.no_grad():
-        hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        hidden = model.eval()(input_ids=ids, attention_mask=mask).last_hidden_state
     torch.testing.assert_close(hidden, original["live"]["text"], rtol=0, atol=1e-5)
     assert len(AutoTokenizer.from_pretrained(folder)) == cfg["vocab_size"]
+
+    mlm, info = AutoModelForMaskedLM.from_pretrained(folder, output_loading_info=True)
+    assert type(mlm).__name__ == "RobertaForMaskedLM"
+    assert (info["missing_keys"], info["unexpected_keys"], info["mismatched_keys"]) == (set(), set(), set())
+    with torch.no_grad():
+        logits = mlm.eval()(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(logits[mask.bool()], original["live"]["mlm_logits"], rtol=0, atol=1e-4)
 
 
 def test_vision_encoder_loads_in_timm_and_matches_the_live_model(original):
     import timm
+    import timm.data
+
+    from xfm_scale.data.transforms import CLIP_MEAN, CLIP_STD
 
     folder = original["export"] / "vision_encoder"
     cfg = json.loads((folder / "config.json").read_text())
     by_file = timm.create_model(cfg["architecture"], pretrained=True, **cfg["model_args"],
                                 pretrained_cfg_overlay=dict(file=str(folder / "model.safetensors"))).eval()
     by_folder = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    by_file_with_cfg = timm.create_model(cfg["architecture"], pretrained=True, **cfg["model_args"],
+                                         pretrained_cfg_overlay=dict(file=str(folder / "model.safetensors"),
+                                                                     **cfg["pretrained_cfg"])).eval()
     live = original["live"]["image"]  # [pooled fc_norm(mean), patch tokens...]
     pixels = random_pixels(cfg["model_args"]["img_size"])
+    # the preprocessing timm derives is the run's evaluation transform (CLIP mean/std, the short side
+    # resized to the image size with bicubic interpolation, then centre-cropped whole)
+    size = cfg["model_args"]["img_size"]
+    for model in (by_folder, by_file_with_cfg):
+        data = timm.data.resolve_data_config({}, model=model)
+        assert {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()} == {
+            "input_size": (3, size, size), "interpolation": "bicubic", "mean": CLIP_MEAN, "std": CLIP_STD,
+            "crop_pct": 1.0, "crop_mode": "center"}
     for model in (by_file, by_folder):
         with torch.no_grad():
             tokens = model.forward_features(pixels)
@@ -220,7 +244,9 @@ def test_zero2_trains_like_zero3_and_its_checkpoints_hold_the_same_state(origina
     assert sorted(got) == sorted(want) == list(range(1, STEPS + 1))
     assert all(abs(got[s] - want[s]) <= 1e-5 * abs(want[s]) for s in want), (got, want)
     assert_losses_equal(zero2["live"]["losses"], original["live"]["losses"])
-    torch.testing.assert_close(zero2["live"]["text"], original["live"]["text"], rtol=0, atol=1e-5)
+    # DeepSpeedCPUAdam (offloaded ZeRO-2) and torch's AdamW round differently: after the steps an
+    # element may differ by a few 1e-5 relative (seen: 3.5e-5, 1.4e-5 absolute)
+    torch.testing.assert_close(zero2["live"]["text"], original["live"]["text"], rtol=1e-4, atol=1e-5)
     for step in (SAVED_AT, STEPS):
         z3 = ZeroCheckpoint(original["root"] / "run" / "checkpoints" / f"step{step:08d}")
         z2 = ZeroCheckpoint(zero2["root"] / "run" / "checkpoints" / f"step{step:08d}")

@@ -1,7 +1,8 @@
 """Import of pretrained encoders saved offline (randomly initialised transformers BERT and RoBERTa
 of different sizes, a timm BEiT-v2) into a TP=2 x DP=1 ZeRO-3 model: its encoders reproduce the
-sources' hidden states. RoBERTa + BEiT go through tools/import_weights.py and ``model.init_from``;
-BERT through the run config's ``model.init_text_from``."""
+sources' hidden states, and RoBERTa's MLM head its logits. RoBERTa + BEiT go through
+tools/import_weights.py and ``model.init_from``; BERT through the run config's
+``model.init_text_from``."""
 from __future__ import annotations
 
 import copy
@@ -33,8 +34,13 @@ def sources(tmp_path_factory):
                                          intermediate_size=192, max_position_embeddings=64, type_vocab_size=1)
     bert = transformers.BertConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                    intermediate_size=256, max_position_embeddings=48, type_vocab_size=2)
-    for name, cfg in (("roberta", roberta), ("bert", bert)):
-        transformers.AutoModel.from_config(cfg).save_pretrained(root / name)
+    # RoBERTa with its MLM head (as roberta-base is saved), BERT as a bare encoder (no head to import)
+    roberta_mlm = transformers.AutoModelForMaskedLM.from_config(roberta)
+    with torch.no_grad():  # a head that is not its initialisation (zero bias, unit LayerNorm)
+        for p in (roberta_mlm.lm_head.bias, roberta_mlm.lm_head.layer_norm.weight, roberta_mlm.lm_head.layer_norm.bias):
+            p.normal_(std=0.5)
+    roberta_mlm.save_pretrained(root / "roberta")
+    transformers.AutoModel.from_config(bert).save_pretrained(root / "bert")
     beit = timm.create_model("beitv2_base_patch16_224", pretrained=False, num_classes=0, img_size=32, patch_size=8,
                              embed_dim=64, depth=2, num_heads=4, init_values=0.2)
     with torch.no_grad():  # non-trivial biases and relative position tables
@@ -54,6 +60,14 @@ def hf_hidden(folder: Path, ids, mask):
         return model(input_ids=ids, attention_mask=mask).last_hidden_state
 
 
+def hf_mlm_logits(folder: Path, ids, mask):
+    from transformers import AutoModelForMaskedLM
+
+    model = AutoModelForMaskedLM.from_pretrained(folder).eval()
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask).logits[mask.bool()]
+
+
 def test_roberta_and_beit_through_the_import_tool_into_a_tp2_model(sources, demo_world, tmp_path):
     import timm
 
@@ -69,6 +83,8 @@ def test_roberta_and_beit_through_the_import_tool_into_a_tp2_model(sources, demo
     assert got["layout"] == (2, 1)
     ids, mask = random_text(VOCAB, pad_id=1)
     torch.testing.assert_close(got["text"], hf_hidden(sources / "roberta", ids, mask), rtol=0, atol=1e-5)
+    # the pretrained MLM head was imported too (the method starts text_mlm_head from roberta-base's)
+    torch.testing.assert_close(got["mlm_logits"], hf_mlm_logits(sources / "roberta", ids, mask), rtol=0, atol=1e-4)
     beit = timm.create_model(f"local-dir:{sources / 'beit'}", pretrained=True).eval()
     with torch.no_grad():
         tokens = beit.forward_features(random_pixels(32))
