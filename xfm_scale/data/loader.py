@@ -337,6 +337,8 @@ class _MicroBatchDataset(Dataset):
         if index is None:
             index = self._lazy[("idx", shard)] = load_index(shard, self.blend.cache_dir)
         local = sample - self.corpus_starts[c][s]
+        if local >= len(index["keys"]):  # the manifest promised more samples than the shard holds
+            raise EOFError(f"{shard} holds {len(index['keys'])} samples, its manifest says more")
         return index["keys"][local], index["members"][local], shard
 
     def _read(self, c: int, sample: int) -> tuple[str, dict[str, bytes]]:
