@@ -194,7 +194,7 @@ def benchmark(args) -> dict:
 
     def flops_of(batch) -> float:  # model FLOPs: MFU's convention counts no recompute
         return micro_batch_flops(model_config, batch, activation_checkpointing=False,
-                                 data_parallel_size=dp).total / tp
+                                 data_parallel_size=dp).model / tp
 
     def ours(batches):
         trainer.train_step(batches)

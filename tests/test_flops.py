@@ -185,11 +185,17 @@ def test_data_parallel_size_grows_only_the_itc_matrix():
     E, B = cfg.objectives.itc_embed_dim, 8
     assert eight["itc"].forward - one["itc"].forward == 2 * E * ((8 * B) ** 2 - B ** 2)
     assert {k: v for k, v in one.items() if k != "itc"} == {k: v for k, v in eight.items() if k != "itc"}
+    # every rank computes the whole gathered similarity; the model's FLOPs (MFU) count its 1/8 share
+    similarity = 3 * 2 * E * (8 * B) ** 2  # forward + backward
+    assert one["itc"].repeated == 0 and eight["itc"].repeated == similarity - similarity // 8
+    assert eight["itc"].model - one["itc"].model == similarity // 8 - 3 * 2 * E * B ** 2
+    assert eight["itc"].total == eight["itc"].forward + eight["itc"].backward  # the hardware did it all
 
 
 def test_flop_count_adds_and_totals():
-    a, b = FlopCount(1, 2, 3), FlopCount(10, 20, 0)
-    assert (a + b) == FlopCount(11, 22, 3) and (a + b).total == 36
+    a, b = FlopCount(1, 2, 3), FlopCount(10, 20, 0, repeated=6)
+    assert (a + b) == FlopCount(11, 22, 3, repeated=6) and (a + b).total == 36 and (a + b).model == 27
+    assert (a + b) / 2 == FlopCount(5.5, 11, 1.5, repeated=3)
 
 
 @pytest.mark.parametrize("name, dtype, expected", [

@@ -366,17 +366,16 @@ class Trainer:
         # FLOPs of this rank's micro-batch (recompute included when checkpointing); under TP each
         # rank does 1/TP of them.
         count = micro_batch_flops(self.model_config, batch, data_parallel_size=self.layout.data_parallel_size)
-        tp = self.layout.tensor_parallel_size
-        return FlopCount(count.forward / tp, count.backward / tp, count.recompute / tp)
+        return count / self.layout.tensor_parallel_size
 
     def _flops_stats(self, flops: FlopCount, seconds: float) -> dict[str, float]:
-        """MFU counts the model's FLOPs (forward + backward); HFU also the checkpointing recompute."""
+        """MFU counts the model's FLOPs (forward + backward, the ITC similarity every rank repeats
+        once); HFU what the hardware did (also the repeats and the checkpointing recompute)."""
         from xfm_scale.flops import achieved_tflops, device_peak_flops, mfu
 
         dtype = torch.bfloat16 if self.engine.bfloat16_enabled() else torch.float32
         peak, _ = device_peak_flops(dtype)
-        model = flops.forward + flops.backward
-        return {"tflops_per_rank": achieved_tflops(model, seconds), "mfu": mfu(model, seconds, peak),
+        return {"tflops_per_rank": achieved_tflops(flops.model, seconds), "mfu": mfu(flops.model, seconds, peak),
                 "hfu": mfu(flops.total, seconds, peak)}
 
     def _accumulate(self, stats: dict[str, float]) -> None:
