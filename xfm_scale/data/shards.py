@@ -183,23 +183,16 @@ def build_index(shard: str | Path) -> dict:
 
     webdataset itself only streams tars; random access needs the byte offset of each member's
     data (``TarInfo.offset_data``), which ``tarfile`` gives in one sequential pass.
-    Keys and extensions are split with webdataset's own rule (``base_plus_ext``).
     """
     keys: list[str] = []
     members: list[dict[str, list[int]]] = []
     position: dict[str, int] = {}
-    with tarfile.open(shard, "r:") as tar:
-        for info in tar:
-            if not info.isfile():
-                continue
-            key, ext = base_plus_ext(info.name)
-            if key is None or key.startswith("__"):
-                continue
-            if key not in position:
-                position[key] = len(keys)
-                keys.append(key)
-                members.append({})
-            members[position[key]][ext.lower()] = [info.offset_data, info.size]
+    for key, ext, span in _sample_members(shard):
+        if key not in position:
+            position[key] = len(keys)
+            keys.append(key)
+            members.append({})
+        members[position[key]][ext] = span
     return {"version": INDEX_VERSION, "bytes": os.path.getsize(shard), "keys": keys, "members": members}
 
 
@@ -209,16 +202,26 @@ def first_sample_members(shard: str | Path) -> dict[str, list[int]]:
     (how :func:`xfm_scale.data.spec.check_spec` checks a corpus's modality cheaply)."""
     members: dict[str, list[int]] = {}
     first = None
+    for key, ext, span in _sample_members(shard):
+        if first is not None and key != first:
+            break  # webdataset writes a sample's members together: the first sample is complete
+        first = key
+        members[ext] = span
+    return members
+
+
+def _sample_members(shard: str | Path):
+    """(key, ext, [data offset, size]) of each sample member, in tar order, read lazily from the
+    headers. Keys and extensions are split with webdataset's own rule (``base_plus_ext``);
+    webdataset's ``__``-prefixed entries are not samples."""
     with tarfile.open(shard, "r:") as tar:
         for info in tar:
-            key, ext = base_plus_ext(info.name) if info.isfile() else (None, None)
+            if not info.isfile():
+                continue
+            key, ext = base_plus_ext(info.name)
             if key is None or key.startswith("__"):
                 continue
-            if first is not None and key != first:
-                break  # webdataset writes a sample's members together: the first sample is complete
-            first = key
-            members[ext.lower()] = [info.offset_data, info.size]
-    return members
+            yield key, ext.lower(), [info.offset_data, info.size]
 
 
 def write_index(shard: str | Path, index: dict, cache_dir: str | Path | None = None) -> None:
