@@ -127,9 +127,10 @@ class ZeroCheckpoint:
     def step(self) -> int:
         return int(self.meta["step"])
 
-    @property
+    @cached_property
     def nvme_offloaded(self) -> bool:
-        """Saved with the optimizer offloaded to NVMe: its tensors are not in the partition files."""
+        """Saved with the optimizer offloaded to NVMe: its tensors are not in the partition files.
+        Looked up once: every partition read asks."""
         return (self.folder / NVME_OFFLOADED).is_dir()
 
     def require_tensors(self) -> None:
