@@ -83,10 +83,6 @@ class StreamingSafetensorsWriter:
         replace_durably(self._tmp, self.path, synced=True)
         return self.path
 
-    def close(self) -> Path:
-        """Publish the file (renamed into place only when every planned tensor was written)."""
-        return self.publish()
-
     def abort(self) -> None:
         self._file.close()
         self._tmp.unlink(missing_ok=True)

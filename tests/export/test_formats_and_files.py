@@ -263,6 +263,6 @@ def test_streaming_writer_syncs_the_file_before_the_rename_and_the_folder_after(
     path = tmp_path / "w.safetensors"
     writer = safetensors_stream.StreamingSafetensorsWriter(path, [("x", (2,), torch.float32)])
     writer.write("x", torch.ones(2))
-    writer.close()
+    writer.publish()
     assert events == [("fsync", str(tmp_path / "w.safetensors.partial")), ("replace", str(path)),
                       ("fsync", str(tmp_path))]
