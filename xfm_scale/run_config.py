@@ -276,8 +276,10 @@ class RunConfig:
                 f"({data_parallel_size}) = {per_micro_step}; choose a multiple of {per_micro_step}")
         return self.batch.global_batch_size // per_micro_step
 
-    def validate(self, world_size: int | None = None) -> None:
-        """Checks that need no ranks: files exist, sizes are consistent, the model config is valid."""
+    def validate(self, world_size: int | None = None, *, check_data: bool = True) -> None:
+        """Checks that need no ranks: files exist, sizes are consistent, the model config is valid.
+        ``check_data``: also open the blend spec's corpora (:func:`xfm_scale.data.spec.check_spec`;
+        a stat per shard, so done once per rank, not again where the loader opens them anyway)."""
         for key, path in (("data.spec", self.data.spec), ("data.tokenizer_dir", self.data.tokenizer_dir),
                           ("deepspeed.config", self.deepspeed.config)):
             if not os.path.exists(path):
@@ -291,7 +293,8 @@ class RunConfig:
             if path and not os.path.exists(path):
                 raise ConfigError(f"{key}: {path} does not exist; fix the path or remove the key")
         self._check_ranges()
-        self._check_data_spec()
+        if check_data:
+            self._check_data_spec()
         zero = self._deepspeed_json().get("zero_optimization", {})
         stage = zero.get("stage", 0)
         for option in ("round_robin_gradients", "elastic_checkpoint"):

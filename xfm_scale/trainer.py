@@ -61,7 +61,9 @@ class Trainer:
         self.cfg = cfg
         self.layout = parallel.initialize(cfg.parallel.tensor_parallel_size, seed=cfg.train.seed,
                                           timeout_s=cfg.train.collective_timeout_s)
-        cfg.validate(self.layout.world_size)
+        # The data spec is not checked again here: the entry point checked it before the ranks
+        # started, and build_loader below opens the corpora with the same checks and errors.
+        cfg.validate(self.layout.world_size, check_data=False)
         self.is_main = self.layout.rank == 0
         self.output_dir = Path(cfg.train.output_dir)
         self.ckpt_dir = self.output_dir / "checkpoints"
