@@ -17,6 +17,9 @@ What one micro-batch costs (model.xfm.XFM.forward), per kind:
   vision side); ITC projections and the similarity matrix; the hard-negative similarities (no grad);
   the fusion encoder on 3B rows for ITM and the ITM head; a second text pass on the masked caption;
   the fusion encoder on B rows and the fusion MLM head for IMLM; a masked vision pass for MIM.
+  The model runs the two vision passes as one pass of 2B rows and the two fusion passes as one of
+  4B rows; a pass's count is linear in its rows, so the parts are counted as the method defines
+  them (the breakdown keeps ITM's and IMLM's shares apart).
 
 Backward is counted where gradients flow, as the hardware computes it:
 
@@ -269,7 +272,8 @@ def pair_micro_batch(config: XFMConfig, b: PairBatch, ckpt: tuple[int, int, int]
 
 def micro_batch_flop_breakdown(config: XFMConfig, batch: Batch, activation_checkpointing: bool | None = None,
                                *, data_parallel_size: int = 1) -> dict[str, FlopCount]:
-    """:func:`micro_batch_flops` per component (encoder passes and heads), in execution order."""
+    """:func:`micro_batch_flops` per component (encoder passes and heads), in the method's order (the
+    model runs some of these passes merged: see the module docstring)."""
     ckpt = _checkpointing(config, activation_checkpointing)
     if isinstance(batch, TextBatch):
         return text_micro_batch(config, batch, ckpt)

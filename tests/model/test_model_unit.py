@@ -1,4 +1,5 @@
 """Single-process model tests: the stop-gradient, the MIM target, sizes, config errors, layout."""
+import dataclasses
 import json
 import os
 import re
@@ -74,6 +75,49 @@ def test_mim_target_is_the_detached_unmasked_output_itc_and_itm_consume():
     assert grad is None
     # and the target really is the unmasked image's output: re-encoding gives the same tokens
     torch.testing.assert_close(model.encode_image(batches(cfg)[2].pixel_values_BCHW), target, rtol=0, atol=1e-6)
+
+
+def _pair_losses_in_separate_passes(model, b) -> dict[str, torch.Tensor]:
+    """The reference's way: six encoder calls (vision unmasked and masked, text caption and masked
+    caption, fusion for ITM and for IMLM), each on its own rows."""
+    from xfm_scale.model.losses import contrastive_loss, mim_loss, sample_hard_negatives
+
+    image = model.vision(b.pixel_values_BCHW)
+    text = model.text(b.caption_ids_BL, b.caption_mask_BL)
+    image_feat, text_feat, temp = model.itc(image[:, 0], text[:, 0])
+    neg_image, neg_text = sample_hard_negatives(image_feat, text_feat, temp, b.sample_keys,
+                                                model.config.objectives.itm_negative_group)
+    t, m = text.detach(), b.caption_mask_BL
+    fused = model.fusion(torch.cat([t, t, t[neg_text]]), torch.cat([m, m, m[neg_text]]),
+                         torch.cat([image, image[neg_image], image]))
+    B = t.shape[0]
+    itm_labels = torch.cat([torch.ones(B), torch.zeros(2 * B)]).long()
+    masked_text = model.text(b.imlm_input_ids_BL, m).detach()
+    return {"itc": contrastive_loss(image_feat, text_feat, temp, None),
+            "itm": torch.nn.functional.cross_entropy(model.itm_head(fused[:, 0]), itm_labels),
+            "imlm": model.fusion_mlm_head(model.fusion(masked_text, m, image), b.imlm_labels_BL),
+            "mim": mim_loss(model.vision(b.pixel_values_BCHW, b.mim_mask_BP), image.detach(), b.mim_mask_BP)}
+
+
+def test_merged_pair_passes_equal_the_reference_separate_passes():
+    """The pair step's merged passes (vision 2B rows, fusion 4B rows, the detached masked caption
+    without grad) give the losses and gradients of the six separate passes."""
+    cfg = tiny_config()
+    model = build_model(cfg)
+    # keyed hard-negative draws: the same negatives in both computations
+    pair = dataclasses.replace(batches(cfg)[2], sample_keys=tuple(f"pair-{i}" for i in range(4)))
+    merged = model(pair).losses
+    separate = _pair_losses_in_separate_passes(model, pair)
+    assert set(merged) == set(separate)
+    params = [p for p in model.parameters() if p.requires_grad]
+    for name in separate:
+        torch.testing.assert_close(merged[name], separate[name], rtol=1e-5, atol=1e-6, msg=name)
+        got = torch.autograd.grad(merged[name], params, allow_unused=True, retain_graph=True)
+        want = torch.autograd.grad(separate[name], params, allow_unused=True, retain_graph=True)
+        for p, g, w in zip(params, got, want):
+            assert (g is None) == (w is None) or torch.count_nonzero(g if g is not None else w) == 0, name
+            if g is not None and w is not None:
+                torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_mim_off_switch_removes_mim():

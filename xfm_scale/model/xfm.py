@@ -7,6 +7,8 @@ Legend: B batch, L caption tokens, N image tokens (1+P), D width, E ITC width.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state as ps
@@ -134,47 +136,64 @@ class XFM(nn.Module):
             return XFMOutput({})
         with torch.no_grad():  # the target only: the unmasked output, detached
             target_BND = self.vision(b.pixel_values_BCHW)
-        return self._with_mim(XFMOutput({}), b, target_BND, return_intermediates)
-
-    def _with_mim(self, out: XFMOutput, b: ImageBatch | PairBatch, target_BND: torch.Tensor,
-                  return_intermediates: bool) -> XFMOutput:
-        if self.config.objectives.mim_target == "none":
-            return out
-        target_BND = target_BND.detach()
         pred_BND = self.vision(b.pixel_values_BCHW, b.mim_mask_BP)
-        out.losses["mim"] = mim_loss(pred_BND, target_BND, b.mim_mask_BP)
+        return self._add_mim(XFMOutput({}), pred_BND, target_BND, b.mim_mask_BP, return_intermediates)
+
+    @staticmethod
+    def _add_mim(out: XFMOutput, pred_BND: torch.Tensor, target_BND: torch.Tensor, mim_mask_BP: torch.Tensor,
+                 return_intermediates: bool) -> XFMOutput:
+        target_BND = target_BND.detach()
+        out.losses["mim"] = mim_loss(pred_BND, target_BND, mim_mask_BP)
         if return_intermediates:
             out.intermediates["mim_target"] = target_BND
         return out
 
     def _pair_step(self, b: PairBatch, return_intermediates: bool) -> XFMOutput:
         detach = self.config.objectives.detach_text_for_fusion
-        image_BND = self.vision(b.pixel_values_BCHW)
+        image_BND, pred_BND = self._unmasked_and_masked_images(b)
         text_BLD = self.text(b.caption_ids_BL, b.caption_mask_BL)
         image_feat_BE, text_feat_BE, temp = self.itc(image_BND[:, 0], text_BLD[:, 0])
         losses = {"itc": contrastive_loss(image_feat_BE, text_feat_BE, temp, data_parallel_group())}
+        # Detach point 2 (IMLM): the masked caption's encoding feeds only the detached IMLM input, so
+        # with the detach it runs without grad (no activations kept, no checkpointing); same values.
+        with torch.no_grad() if detach else contextlib.nullcontext():
+            masked_text_BLD = self.text(b.imlm_input_ids_BL, b.caption_mask_BL)
         fusion_text_BLD = text_BLD.detach() if detach else text_BLD  # detach point 1 (ITM)
-        losses["itm"] = self._itm_loss(image_BND, fusion_text_BLD, b.caption_mask_BL,
-                                       image_feat_BE, text_feat_BE, temp, b.sample_keys)
-        masked_text_BLD = self.text(b.imlm_input_ids_BL, b.caption_mask_BL)
-        if detach:
-            masked_text_BLD = masked_text_BLD.detach()  # detach point 2 (IMLM)
-        fused_BLD = self.fusion(masked_text_BLD, b.caption_mask_BL, image_BND)
+        itm_logits, fused_BLD = self._fuse_itm_and_imlm(image_BND, fusion_text_BLD, masked_text_BLD,
+                                                       b.caption_mask_BL, image_feat_BE, text_feat_BE, temp,
+                                                       b.sample_keys)
+        B = text_BLD.shape[0]
+        labels = torch.cat([torch.ones(B), torch.zeros(2 * B)]).long().to(itm_logits.device)
+        losses["itm"] = F.cross_entropy(itm_logits.float(), labels)
         losses["imlm"] = self.fusion_mlm_head(fused_BLD, b.imlm_labels_BL)
         out = XFMOutput(losses)
         if return_intermediates:
             out.intermediates.update(image_tokens=image_BND, text_hidden=text_BLD)
-        return self._with_mim(out, b, image_BND, return_intermediates)
+        if pred_BND is None:
+            return out
+        return self._add_mim(out, pred_BND, image_BND, b.mim_mask_BP, return_intermediates)
 
-    def _itm_loss(self, image_BND, text_BLD, mask_BL, image_feat_BE, text_feat_BE, temp, keys) -> torch.Tensor:
-        """Positives, then each text with a hard-negative image, then each image with a hard-negative
-        text, in one fusion pass of 3B rows; the 2-way head on the fusion [CLS]."""
+    def _unmasked_and_masked_images(self, b: PairBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The unmasked images' tokens (ITC, ITM, IMLM, and the MIM target) and, with MIM, the masked
+        images' (the MIM prediction), in one vision pass of 2B rows: both train, so one pass of twice
+        the rows does the work of two with half the kernel launches and ZeRO-3 gathers. An all-False
+        mask row leaves its image unchanged (the mask token is mixed in with weight 0)."""
+        if self.config.objectives.mim_target == "none":
+            return self.vision(b.pixel_values_BCHW), None
+        pixels_2B = torch.cat([b.pixel_values_BCHW, b.pixel_values_BCHW])
+        mask_2B = torch.cat([torch.zeros_like(b.mim_mask_BP), b.mim_mask_BP])
+        return self.vision(pixels_2B, mask_2B).chunk(2)
+
+    def _fuse_itm_and_imlm(self, image_BND, text_BLD, masked_text_BLD, mask_BL, image_feat_BE, text_feat_BE,
+                           temp, keys) -> tuple[torch.Tensor, torch.Tensor]:
+        """One fusion pass of 4B rows: for ITM the positives, each text with a hard-negative image,
+        each image with a hard-negative text (3B rows, the ITM head's logits on their [CLS]); for
+        IMLM the masked captions with their images (B rows, returned whole for the MLM head)."""
         neg_image, neg_text = sample_hard_negatives(image_feat_BE, text_feat_BE, temp, keys,
                                                     self.config.objectives.itm_negative_group)
-        text_3B = torch.cat([text_BLD, text_BLD, text_BLD[neg_text]])
-        mask_3B = torch.cat([mask_BL, mask_BL, mask_BL[neg_text]])
-        image_3B = torch.cat([image_BND, image_BND[neg_image], image_BND])
-        logits = self.itm_head(self.fusion(text_3B, mask_3B, image_3B)[:, 0])
+        text_4B = torch.cat([text_BLD, text_BLD, text_BLD[neg_text], masked_text_BLD])
+        mask_4B = torch.cat([mask_BL, mask_BL, mask_BL[neg_text], mask_BL])
+        image_4B = torch.cat([image_BND, image_BND[neg_image], image_BND, image_BND])
+        fused_4BLD = self.fusion(text_4B, mask_4B, image_4B)
         B = text_BLD.shape[0]
-        labels = torch.cat([torch.ones(B), torch.zeros(2 * B)]).long().to(logits.device)
-        return F.cross_entropy(logits.float(), labels)
+        return self.itm_head(fused_4BLD[:3 * B, 0]), fused_4BLD[3 * B:]
