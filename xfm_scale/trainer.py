@@ -83,7 +83,8 @@ class Trainer:
         ds_config = cfg.deepspeed_config(self.layout.data_parallel_size)
         self.engine, self.optimizer, self.scheduler = parallel.build_engine(
             self.model_config, cfg.optim, ds_config, cfg.train.steps,
-            compile_backend=cfg.model.compile_backend if cfg.model.compile_blocks else None)
+            compile_backend=cfg.model.compile_backend if cfg.model.compile_blocks else None,
+            gather_whole_blocks=cfg.deepspeed.zero3_gather_whole_blocks)
         if init_source is not None:
             given = engine_state.load_full_state(self.engine, init_source)
             if self.is_main:
