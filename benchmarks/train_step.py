@@ -136,7 +136,7 @@ def run_settings(args, data: dict[str, Path], work: Path, dp: int, on_gpu: bool)
         "train": {"steps": args.warmup + args.steps + 2, "output_dir": str(work / "run"), "resume": False,
                   "progress_bar": False, "tensorboard": False, "log_every": 10 ** 9},
         "parallel": {"tensor_parallel_size": args.tensor_parallel_size},
-        "deepspeed": {"config": ds, "overrides": stage},
+        "deepspeed": {"config": ds, "overrides": stage, "zero3_gather_whole_blocks": not args.per_layer_gathers},
     })
 
 
@@ -231,6 +231,7 @@ def benchmark(args) -> dict:
             "micro_steps": args.micro_steps, "tensor_parallel": tp, "data_parallel": dp,
             "zero_stage": trainer.engine.zero_optimization_stage(),
             "activation_checkpointing": args.activation_checkpointing, "compile_blocks": args.compile_blocks,
+            "zero3_whole_block_gathers": trainer.engine.zero_optimization_stage() == 3 and not args.per_layer_gathers,
             "loader_workers": args.workers,
             "steps": args.steps, "warmup": args.warmup, "rows": rows, "profile": profiles, **summarise(rows)}
 
@@ -276,6 +277,7 @@ def record(out: dict) -> None:
              f"text {out['micro_batch']['text']} x {out['micro_steps']} micro-steps, TP {out['tensor_parallel']} "
              f"DP {out['data_parallel']}, ZeRO-{out['zero_stage']}, activation checkpointing {'on' if out['activation_checkpointing'] else 'off'}, "
              f"{'blocks compiled (torch.compile, inductor), ' if out.get('compile_blocks') else ''}"
+             f"{'per-layer ZeRO-3 gathers, ' if out['zero_stage'] == 3 and not out.get('zero3_whole_block_gathers') else ''}"
              f"{out['steps']} timed steps; peak {out['peak_tflops']:.1f} TFLOP/s ({out['peak_source']})",
              f"xfm_scale blended step: {blend['samples_per_s']:.1f} samples/s, {blend['tflops']:.2f} TFLOP/s, "
              f"MFU {blend['mfu']:.1%}"]
@@ -319,6 +321,9 @@ def parse_args(argv=None):
     p.add_argument("--zero-stage", type=int, choices=(2, 3), default=None,
                    help="ZeRO stage of ours (default: 3, or --ds-config's): 3 partitions parameters (gathered "
                         "around each module), 2 keeps them whole on every rank")
+    p.add_argument("--per-layer-gathers", action="store_true",
+                   help="ZeRO-3: gather parameters per layer, as DeepSpeed does by default, rather than each "
+                        "block whole (deepspeed.zero3_gather_whole_blocks: false)")
     p.add_argument("--ds-config", default=None, help="DeepSpeed JSON (default: by device and stage, from ds_configs/)")
     p.add_argument("--no-baseline", action="store_true", help="time xfm_scale only")
     p.add_argument("--max-corpus", type=int, default=4000, help="at most this many generated samples per corpus")
