@@ -269,7 +269,8 @@ def gather_blocks_whole(model) -> int:
     ZeRO-3 gathers a module's own parameters around each call of it: a block has some ten modules
     with parameters (fused QKV, projections, MLP, norms), so ten all-gathers and their Python hooks
     per block call. A leaf block is gathered whole in one, its gradients reduced together at its
-    backward (on CPU at ``tiny`` the ZeRO-3 blended step gained 1.4x). DeepSpeed's leaf modules
+    backward (measured on CPU: README, Performance; ``train_step.py --per-layer-gathers`` is the
+    A/B). DeepSpeed's leaf modules
     need two things of the model, both true of X-FM:
 
     * a leaf runs at most once with grad per micro-batch: its gradients are reduced at each
