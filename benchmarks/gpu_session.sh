@@ -34,7 +34,7 @@ case "$stage" in
                 --json "$out/train_step_base.json" --record "$@" ;;
   memory) python3 benchmarks/memory.py --presets base large --micro-batch 32 --json "$out/memory.json" --record ;;
   largest) python3 benchmarks/memory.py --largest --offload cpu --min-scale 1.4 --max-scale 2.4 --scale-step 0.2 \
-             --micro-batch 1 --timeout 500 --json "$out/largest.json" --record "$@" ;;
+             --micro-batch 2 --timeout 500 --json "$out/largest.json" --record "$@" ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac
 cp benchmarks/RESULTS.md "$out/RESULTS.md"

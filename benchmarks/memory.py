@@ -395,7 +395,10 @@ def parse_args(argv=None):
     p.add_argument("--record", action="store_true", help="append a dated row to benchmarks/RESULTS.md")
     p.add_argument("--probe", default=None, help=argparse.SUPPRESS)  # internal: run one probe here
     p.add_argument("--count", default=None, help=argparse.SUPPRESS)  # internal: count parameters here
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.micro_batch < 2:  # ITM draws each pair's hard negatives from the other pairs of its micro-batch
+        p.error("--micro-batch must be >= 2 (a pair micro-batch of one has no ITM negatives)")
+    return args
 
 
 def record(out: dict) -> None:

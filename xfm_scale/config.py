@@ -238,6 +238,9 @@ class XFMConfig:
         obj = self.objectives
         if not 0 < obj.temperature_min <= obj.temperature_init <= obj.temperature_max:
             raise ConfigError("objectives: need 0 < temperature_min <= temperature_init <= temperature_max")
+        if obj.itm_negative_group < 0 or obj.itm_negative_group == 1:
+            raise ConfigError(f"objectives.itm_negative_group={obj.itm_negative_group}: a pair draws its ITM hard "
+                              f"negatives from the other pairs of its group; use 0 (the whole micro-batch) or >= 2")
         if obj.mim_target not in ("unmasked_self", "none"):
             raise ConfigError(f"objectives.mim_target={obj.mim_target!r}: use 'unmasked_self' or 'none'")
         if not 0 < obj.mim_num_masked <= self.vision.num_patches:

@@ -261,6 +261,18 @@ class RunConfig:
         if not 0 <= self.data.max_bad_sample_rate <= 1:
             raise ConfigError(f"data.max_bad_sample_rate={self.data.max_bad_sample_rate} must be in [0, 1]")
 
+    def _check_itm_groups(self, group: int) -> None:
+        """ITM draws each pair's hard negatives from the other pairs of its micro-batch (or of its
+        ``itm_negative_group``): a pair micro-batch of one has none, and the draw fails at the first
+        pair step."""
+        pairs = self.batch.micro_batch_size
+        if pairs < 2:
+            raise ConfigError(f"batch.micro_batch_size={pairs}: pair micro-batches need at least 2 pairs (ITM draws "
+                              f"each pair's hard negatives from the other pairs of its micro-batch); use 2 or more")
+        if group and pairs % group:
+            raise ConfigError(f"model.overrides objectives.itm_negative_group={group} must divide "
+                              f"batch.micro_batch_size={pairs}")
+
     def _check_data_spec(self) -> None:
         """The blend spec parses and names corpora that exist, checked here in one process rather
         than inside every rank after the process group is up."""
@@ -317,7 +329,9 @@ class RunConfig:
         if self.optim.schedule not in ("linear", "cosine"):
             raise ConfigError(f"optim.schedule={self.optim.schedule!r}: use 'linear' or 'cosine'")
         tp = self.parallel.tensor_parallel_size
-        self.model_config().validate(tp)
+        model_config = self.model_config()
+        model_config.validate(tp)
+        self._check_itm_groups(model_config.objectives.itm_negative_group)
         if world_size is not None:
             if world_size % tp:
                 raise ConfigError(f"parallel.tensor_parallel_size={tp} does not divide the {world_size} "

@@ -58,6 +58,8 @@ def test_check_accepts_a_good_launch(good, tmp_path):
     ("missing_shard", ["--num_gpus", "1"], "has missing shards: "),
     ("log_every", ["--num_gpus", "1"], "train.log_every=0 must be >= 1"),
     ("init_from", ["--num_gpus", "1"], "model.init_from: "),
+    ("one_pair", ["--num_gpus", "1"], "batch.micro_batch_size=1: pair micro-batches need at least 2 pairs"),
+    ("itm_group", ["--num_gpus", "1"], "objectives.itm_negative_group=1: a pair draws its ITM hard negatives"),
 ])
 def test_setup_errors_name_the_fix_before_any_rank_starts(good, tmp_path, case, extra, message):
     raw = json.loads(json.dumps(good))
@@ -98,6 +100,10 @@ def test_setup_errors_name_the_fix_before_any_rank_starts(good, tmp_path, case, 
         raw["train"]["log_every"] = 0
     elif case == "init_from":
         raw["model"]["init_from"] = str(tmp_path / "no_export")
+    elif case == "one_pair":  # ITM has no other pair to draw negatives from
+        raw["batch"].update(micro_batch_size=1, global_batch_size=4)
+    elif case == "itm_group":
+        raw["model"]["overrides"] = {**raw["model"].get("overrides", {}), "objectives.itm_negative_group": 1}
     result = check(write_config(tmp_path, raw), *extra)
     assert result.returncode == 2, (result.stdout, result.stderr)
     assert message in result.stderr, result.stderr

@@ -120,6 +120,16 @@ def test_merged_pair_passes_equal_the_reference_separate_passes():
                 torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_a_pair_micro_batch_of_one_is_refused_with_the_fix_named():
+    """ITM draws a pair's hard negatives from the other pairs: alone, it has none (torch's
+    multinomial used to fail with "invalid multinomial distribution")."""
+    cfg = tiny_config()
+    model = build_model(cfg)
+    one_pair = batches(cfg, B=1)[2]
+    with pytest.raises(ValueError, match="at least 2 pairs per negative group"):
+        model(one_pair)
+
+
 def test_mim_off_switch_removes_mim():
     cfg = tiny_config()
     cfg.objectives.mim_target = "none"

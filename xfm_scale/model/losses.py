@@ -80,6 +80,9 @@ def sample_hard_negatives(image_feat_BE: torch.Tensor, text_feat_BE: torch.Tenso
     G = group or B
     if B % G:
         raise ValueError(f"objectives.itm_negative_group={G} must divide the micro-batch size {B}")
+    if G < 2:
+        raise ValueError(f"ITM needs at least 2 pairs per negative group (a pair's hard negatives are the other "
+                         f"pairs'); got groups of {G}: raise the pair micro-batch size")
     same_group = (torch.arange(B)[:, None] // G == torch.arange(B)[None, :] // G).to(image_feat_BE.device)
     sim_i2t_BB = (image_feat_BE @ text_feat_BE.t() / temp).float().masked_fill(~same_group, float("-inf"))
     weights_t2i = F.softmax(sim_i2t_BB.t(), dim=1) + 1e-5 * same_group
