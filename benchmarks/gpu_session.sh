@@ -16,8 +16,10 @@
 #                    add `--profile /tmp/xfm_profile` to profile one step per case after the timing (the time by
 #                    owner lands in the JSON; the blended step's two traces are copied to $OUT for Perfetto)
 #        memory      state, step peak and saved activations of base and large, checkpointing off/on
-#        largest     the largest depth-scaled giant that trains one step with ZeRO-3 + CPU offload
-#                    (a probe takes minutes: narrow the search per call, e.g. largest --min-scale 1.8 --max-scale 1.8)
+#        largest     the largest depth-scaled giant that trains one step with ZeRO-3 + CPU offload; by default
+#                    one probe, x1.75 = 6.52B parameters (the target is >= 6.4B; x1.7 = 6.30B, x1.8 = 6.73B),
+#                    as a probe takes minutes: choose others per call, e.g. largest --min-scale 1.7 --max-scale 1.7;
+#                    `largest --torch-pinned-rounding` is the A/B of exact-size pinned host memory
 # Each benchmark stage appends its dated row to benchmarks/RESULTS.md there and copies that file and
 # its JSON to $OUT: take the new rows into this checkout's RESULTS.md.
 set -euo pipefail
@@ -33,8 +35,8 @@ case "$stage" in
   train_step) python3 benchmarks/train_step.py --preset base --micro-batch 96 --text-micro-batch 256 \
                 --json "$out/train_step_base.json" --record "$@" ;;
   memory) python3 benchmarks/memory.py --presets base large --micro-batch 32 --json "$out/memory.json" --record ;;
-  largest) python3 benchmarks/memory.py --largest --offload cpu --min-scale 1.4 --max-scale 2.4 --scale-step 0.2 \
-             --micro-batch 2 --timeout 500 --json "$out/largest.json" --record "$@" ;;
+  largest) python3 benchmarks/memory.py --largest --offload cpu --min-scale 1.75 --max-scale 1.75 --scale-step 0.05 \
+             --micro-batch 2 --timeout 540 --json "$out/largest.json" --record "$@" ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac
 cp benchmarks/RESULTS.md "$out/RESULTS.md"

@@ -62,6 +62,11 @@ class Probe:
     """ZeRO-3 offload of parameters and optimizer state: none, cpu or nvme."""
     nvme_path: str | None = None
     """Folder on a local NVMe drive for --offload nvme."""
+    pin_memory: bool = True
+    """Offloaded state in pinned (page-locked) host memory, as ds_configs/ has it."""
+    exact_pinned: bool = True
+    """The engine's exact-size pinned allocations and release of freed pinned blocks
+    (deepspeed.exact_pinned_host_memory); False: torch's power-of-two rounding and caching."""
 
 
 # ---- the probe (runs in its own process) ----------------------------------------------------------
@@ -73,6 +78,9 @@ def ds_config(probe: Probe, on_gpu: bool) -> dict:
     zero = ds["zero_optimization"]
     if not on_gpu and probe.offload == "cpu":  # the CPU run keeps fp32 and offloads the optimizer state
         zero["offload_optimizer"] = {"device": "cpu"}
+    for key in ("offload_param", "offload_optimizer"):
+        if isinstance(zero.get(key), dict):
+            zero[key]["pin_memory"] = probe.pin_memory
     if probe.offload == "nvme":
         if not probe.nvme_path:
             raise SystemExit("--offload nvme needs --nvme-path (a folder on a local NVMe drive)")
@@ -188,9 +196,11 @@ def run_probe(probe: Probe) -> dict:
     config.validate(1)
     params = parameter_counts(config)["total"]
     start = time.perf_counter()
-    engine, _, _ = parallel.build_engine(config, OptimSection(warmup_steps=1), ds_config(probe, on_gpu), total_steps=10)
+    engine, _, _ = parallel.build_engine(config, OptimSection(warmup_steps=1), ds_config(probe, on_gpu), total_steps=10,
+                                         exact_pinned_host_memory=probe.exact_pinned)
     build_s = time.perf_counter() - start
-    state = torch.cuda.memory_allocated(device) if on_gpu else _host_bytes()
+    host_state = _host_bytes()
+    state = torch.cuda.memory_allocated(device) if on_gpu else host_state
     if on_gpu:
         torch.cuda.reset_peak_memory_stats(device)
     batches = synthetic_batches(config, probe.micro_batch)
@@ -213,12 +223,28 @@ def run_probe(probe: Probe) -> dict:
               "state_gb": state / GIB, "saved_activation_gb": saved / GIB,
               **({"forward_allocated_gb": forward_allocated / GIB} if on_gpu else {}),
               "peak_gb": (torch.cuda.max_memory_allocated(device) if on_gpu else _host_peak_bytes()) / GIB,
-              "host_peak_gb": _host_peak_bytes() / GIB, "device": "gpu" if on_gpu else "cpu",
+              "host_peak_gb": _host_peak_bytes() / GIB, "host_state_gb": host_state / GIB,
+              "host_peak_bytes_per_param": _host_peak_bytes() / params, **_pinned_host_memory(on_gpu),
+              "device": "gpu" if on_gpu else "cpu",
               "optimizer": type(getattr(engine.optimizer, "optimizer", engine.optimizer)).__name__,
               "optimizer_offloaded": bool(getattr(engine.optimizer, "offload_optimizer", False)),
               "loss": float(out.total)}
     parallel.shutdown()
     return result
+
+
+def _pinned_host_memory(on_gpu: bool) -> dict:
+    """torch's pinned host allocator: bytes in use and held (in use + cached), now and at peak, in GB
+    (GPU only; an older torch without the statistics reports nothing)."""
+    import torch
+
+    stats = getattr(torch.cuda.memory, "host_memory_stats", None)
+    if not on_gpu or stats is None:
+        return {}
+    s = stats()
+    return {f"pinned_{name}_gb": s[key] / GIB for name, key in (
+        ("allocated", "allocated_bytes.current"), ("allocated_peak", "allocated_bytes.peak"),
+        ("reserved", "reserved_bytes.current"), ("reserved_peak", "reserved_bytes.peak")) if key in s}
 
 
 _WORLD_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -349,20 +375,30 @@ def find_largest(args) -> dict:
 
     def fits(scale):
         probe = Probe(preset=args.family, overrides=scaled_depths(args.family, scale), activation_checkpointing=True,
-                      micro_batch=args.micro_batch, offload=args.offload, nvme_path=args.nvme_path)
+                      micro_batch=args.micro_batch, offload=args.offload, nvme_path=args.nvme_path,
+                      pin_memory=not args.no_pin_memory, exact_pinned=not args.torch_pinned_rounding)
         results[scale] = probe_in_subprocess(probe, args.timeout)
         r = results[scale]
         print(f"  {args.family} x{scale} ({_count(sizes[scale])}): " + (
-            f"trains one step (state {r['state_gb']:.1f} GB, peak {r['peak_gb']:.1f} GB, host peak "
-            f"{r['host_peak_gb']:.1f} GB, build {r['build_s']:.0f}s, step {r['step_s']:.0f}s)" if r["ok"]
+            f"trains one step (state {r['state_gb']:.1f} GB, peak {r['peak_gb']:.1f} GB, host after build "
+            f"{r['host_state_gb']:.1f} GB, host peak {r['host_peak_gb']:.1f} GB = {r['host_peak_bytes_per_param']:.1f} B "
+            f"per parameter{_pinned_text(r)}, build {r['build_s']:.0f}s, step {r['step_s']:.0f}s)" if r["ok"]
             else f"does not ({r['error']})"), flush=True)
         return r["ok"]
 
     best, tried = largest_that_fits(scales, fits)
     largest = sizes[best] if best is not None else 0
-    return {"family": args.family, "bound_parameters": bound, "host_memory_gib": host_gib, "bytes_per_param": args.bytes_per_param,
-            "offload": args.offload, "largest_scale": best, "largest_parameters": largest,
+    return {"family": args.family, "bound_parameters": bound, "pin_memory": not args.no_pin_memory,
+            "exact_pinned": not args.torch_pinned_rounding, "host_memory_gib": host_gib, "bytes_per_param": args.bytes_per_param,
+            "offload": args.offload, "micro_batch": args.micro_batch, "largest_scale": best, "largest_parameters": largest,
             "fraction_of_bound": largest / bound, "probes": {str(s): {"parameters": sizes[s], **results[s]} for s, _ in tried}}
+
+
+def _pinned_text(r: dict) -> str:
+    if "pinned_reserved_peak_gb" not in r:
+        return ""
+    return (f", pinned in use {r.get('pinned_allocated_gb', 0):.1f} GB / held {r.get('pinned_reserved_gb', 0):.1f} GB "
+            f"(peak {r.get('pinned_reserved_peak_gb', 0):.1f} GB)")
 
 
 def _count(n: float) -> str:
@@ -384,6 +420,10 @@ def parse_args(argv=None):
     p.add_argument("--family", default="giant", help="preset whose depths --largest scales")
     p.add_argument("--offload", choices=("none", "cpu", "nvme"), default="cpu", help="ZeRO-3 offload for --largest")
     p.add_argument("--nvme-path", default=None, help="NVMe folder for --offload nvme")
+    p.add_argument("--no-pin-memory", action="store_true", help="--largest: offload to pageable host memory")
+    p.add_argument("--torch-pinned-rounding", action="store_true",
+                   help="--largest: keep torch's power-of-two rounding and caching of pinned host memory "
+                        "(deepspeed.exact_pinned_host_memory: false), for the A/B")
     p.add_argument("--bytes-per-param", type=float, default=16.0,
                    help="host bytes per parameter of the bound (the issue's 16: bf16 weights, fp32 master "
                         "weights, two Adam moments; DeepSpeed's offload also keeps fp32 gradients: ~18)")
@@ -416,11 +456,19 @@ def record(out: dict) -> None:
                 parts.append(f"{r['preset']} {_checkpointing_label(r)}: failed")
         results.add_row("benchmarks/memory.py presets", "; ".join(parts), PACKAGES)
     else:
+        best = out["probes"].get(str(out["largest_scale"]), {})
+        host = (f"; host peak {best['host_peak_gb']:.1f} GB = {best['host_peak_bytes_per_param']:.1f} B per parameter"
+                f"{_pinned_text(best)}" if best.get("ok") else "")
+        pinning = ("pinned, exact-size" if out["exact_pinned"] else "pinned, torch's rounding") if out["pin_memory"] \
+            else "pageable"
+        if best.get("device") == "cpu":
+            pinning = "fp32 on the CPU: nothing pinned"
         results.add_row("benchmarks/memory.py --largest", (
-            f"ZeRO-3 + {out['offload']} offload, activation checkpointing: largest {out['family']} depth-scale x"
+            f"ZeRO-3 + {out['offload']} offload ({pinning} host memory), activation checkpointing, micro-batch "
+            f"{out['micro_batch']}: largest {out['family']} depth-scale x"
             f"{out['largest_scale']} = {_count(out['largest_parameters'])} parameters trains one step; host "
             f"bound {_count(out['bound_parameters'])} ({out['host_memory_gib']:.0f} GiB / {out['bytes_per_param']:g} B "
-            f"per param): {out['fraction_of_bound']:.1%} of it"), PACKAGES)
+            f"per param): {out['fraction_of_bound']:.1%} of it{host}"), PACKAGES)
 
 
 def main(argv=None) -> int:

@@ -220,7 +220,7 @@ def shutdown() -> None:
 
 
 def build_engine(model_config, optim_cfg, ds_config: dict, total_steps: int, compile_backend: str | None = None,
-                 gather_whole_blocks: bool = True):
+                 gather_whole_blocks: bool = True, exact_pinned_host_memory: bool = True):
     """Build X-FM inside ZeRO-3's partitioned construction and wrap it in a DeepSpeed engine.
 
     * ``zero.Init(data_parallel_group=DP group, mpu=...)``: each TP shard is partitioned over the DP
@@ -231,6 +231,9 @@ def build_engine(model_config, optim_cfg, ds_config: dict, total_steps: int, com
       clipping norm counts TP-split parameters on every TP rank and replicated ones once.
     * ZeRO-3 with ``gather_whole_blocks``: the blocks without activation checkpointing become
       DeepSpeed z3 leaf modules (:func:`gather_blocks_whole`).
+    * offload to pinned host memory with ``exact_pinned_host_memory``: large pinned allocations
+      are not rounded up, and freed pinned blocks go back to the OS once the engine is built
+      (:func:`exact_pinned_allocations`, :func:`release_cached_pinned_memory`).
     ``compile_backend``: compile the encoder blocks with this torch.compile backend (None: eager).
     Returns (engine, optimizer, scheduler).
     """
@@ -243,6 +246,9 @@ def build_engine(model_config, optim_cfg, ds_config: dict, total_steps: int, com
     mpu = MegatronMPU()
     zero = ds_config.get("zero_optimization", {})
     stage3 = zero.get("stage", 0) == 3
+    pinned = exact_pinned_host_memory and pins_offloaded_memory(ds_config)
+    if pinned:
+        exact_pinned_allocations()
     with deepspeed.zero.Init(data_parallel_group=ps.get_data_parallel_group(), mpu=mpu,
                              config_dict_or_path=ds_config, enabled=stage3):
         model = XFM(model_config)
@@ -258,8 +264,66 @@ def build_engine(model_config, optim_cfg, ds_config: dict, total_steps: int, com
     scheduler = optim.build_scheduler(optimizer, total_steps, optim_cfg)
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, mpu=mpu)
+    if pinned:
+        release_cached_pinned_memory()
     _load_checkpoints_weights_only(engine)
     return engine, optimizer, scheduler
+
+
+# Pinned host allocations above this size are made at their exact size (torch's caching host
+# allocator rounds every one up to a power of two otherwise). Below it the waste is bounded by the
+# size itself, and small blocks are worth caching.
+PINNED_ROUND_THRESHOLD_MB = 16
+
+
+def pins_offloaded_memory(ds_config: dict) -> bool:
+    """Whether the DeepSpeed config offloads parameters or optimizer state to pinned host memory."""
+    zero = ds_config.get("zero_optimization", {})
+    return any(isinstance(zero.get(key), dict) and zero[key].get("device") in ("cpu", "nvme")
+               and zero[key].get("pin_memory") for key in ("offload_param", "offload_optimizer"))
+
+
+def exact_pinned_allocations(threshold_mb: int = PINNED_ROUND_THRESHOLD_MB) -> bool:
+    """Ask torch's pinned (page-locked) host allocator to allocate blocks above ``threshold_mb``
+    at their exact size (``pinned_max_round_threshold_mb``); returns whether the setting is in force.
+
+    ZeRO offload keeps its bulk in pinned host memory: the bf16 parameters' flat buffer, the
+    gradient partitions and per-sub-group fp32 gradients, each a single allocation of gigabytes.
+    torch rounds each pinned allocation up to the next power of two, so a 12.8 GB buffer (6.4B bf16
+    parameters) takes 16 GiB: at the sizes that fill a machine's host memory that is a fifth of it
+    (the figure is predicted from DeepSpeed's buffer sizes; ``benchmarks/memory.py --largest``
+    measures it on a GPU). A value the user set in PYTORCH_ALLOC_CONF is left alone. A torch that
+    does not know the key keeps rounding, with a warning."""
+    get = getattr(torch._C, "_accelerator_getAllocatorSettings", None)
+    set_ = getattr(torch._C, "_accelerator_setAllocatorSettings", None)
+    key = "pinned_max_round_threshold_mb"
+    if get is None or set_ is None:
+        warnings.warn(f"torch {torch.__version__} has no allocator settings API: pinned host memory is "
+                      f"rounded up to powers of two (offload may use up to twice the host memory it needs)")
+        return False
+    current = get()
+    if key in current:
+        return True
+    try:
+        set_(f"{current},{key}:{threshold_mb}" if current else f"{key}:{threshold_mb}")
+    except (ValueError, RuntimeError) as err:
+        warnings.warn(f"torch {torch.__version__} cannot limit the rounding of pinned host memory ({err}): "
+                      f"offload may use up to twice the host memory it needs")
+        return False
+    return True
+
+
+def release_cached_pinned_memory() -> None:
+    """Return the pinned blocks torch's host allocator keeps cached to the OS.
+
+    ZeRO-3 with parameter offload pins each parameter's partition as the model is built, then
+    copies them into one flat pinned buffer and frees them: freed pinned blocks stay in torch's
+    cache, holding as much host memory again as the bf16 parameters (13 GB at 6.4B), which
+    nothing reuses."""
+    empty = getattr(getattr(torch, "accelerator", None), "empty_host_cache", None) or getattr(
+        torch._C, "_host_emptyCache", None)
+    if empty is not None:
+        empty()
 
 
 def gather_blocks_whole(model) -> int:

@@ -173,6 +173,10 @@ class DeepSpeedSection:
     overrides: dict[str, Any] = field(default_factory=dict)
     """Dotted-key overrides of that JSON, e.g. {"zero_optimization.stage": 2}; a dict value is merged
     into the section it names ({"zero_optimization": {"stage": 2}} keeps the section's other keys)."""
+    exact_pinned_host_memory: bool = True
+    """With offload to pinned host memory: large pinned allocations at their exact size rather than
+    torch's next power of two, and the pinned blocks ZeRO-3 frees while building the engine returned
+    to the OS (xfm_scale.parallel.exact_pinned_allocations). False: torch's defaults."""
     zero3_gather_whole_blocks: bool = True
     """ZeRO-3: gather each encoder block that is not activation-checkpointed in one all-gather
     (DeepSpeed z3 leaf modules) rather than one per layer inside it: fewer, larger collectives and

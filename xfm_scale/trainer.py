@@ -84,7 +84,8 @@ class Trainer:
         self.engine, self.optimizer, self.scheduler = parallel.build_engine(
             self.model_config, cfg.optim, ds_config, cfg.train.steps,
             compile_backend=cfg.model.compile_backend if cfg.model.compile_blocks else None,
-            gather_whole_blocks=cfg.deepspeed.zero3_gather_whole_blocks)
+            gather_whole_blocks=cfg.deepspeed.zero3_gather_whole_blocks,
+            exact_pinned_host_memory=cfg.deepspeed.exact_pinned_host_memory)
         if init_source is not None:
             given = engine_state.load_full_state(self.engine, init_source)
             if self.is_main:
