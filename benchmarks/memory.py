@@ -200,6 +200,7 @@ def run_probe(probe: Probe) -> dict:
                                          exact_pinned_host_memory=probe.exact_pinned)
     build_s = time.perf_counter() - start
     host_state = _host_bytes()
+    pinned_after_build = _pinned_host_memory(on_gpu, "pinned_after_build")
     state = torch.cuda.memory_allocated(device) if on_gpu else host_state
     if on_gpu:
         torch.cuda.reset_peak_memory_stats(device)
@@ -224,7 +225,8 @@ def run_probe(probe: Probe) -> dict:
               **({"forward_allocated_gb": forward_allocated / GIB} if on_gpu else {}),
               "peak_gb": (torch.cuda.max_memory_allocated(device) if on_gpu else _host_peak_bytes()) / GIB,
               "host_peak_gb": _host_peak_bytes() / GIB, "host_state_gb": host_state / GIB,
-              "host_peak_bytes_per_param": _host_peak_bytes() / params, **_pinned_host_memory(on_gpu),
+              "host_peak_bytes_per_param": _host_peak_bytes() / params, **pinned_after_build,
+              **_pinned_host_memory(on_gpu, "pinned"),
               "device": "gpu" if on_gpu else "cpu",
               "optimizer": type(getattr(engine.optimizer, "optimizer", engine.optimizer)).__name__,
               "optimizer_offloaded": bool(getattr(engine.optimizer, "offload_optimizer", False)),
@@ -233,18 +235,19 @@ def run_probe(probe: Probe) -> dict:
     return result
 
 
-def _pinned_host_memory(on_gpu: bool) -> dict:
-    """torch's pinned host allocator: bytes in use and held (in use + cached), now and at peak, in GB
-    (GPU only; an older torch without the statistics reports nothing)."""
+def _pinned_host_memory(on_gpu: bool, prefix: str) -> dict:
+    """torch's pinned host allocator: bytes in use and held (in use + cached, at the rounded sizes
+    it asked CUDA for), now and at peak, in GB, as ``{prefix}_{in_use,in_use_peak,held,held_peak}_gb``
+    (GPU only; a torch without these statistics reports nothing)."""
     import torch
 
     stats = getattr(torch.cuda.memory, "host_memory_stats", None)
     if not on_gpu or stats is None:
         return {}
     s = stats()
-    return {f"pinned_{name}_gb": s[key] / GIB for name, key in (
-        ("allocated", "allocated_bytes.current"), ("allocated_peak", "allocated_bytes.peak"),
-        ("reserved", "reserved_bytes.current"), ("reserved_peak", "reserved_bytes.peak")) if key in s}
+    return {f"{prefix}_{name}_gb": s[key] / GIB for name, key in (
+        ("in_use", "active_bytes.current"), ("in_use_peak", "active_bytes.peak"),
+        ("held", "allocated_bytes.current"), ("held_peak", "allocated_bytes.peak")) if key in s}
 
 
 _WORLD_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -395,10 +398,10 @@ def find_largest(args) -> dict:
 
 
 def _pinned_text(r: dict) -> str:
-    if "pinned_reserved_peak_gb" not in r:
+    if "pinned_held_peak_gb" not in r:
         return ""
-    return (f", pinned in use {r.get('pinned_allocated_gb', 0):.1f} GB / held {r.get('pinned_reserved_gb', 0):.1f} GB "
-            f"(peak {r.get('pinned_reserved_peak_gb', 0):.1f} GB)")
+    return (f", pinned after build: in use {r.get('pinned_after_build_in_use_gb', 0):.1f} GB, held "
+            f"{r.get('pinned_after_build_held_gb', 0):.1f} GB; pinned held at peak {r['pinned_held_peak_gb']:.1f} GB")
 
 
 def _count(n: float) -> str:
