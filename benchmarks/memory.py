@@ -429,7 +429,7 @@ def parse_args(argv=None):
                         "(deepspeed.exact_pinned_host_memory: false), for the A/B")
     p.add_argument("--bytes-per-param", type=float, default=16.0,
                    help="host bytes per parameter of the bound (the issue's 16: bf16 weights, fp32 master "
-                        "weights, two Adam moments; DeepSpeed's offload also keeps fp32 gradients: ~18)")
+                        "weights, two Adam moments; DeepSpeed 0.19.8's ZeRO-3 offload needs 20: bf16 and fp32 gradients too)")
     p.add_argument("--min-scale", type=float, default=1.0, help="smallest depth scale tried")
     p.add_argument("--max-scale", type=float, default=2.6, help="largest depth scale tried")
     p.add_argument("--scale-step", type=float, default=0.2, help="step between the depth scales tried")
