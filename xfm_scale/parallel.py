@@ -12,6 +12,7 @@ The engine (ZeRO-3 ``zero.Init`` + ``deepspeed.initialize``) builds on the same 
 from __future__ import annotations
 
 import contextlib
+import copy
 import datetime
 import math
 import os
@@ -232,8 +233,10 @@ def build_engine(model_config, optim_cfg, ds_config: dict, total_steps: int, com
     * ZeRO-3 with ``gather_whole_blocks``: the blocks without activation checkpointing become
       DeepSpeed z3 leaf modules (:func:`gather_blocks_whole`).
     * offload to pinned host memory with ``exact_pinned_host_memory``: large pinned allocations
-      are not rounded up, and freed pinned blocks go back to the OS once the engine is built
-      (:func:`exact_pinned_allocations`, :func:`release_cached_pinned_memory`).
+      are not rounded up, the model is built with pageable parameter partitions (copied into
+      ZeRO-3's flat pinned buffer, then freed), and freed pinned blocks go back to the OS once the
+      engine is built (:func:`exact_pinned_allocations`, :func:`_unpinned_partitions`,
+      :func:`release_cached_pinned_memory`).
     ``compile_backend``: compile the encoder blocks with this torch.compile backend (None: eager).
     Returns (engine, optimizer, scheduler).
     """
@@ -250,11 +253,12 @@ def build_engine(model_config, optim_cfg, ds_config: dict, total_steps: int, com
     if pinned:
         exact_pinned_allocations()
     with deepspeed.zero.Init(data_parallel_group=ps.get_data_parallel_group(), mpu=mpu,
-                             config_dict_or_path=ds_config, enabled=stage3):
+                             config_dict_or_path=_unpinned_partitions(ds_config) if pinned else ds_config,
+                             enabled=stage3):
         model = XFM(model_config)
     if compile_backend is not None:
         model.compile_blocks(compile_backend)
-    if stage3 and gather_whole_blocks:
+    if stage3 and gather_whole_blocks and compile_backend is None:  # --check refuses compiled blocks with ZeRO-3
         gather_blocks_whole(model)
     if stage3:
         for module, param in model.external_parameters():
@@ -313,13 +317,25 @@ def exact_pinned_allocations(threshold_mb: int = PINNED_ROUND_THRESHOLD_MB) -> b
     return True
 
 
-def release_cached_pinned_memory() -> None:
-    """Return the pinned blocks torch's host allocator keeps cached to the OS.
+def _unpinned_partitions(ds_config: dict) -> dict:
+    """The config ``zero.Init`` builds the model under: parameter partitions in pageable memory.
 
-    ZeRO-3 with parameter offload pins each parameter's partition as the model is built, then
-    copies them into one flat pinned buffer and frees them: freed pinned blocks stay in torch's
-    cache, holding as much host memory again as the bf16 parameters (13 GB at 6.4B), which
-    nothing reuses."""
+    With ``offload_param.pin_memory`` ZeRO-3 pins each parameter's partition as the model is
+    built; the optimizer then copies them into one flat pinned buffer and frees them, and torch's
+    pinned allocator keeps freed blocks cached, so they would hold as much host memory again as
+    the bf16 parameters (13 GB at 6.4B) through the optimizer's construction, the build's peak.
+    Pageable partitions go back to the OS when freed; the flat buffer they are copied into is
+    pinned as configured."""
+    config = copy.deepcopy(ds_config)
+    offload_param = config.get("zero_optimization", {}).get("offload_param")
+    if isinstance(offload_param, dict) and offload_param.get("device") == "cpu":  # NVMe swaps from pinned buffers
+        offload_param["pin_memory"] = False
+    return config
+
+
+def release_cached_pinned_memory() -> None:
+    """Return the pinned blocks torch's host allocator keeps cached (freed during the engine's
+    construction, e.g. DeepSpeed's temporaries) to the OS."""
     empty = getattr(getattr(torch, "accelerator", None), "empty_host_cache", None) or getattr(
         torch._C, "_host_emptyCache", None)
     if empty is not None:
@@ -339,7 +355,9 @@ def gather_blocks_whole(model) -> int:
 
     * a leaf runs at most once with grad per micro-batch: its gradients are reduced at each
       backward through it (twice would fail ZeRO-3's "parameter already in the bucket" assertion);
-      the pair step merges its passes for this (model.xfm.XFM._pair_step);
+      the pair step merges its passes for this (model.xfm.XFM._pair_step), and with the text
+      detach off the text blocks, which then run twice, stay per-layer
+      (model.xfm.XFM.single_pass_blocks);
     * some input of a leaf requires grad: otherwise torch fires the full backward hook before the
       leaf's own backward, and DeepSpeed releases parameters that backward still needs. True of
       whole blocks (the fusion's text stream is detached, its image stream is not), not of their
@@ -350,7 +368,7 @@ def gather_blocks_whole(model) -> int:
     parameters that backward then reads (size-0 tensors)."""
     from deepspeed.utils import set_z3_leaf_module
 
-    blocks = model.blocks_keeping_activations()
+    blocks = model.single_pass_blocks()
     for block in blocks:
         set_z3_leaf_module(block, True)
     return len(blocks)

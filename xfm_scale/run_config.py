@@ -265,6 +265,14 @@ class RunConfig:
         if not 0 <= self.data.max_bad_sample_rate <= 1:
             raise ConfigError(f"data.max_bad_sample_rate={self.data.max_bad_sample_rate} must be in [0, 1]")
 
+    def _blend_has_pairs(self) -> bool:
+        """Whether the blend spec gives weight to a pair corpus (or to one whose modality is only
+        known from its shards)."""
+        from xfm_scale.data import spec as data_spec
+
+        specs, _ = data_spec.load_spec(self.data.spec)
+        return any(s.weight > 0 and s.modality in ("pair", None) for s in specs)
+
     def _check_itm_groups(self, group: int) -> None:
         """ITM draws each pair's hard negatives from the other pairs of its micro-batch (or of its
         ``itm_negative_group``): a pair micro-batch of one has none, and the draw fails at the first
@@ -335,7 +343,8 @@ class RunConfig:
         tp = self.parallel.tensor_parallel_size
         model_config = self.model_config()
         model_config.validate(tp)
-        self._check_itm_groups(model_config.objectives.itm_negative_group)
+        if check_data and self._blend_has_pairs():
+            self._check_itm_groups(model_config.objectives.itm_negative_group)
         if world_size is not None:
             if world_size % tp:
                 raise ConfigError(f"parallel.tensor_parallel_size={tp} does not divide the {world_size} "

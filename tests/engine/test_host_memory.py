@@ -52,3 +52,19 @@ def test_a_threshold_the_user_set_is_kept():
     result = _settings_in_fresh_process(PYTORCH_ALLOC_CONF="pinned_max_round_threshold_mb:64")
     assert result["applied"] and "pinned_max_round_threshold_mb:64" in result["after"]
     assert "pinned_max_round_threshold_mb:16" not in result["after"], result
+
+
+def test_the_model_is_built_with_pageable_partitions_and_the_engine_keeps_the_pinned_config():
+    """zero.Init gets a copy with offload_param unpinned (its per-parameter partitions are freed
+    once copied into the optimizer's flat pinned buffer); the config itself is not changed, and an
+    NVMe offload, which swaps through pinned buffers, keeps its setting."""
+    from xfm_scale.parallel import _unpinned_partitions
+
+    config = {"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu", "pin_memory": True},
+                                    "offload_optimizer": {"device": "cpu", "pin_memory": True}}}
+    built = _unpinned_partitions(config)
+    assert built["zero_optimization"]["offload_param"]["pin_memory"] is False
+    assert built["zero_optimization"]["offload_optimizer"]["pin_memory"] is True
+    assert config["zero_optimization"]["offload_param"]["pin_memory"] is True
+    nvme = {"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme", "pin_memory": True}}}
+    assert _unpinned_partitions(nvme) == nvme

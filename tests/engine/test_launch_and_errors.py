@@ -109,6 +109,21 @@ def test_setup_errors_name_the_fix_before_any_rank_starts(good, tmp_path, case, 
     assert message in result.stderr, result.stderr
 
 
+def test_a_blend_without_pairs_may_use_micro_batches_of_one(good, tmp_path):
+    """The two-pairs minimum is ITM's: a blend whose pair corpora have weight 0 runs no ITM."""
+    raw = json.loads(json.dumps(good))
+    spec = copied_spec(raw["data"]["spec"])
+    for corpus in spec["corpora"]:
+        if corpus["modality"] == "pair":
+            corpus["weight"] = 0
+    raw["data"]["spec"] = str(tmp_path / "no_pairs.yaml")
+    Path(raw["data"]["spec"]).write_text(yaml.safe_dump(spec))
+    raw["batch"].update(micro_batch_size=1, global_batch_size=4)
+    result = check(write_config(tmp_path, raw), "--num_gpus", "1")
+    assert result.returncode == 0, result.stderr
+    assert "ok: 1 ranks" in result.stdout, result.stdout
+
+
 def copied_spec(path: str) -> dict:
     """A blend spec's content with its manifest paths made absolute, to be written elsewhere."""
     spec = yaml.safe_load(Path(path).read_text())

@@ -82,27 +82,34 @@ def _pair_losses_in_separate_passes(model, b) -> dict[str, torch.Tensor]:
     caption, fusion for ITM and for IMLM), each on its own rows."""
     from xfm_scale.model.losses import contrastive_loss, mim_loss, sample_hard_negatives
 
+    objectives = model.config.objectives
+    detach = (lambda x: x.detach()) if objectives.detach_text_for_fusion else (lambda x: x)
     image = model.vision(b.pixel_values_BCHW)
     text = model.text(b.caption_ids_BL, b.caption_mask_BL)
     image_feat, text_feat, temp = model.itc(image[:, 0], text[:, 0])
     neg_image, neg_text = sample_hard_negatives(image_feat, text_feat, temp, b.sample_keys,
                                                 model.config.objectives.itm_negative_group)
-    t, m = text.detach(), b.caption_mask_BL
+    t, m = detach(text), b.caption_mask_BL
     fused = model.fusion(torch.cat([t, t, t[neg_text]]), torch.cat([m, m, m[neg_text]]),
                          torch.cat([image, image[neg_image], image]))
     B = t.shape[0]
     itm_labels = torch.cat([torch.ones(B), torch.zeros(2 * B)]).long()
-    masked_text = model.text(b.imlm_input_ids_BL, m).detach()
-    return {"itc": contrastive_loss(image_feat, text_feat, temp, None),
-            "itm": torch.nn.functional.cross_entropy(model.itm_head(fused[:, 0]), itm_labels),
-            "imlm": model.fusion_mlm_head(model.fusion(masked_text, m, image), b.imlm_labels_BL),
-            "mim": mim_loss(model.vision(b.pixel_values_BCHW, b.mim_mask_BP), image.detach(), b.mim_mask_BP)}
+    masked_text = detach(model.text(b.imlm_input_ids_BL, m))
+    losses = {"itc": contrastive_loss(image_feat, text_feat, temp, None),
+              "itm": torch.nn.functional.cross_entropy(model.itm_head(fused[:, 0]), itm_labels),
+              "imlm": model.fusion_mlm_head(model.fusion(masked_text, m, image), b.imlm_labels_BL)}
+    if objectives.mim_target != "none":
+        losses["mim"] = mim_loss(model.vision(b.pixel_values_BCHW, b.mim_mask_BP), image.detach(), b.mim_mask_BP)
+    return losses
 
 
-def test_merged_pair_passes_equal_the_reference_separate_passes():
+@pytest.mark.parametrize("detach, mim", [(True, "unmasked_self"), (False, "unmasked_self"), (True, "none")])
+def test_merged_pair_passes_equal_the_reference_separate_passes(detach, mim):
     """The pair step's merged passes (vision 2B rows, fusion 4B rows, the detached masked caption
-    without grad) give the losses and gradients of the six separate passes."""
+    without grad) give the losses and gradients of the six separate passes, with either technique
+    switched off too."""
     cfg = tiny_config()
+    cfg.objectives.detach_text_for_fusion, cfg.objectives.mim_target = detach, mim
     model = build_model(cfg)
     # keyed hard-negative draws: the same negatives in both computations
     pair = dataclasses.replace(batches(cfg)[2], sample_keys=tuple(f"pair-{i}" for i in range(4)))

@@ -104,11 +104,15 @@ class XFM(nn.Module):
         """Every transformer block of the three encoders."""
         return [*self.text.blocks, *self.vision.blocks, *self.fusion.blocks]
 
-    def blocks_keeping_activations(self) -> list[nn.Module]:
-        """The encoder blocks that run without activation checkpointing (each encoder's blocks after
-        its first ``checkpointed_blocks``)."""
-        return [block for encoder in (self.text, self.vision, self.fusion)
-                for block in list(encoder.blocks)[encoder.cfg.checkpointed_blocks:]]
+    def single_pass_blocks(self) -> list[nn.Module]:
+        """The encoder blocks that keep their activations (each encoder's blocks after its first
+        ``checkpointed_blocks``) and run at most once with grad per micro-batch. With
+        ``detach_text_for_fusion`` off the masked caption's text pass trains too, so the text
+        encoder's blocks run twice per pair micro-batch and are not among them."""
+        encoders = [self.vision, self.fusion]
+        if self.config.objectives.detach_text_for_fusion:
+            encoders.insert(0, self.text)
+        return [block for encoder in encoders for block in list(encoder.blocks)[encoder.cfg.checkpointed_blocks:]]
 
     def compile_blocks(self, backend: str = "inductor") -> None:
         """Compile each encoder block with ``torch.compile`` (regional compilation).
@@ -155,8 +159,9 @@ class XFM(nn.Module):
         return out
 
     def _pair_step(self, b: PairBatch, return_intermediates: bool) -> XFMOutput:
-        # Each encoder block runs at most once with grad per micro-batch (the engine relies on it:
-        # parallel.build_engine's whole-block gathers reduce a block's gradients at its backward).
+        # With the detach, each encoder block runs at most once with grad per micro-batch (without
+        # it the text blocks run twice): see single_pass_blocks, which the engine's whole-block
+        # gathers rely on (they reduce a block's gradients at its backward).
         detach = self.config.objectives.detach_text_for_fusion
         image_BND, pred_BND = self._unmasked_and_masked_images(b)
         text_BLD = self.text(b.caption_ids_BL, b.caption_mask_BL)
