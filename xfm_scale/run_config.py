@@ -265,14 +265,6 @@ class RunConfig:
         if not 0 <= self.data.max_bad_sample_rate <= 1:
             raise ConfigError(f"data.max_bad_sample_rate={self.data.max_bad_sample_rate} must be in [0, 1]")
 
-    def _blend_has_pairs(self) -> bool:
-        """Whether the blend spec gives weight to a pair corpus (or to one whose modality is only
-        known from its shards)."""
-        from xfm_scale.data import spec as data_spec
-
-        specs, _ = data_spec.load_spec(self.data.spec)
-        return any(s.weight > 0 and s.modality in ("pair", None) for s in specs)
-
     def _check_itm_groups(self, group: int) -> None:
         """ITM draws each pair's hard negatives from the other pairs of its micro-batch (or of its
         ``itm_negative_group``): a pair micro-batch of one has none, and the draw fails at the first
@@ -285,13 +277,13 @@ class RunConfig:
             raise ConfigError(f"model.overrides objectives.itm_negative_group={group} must divide "
                               f"batch.micro_batch_size={pairs}")
 
-    def _check_data_spec(self) -> None:
+    def _check_data_spec(self) -> list:
         """The blend spec parses and names corpora that exist, checked here in one process rather
-        than inside every rank after the process group is up."""
+        than inside every rank after the process group is up; returns its corpus specs."""
         from xfm_scale.data import spec as data_spec
 
         try:
-            data_spec.check_spec(self.data.spec)
+            return data_spec.check_spec(self.data.spec)
         except ValueError as err:  # DataSpecError, and anything the spec's YAML raises
             raise ConfigError(f"data.spec: {err}") from None
 
@@ -321,8 +313,7 @@ class RunConfig:
             if path and not os.path.exists(path):
                 raise ConfigError(f"{key}: {path} does not exist; fix the path or remove the key")
         self._check_ranges()
-        if check_data:
-            self._check_data_spec()
+        corpora = self._check_data_spec() if check_data else []
         zero = self._deepspeed_json().get("zero_optimization", {})
         stage = zero.get("stage", 0)
         for option in ("round_robin_gradients", "elastic_checkpoint"):
@@ -343,7 +334,8 @@ class RunConfig:
         tp = self.parallel.tensor_parallel_size
         model_config = self.model_config()
         model_config.validate(tp)
-        if check_data and self._blend_has_pairs():
+        # a pair corpus with weight (or one whose modality only its shards tell) runs ITM
+        if any(c.weight > 0 and c.modality in ("pair", None) for c in corpora):
             self._check_itm_groups(model_config.objectives.itm_negative_group)
         if world_size is not None:
             if world_size % tp:

@@ -139,7 +139,7 @@ def _name_from_path(path: str) -> str:
     return re.split(r"[-_]?[{\[*]|\.tar", base)[0] or Path(path).parent.name
 
 
-def check_spec(path: str | Path) -> None:
+def check_spec(path: str | Path) -> list[CorpusSpec]:
     """Check a YAML blend spec in one process, cheaply; raises :class:`DataSpecError` naming the
     corpus and the file to fix. For ``--check`` and the run config's validation, before any rank.
 
@@ -149,6 +149,7 @@ def check_spec(path: str | Path) -> None:
     samples (the manifest's counts are trusted: no shard index is read); per pattern corpus, that
     the pattern matches shards; per corpus, the modality of the first sample of its first shard (a
     few KB of tar headers). The blend build and every rank open manifest corpora the same way.
+    Returns the corpus specs it checked.
     """
     specs, root = load_spec(path)
     check_structure(specs)
@@ -158,6 +159,7 @@ def check_spec(path: str | Path) -> None:
         else:
             shards = _expand_pattern(s, root)
             _check_modality(s, s.modality, _first_members(s, shards[0]), shards[0])
+    return specs
 
 
 def check_structure(specs: list[CorpusSpec]) -> None:
