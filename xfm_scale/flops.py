@@ -19,7 +19,11 @@ What one micro-batch costs (model.xfm.XFM.forward), per kind:
   the fusion encoder on B rows and the fusion MLM head for IMLM; a masked vision pass for MIM.
   The model runs the two vision passes as one pass of 2B rows and the two fusion passes as one of
   4B rows; a pass's count is linear in its rows, so the parts are counted as the method defines
-  them (the breakdown keeps ITM's and IMLM's shares apart).
+  them (the breakdown keeps ITM's and IMLM's shares apart). All 4B fusion rows attend to the
+  micro-batch's B images, and the model projects each image's keys and values once per fusion
+  block: those projections are their own part (``fusion_image_keys_values``, B images), not
+  counted per row. The count is of the work done: the reference projects them for each of the
+  4B rows, 3B images' worth more.
 
 Backward is counted where gradients flow, as the hardware computes it:
 
@@ -133,20 +137,22 @@ def self_attention_block_flops(batch: int, seq: int, cfg: TransformerConfig) -> 
             + mlp_flops(tokens, D, cfg.ffn_hidden_size))
 
 
-def cross_attention_flops(rows: int, q_len: int, k_len: int, D: int, C: int) -> int:
-    """Text queries (D -> D) attending to ``k_len`` image tokens of width C: K/V projection
-    (C -> 2D) of every image token, scores and values, output projection (D -> D)."""
-    return (linear_flops(rows * q_len, D, D) + linear_flops(rows * k_len, C, 2 * D)
+def cross_attention_flops(rows: int, q_len: int, k_len: int, D: int, C: int, *, images: int) -> int:
+    """``rows`` text rows of ``q_len`` queries (D -> D) attending to ``k_len`` image tokens of width
+    C: the K/V projection (C -> 2D) of the tokens of ``images`` distinct images (rows that share an
+    image share its keys and values), scores and values, output projection (D -> D)."""
+    return (linear_flops(rows * q_len, D, D) + linear_flops(images * k_len, C, 2 * D)
             + attention_score_value_flops(rows, q_len, k_len, D) + linear_flops(rows * q_len, D, D))
 
 
-def fusion_block_flops(rows: int, L: int, config: XFMConfig) -> int:
+def fusion_block_flops(rows: int, L: int, config: XFMConfig, *, images: int) -> int:
     """One fusion block: self-attention over the L text tokens, cross-attention to the N image
-    tokens, MLP."""
+    tokens (keys and values projected for ``images`` distinct images), MLP."""
     f, v = config.fusion, config.vision
     D, N, tokens = f.hidden_size, 1 + v.num_patches, rows * L
     return (attention_projection_flops(tokens, D) + attention_score_value_flops(rows, L, L, D)
-            + cross_attention_flops(rows, L, N, D, v.hidden_size) + mlp_flops(tokens, D, f.ffn_hidden_size))
+            + cross_attention_flops(rows, L, N, D, v.hidden_size, images=images)
+            + mlp_flops(tokens, D, f.ffn_hidden_size))
 
 
 def patch_embed_flops(batch: int, v: VisionEncoderConfig) -> int:
@@ -176,12 +182,13 @@ def vision_encoder_pass(config: XFMConfig, B: int, *, trains: bool, checkpointed
     return FlopCount(patch + blocks, patch + 2 * blocks, checkpointed * block)
 
 
-def fusion_encoder_pass(config: XFMConfig, rows: int, L: int, *, checkpointed: int) -> FlopCount:
-    """The fusion encoder on ``rows`` captions of L tokens, each attending to an image's N tokens.
-    It always trains (its own weights; the image tokens carry gradients to the vision encoder). Its
-    megatron linears compute input gradients unconditionally, so a detached text stream changes
-    nothing here: backward 2x forward."""
-    block = fusion_block_flops(rows, L, config)
+def fusion_encoder_pass(config: XFMConfig, rows: int, L: int, *, images: int, checkpointed: int) -> FlopCount:
+    """The fusion encoder on ``rows`` captions of L tokens, each attending to an image's N tokens,
+    with the keys and values of ``images`` distinct images projected (``rows=0, images=B``: only
+    those projections). It always trains (its own weights; the image tokens carry gradients to the
+    vision encoder). Its megatron linears compute input gradients unconditionally, so a detached
+    text stream changes nothing here: backward 2x forward."""
+    block = fusion_block_flops(rows, L, config, images=images)
     blocks = config.fusion.num_layers * block
     return FlopCount(blocks, 2 * blocks, checkpointed * block)
 
@@ -258,11 +265,13 @@ def pair_micro_batch(config: XFMConfig, b: PairBatch, ckpt: tuple[int, int, int]
         "vision_unmasked": vision_encoder_pass(config, B, trains=True, checkpointed=vision_ckpt),
         "text_caption": text_encoder_pass(config, B, L, trains=True, checkpointed=text_ckpt),
         "itc": itc(config, B, data_parallel_size),
-        "itm_fusion": fusion_encoder_pass(config, 3 * B, L, checkpointed=fusion_ckpt),
+        # The keys and values of the B images, projected once in each fusion block for all 4B rows.
+        "fusion_image_keys_values": fusion_encoder_pass(config, 0, L, images=B, checkpointed=fusion_ckpt),
+        "itm_fusion": fusion_encoder_pass(config, 3 * B, L, images=0, checkpointed=fusion_ckpt),
         "itm_head": itm_head(config, B),
         # Detached for IMLM: no gradient reaches it, so no backward and no recompute.
         "text_masked_caption": text_encoder_pass(config, B, L, trains=not detach, checkpointed=text_ckpt),
-        "imlm_fusion": fusion_encoder_pass(config, B, L, checkpointed=fusion_ckpt),
+        "imlm_fusion": fusion_encoder_pass(config, B, L, images=0, checkpointed=fusion_ckpt),
         "imlm_head": mlm_head(config, _num_predicted(b.imlm_labels_BL), decoder_trains=not detach),
     }
     if config.objectives.mim_target != "none":

@@ -1,6 +1,6 @@
 """The fusion encoder: post-LN blocks of self-attention over text, cross-attention to image tokens,
 and an FFN (BERT's cross-attention layer). Legend: B batch, L text tokens, M image tokens,
-D text width, C image width."""
+D text width, C image width, U distinct images."""
 from __future__ import annotations
 
 import torch
@@ -25,9 +25,10 @@ class FusionBlock(nn.Module):
         self.mlp_norm = kernels.LayerNorm(D, eps)
         self.dropout = nn.Dropout(cfg.hidden_dropout)
 
-    def forward(self, x_BLD: torch.Tensor, mask_B11L: torch.Tensor, image_BMC: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BLD: torch.Tensor, mask_B11L: torch.Tensor, image_UMC: torch.Tensor,
+                image_index_B: torch.Tensor | None = None) -> torch.Tensor:
         x_BLD = self.self_norm(x_BLD + self.dropout(self.self_attn(x_BLD, mask_B11L)))
-        x_BLD = self.cross_norm(x_BLD + self.dropout(self.cross_attn(x_BLD, image_BMC)))
+        x_BLD = self.cross_norm(x_BLD + self.dropout(self.cross_attn(x_BLD, image_UMC, image_index_B)))
         return self.mlp_norm(x_BLD + self.dropout(self.mlp(x_BLD)))
 
 
@@ -40,6 +41,9 @@ class FusionEncoder(nn.Module):
         self.image_norm = kernels.LayerNorm(image_width, 1e-6)
         self.blocks = nn.ModuleList(FusionBlock(cfg, image_width, mp_config, std) for _ in range(cfg.num_layers))
 
-    def forward(self, text_BLD: torch.Tensor, text_mask_BL: torch.Tensor, image_BMC: torch.Tensor) -> torch.Tensor:
+    def forward(self, text_BLD: torch.Tensor, text_mask_BL: torch.Tensor, image_UMC: torch.Tensor,
+                image_index_B: torch.Tensor | None = None) -> torch.Tensor:
+        """Text row b attends to image ``image_index_B[b]`` (to image b without an index). Several
+        rows sharing an image cost its norm and K/V projections once (see CrossAttention)."""
         return run_blocks(self.blocks, self.cfg.checkpointed_blocks, text_BLD,
-                          padding_mask(text_mask_BL), self.image_norm(image_BMC))
+                          padding_mask(text_mask_BL), self.image_norm(image_UMC), image_index_B)

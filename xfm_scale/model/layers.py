@@ -126,7 +126,13 @@ class SelfAttention(nn.Module):
 
 
 class CrossAttention(nn.Module):
-    """Queries from the text stream, keys/values from image tokens (their own width), TP-split heads."""
+    """Queries from the text stream, keys/values from image tokens (their own width), TP-split heads.
+
+    Several text rows may attend to the same image (ITM's negatives and IMLM reuse the pair
+    micro-batch's images): ``ctx_index_B`` then maps each of the B query rows to one of the U
+    context rows, and the K/V projection runs once per context row, U rows instead of B. The keys
+    and values of a row are the same either way, and autograd sums each context row's gradient
+    over the query rows that used it."""
 
     def __init__(self, hidden: int, kv_width: int, num_heads: int, *, dropout: float,
                  config: ModelParallelConfig, std: float):
@@ -138,11 +144,14 @@ class CrossAttention(nn.Module):
         self.kv = column(kv_width, 2 * hidden, bias=True, stride=2, config=config, std=std)
         self.proj = row(hidden, hidden, config=config, std=std)
 
-    def forward(self, x_BND: torch.Tensor, ctx_BMC: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BND: torch.Tensor, ctx_UMC: torch.Tensor, ctx_index_B: torch.Tensor | None = None
+                ) -> torch.Tensor:
         B, N, _ = x_BND.shape
-        M = ctx_BMC.shape[1]
+        M = ctx_UMC.shape[1]
         q, _ = self.q(x_BND)
-        kv, _ = self.kv(ctx_BMC)
+        kv, _ = self.kv(ctx_UMC)  # [U, M, 2 * Hl * d]
+        if ctx_index_B is not None:
+            kv = kv.index_select(0, ctx_index_B)
         q = q.view(B, N, self.heads_local, self.head_dim).transpose(1, 2)
         k, v = kv.view(B, M, 2, self.heads_local, self.head_dim).permute(2, 0, 3, 1, 4)
         out_BHNd = attend(q, k, v, None, self.dropout, self.training)
