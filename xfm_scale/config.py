@@ -8,9 +8,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
+
+XFM_WEIGHTS = "model.safetensors"
+"""The weights file of an xfm weights folder, beside its config.json."""
 
 
 class ConfigError(ValueError):
@@ -204,6 +209,22 @@ class XFMConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_xfm_folder(cls, folder: str | Path) -> "XFMConfig":
+        """The model config of an xfm weights folder (written by tools/export_weights.py or
+        tools/import_weights.py): its config.json, read without the weights (and without torch, so
+        ``--check`` can validate a run that starts from it)."""
+        folder = Path(folder)
+        config_path = folder / "config.json"
+        if not config_path.is_file() or not (folder / XFM_WEIGHTS).is_file():
+            raise ConfigError(f"{folder} is not an xfm weights folder (config.json and {XFM_WEIGHTS}); "
+                              "pass the xfm/ folder that tools/export_weights.py or tools/import_weights.py wrote")
+        try:
+            return cls.from_dict(json.loads(config_path.read_text())["model_config"])
+        except (ValueError, KeyError, TypeError) as err:
+            raise ConfigError(f"{config_path}: not an xfm model config ({err!r}); write the folder again "
+                              "with tools/export_weights.py or tools/import_weights.py") from None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "XFMConfig":

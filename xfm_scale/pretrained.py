@@ -14,25 +14,18 @@ from pathlib import Path
 import torch
 
 from xfm_scale import formats
-from xfm_scale.config import ConfigError, TextEncoderConfig, VisionEncoderConfig, XFMConfig
+from xfm_scale.config import XFM_WEIGHTS, ConfigError, TextEncoderConfig, VisionEncoderConfig, XFMConfig
 from xfm_scale.engine_state import Source
 
 log = logging.getLogger(__name__)
-XFM_WEIGHTS = "model.safetensors"
 
 
 def read_xfm_folder(folder: str | Path) -> tuple[XFMConfig, Source]:
     """An ``OUT/xfm`` folder written by tools/export_weights.py or tools/import_weights.py."""
     from safetensors import safe_open
 
-    folder = Path(folder)
-    config_path, weights = folder / "config.json", folder / XFM_WEIGHTS
-    if not config_path.is_file() or not weights.is_file():
-        raise ConfigError(f"{folder} is not an xfm weights folder (config.json and {XFM_WEIGHTS}); "
-                          "pass the xfm/ folder that tools/export_weights.py or tools/import_weights.py wrote")
-    meta = json.loads(config_path.read_text())
-    cfg = XFMConfig.from_dict(meta["model_config"])
-    handle = safe_open(str(weights), framework="pt")
+    cfg = XFMConfig.from_xfm_folder(folder)
+    handle = safe_open(str(Path(folder) / XFM_WEIGHTS), framework="pt")
     names = set(handle.keys())
 
     def source(name: str, key: str):

@@ -274,8 +274,12 @@ class RunConfig:
             raise ConfigError(f"batch.micro_batch_size={pairs}: pair micro-batches need at least 2 pairs (ITM draws "
                               f"each pair's hard negatives from the other pairs of its micro-batch); use 2 or more")
         if group and pairs % group:
-            raise ConfigError(f"model.overrides objectives.itm_negative_group={group} must divide "
-                              f"batch.micro_batch_size={pairs}")
+            source = ("model.overrides" if "objectives.itm_negative_group" in self.model.overrides
+                      else f"the config of model.init_from {self.model.init_from}" if self.model.init_from
+                      else f"preset {self.model.preset}")
+            raise ConfigError(f"objectives.itm_negative_group={group} (from {source}) must divide "
+                              f"batch.micro_batch_size={pairs}; set model.overrides "
+                              f"objectives.itm_negative_group to a divisor of it (0: the whole micro-batch)")
 
     def _check_data_spec(self) -> list:
         """The blend spec parses and names corpora that exist, checked here in one process rather
@@ -332,7 +336,10 @@ class RunConfig:
         if self.optim.schedule not in ("linear", "cosine"):
             raise ConfigError(f"optim.schedule={self.optim.schedule!r}: use 'linear' or 'cosine'")
         tp = self.parallel.tensor_parallel_size
-        model_config = self.model_config()
+        # A run that starts from exported weights takes their model config (the trainer's
+        # _initial_weights), objectives included: check that one, not the preset's.
+        base = XFMConfig.from_xfm_folder(self.model.init_from) if self.model.init_from else None
+        model_config = self.model_config(base)
         model_config.validate(tp)
         # a pair corpus with weight (or one whose modality only its shards tell) runs ITM
         if any(c.weight > 0 and c.modality in ("pair", None) for c in corpora):

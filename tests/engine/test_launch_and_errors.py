@@ -60,6 +60,12 @@ def test_check_accepts_a_good_launch(good, tmp_path):
     ("init_from", ["--num_gpus", "1"], "model.init_from: "),
     ("one_pair", ["--num_gpus", "1"], "batch.micro_batch_size=1: pair micro-batches need at least 2 pairs"),
     ("itm_group", ["--num_gpus", "1"], "objectives.itm_negative_group=1: a pair draws its ITM hard negatives"),
+    ("itm_group_divides", ["--num_gpus", "1"],
+     "objectives.itm_negative_group=3 (from model.overrides) must divide batch.micro_batch_size=4"),
+    ("init_from_not_weights", ["--num_gpus", "1"], "is not an xfm weights folder (config.json and model.safetensors)"),
+    # the weights a run starts from bring their model config: its ITM group is the run's
+    ("init_from_itm_group", ["--num_gpus", "1"],
+     "objectives.itm_negative_group=3 (from the config of model.init_from "),
 ])
 def test_setup_errors_name_the_fix_before_any_rank_starts(good, tmp_path, case, extra, message):
     raw = json.loads(json.dumps(good))
@@ -104,6 +110,13 @@ def test_setup_errors_name_the_fix_before_any_rank_starts(good, tmp_path, case, 
         raw["batch"].update(micro_batch_size=1, global_batch_size=4)
     elif case == "itm_group":
         raw["model"]["overrides"] = {**raw["model"].get("overrides", {}), "objectives.itm_negative_group": 1}
+    elif case == "itm_group_divides":
+        raw["model"]["overrides"] = {**raw["model"].get("overrides", {}), "objectives.itm_negative_group": 3}
+    elif case == "init_from_not_weights":
+        (tmp_path / "checkpoints").mkdir()
+        raw["model"]["init_from"] = str(tmp_path / "checkpoints")
+    elif case == "init_from_itm_group":
+        raw["model"]["init_from"] = str(exported_folder(tmp_path / "xfm", {"itm_negative_group": 3}))
     result = check(write_config(tmp_path, raw), *extra)
     assert result.returncode == 2, (result.stdout, result.stderr)
     assert message in result.stderr, result.stderr
@@ -122,6 +135,19 @@ def test_a_blend_without_pairs_may_use_micro_batches_of_one(good, tmp_path):
     result = check(write_config(tmp_path, raw), "--num_gpus", "1")
     assert result.returncode == 0, result.stderr
     assert "ok: 1 ranks" in result.stdout, result.stdout
+
+
+def exported_folder(folder: Path, objectives: dict) -> Path:
+    """An xfm weights folder as tools/export_weights.py lays it out (config.json beside the weights,
+    here an empty file: --check reads the config only), of the tiny preset with ``objectives``."""
+    from xfm_scale.config import XFMConfig
+
+    config = XFMConfig.from_preset("tiny").to_dict()
+    config["objectives"].update(objectives)
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"format": "xfm_scale-weights-v1", "model_config": config}))
+    (folder / "model.safetensors").write_bytes(b"")
+    return folder
 
 
 def copied_spec(path: str) -> dict:
