@@ -22,6 +22,7 @@ import argparse
 import logging
 import os
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -63,6 +64,24 @@ def check_launch(args, cfg) -> int:
     return 0
 
 
+SETUP_ERROR_GRACE_S = 10.0
+"""How long a rank other than 0 waits before reporting a set-up error itself (see
+report_setup_error)."""
+
+
+def report_setup_error(err: Exception, rank: int) -> None:
+    """Every rank validates the same run config, so rank 0 reports a set-up error once for all. A
+    rank that found it first must not exit at once: the launcher (torchrun, DeepSpeed's) would then
+    stop rank 0 before it printed, and the job would end with no message. So the other ranks wait;
+    if rank 0 failed too, the launcher stops them meanwhile, and if it did not (say a path missing
+    on this node only), they report the error themselves, naming their rank."""
+    if rank == 0:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return
+    time.sleep(SETUP_ERROR_GRACE_S)
+    print(f"error (rank {rank}): {err}", file=sys.stderr, flush=True)
+
+
 def main(argv=None) -> int:
     from xfm_scale.config import ConfigError
 
@@ -74,8 +93,7 @@ def main(argv=None) -> int:
             return check_launch(args, cfg)
         cfg.validate(int(os.environ.get("WORLD_SIZE", "1")))  # before any process group exists
     except (ConfigError, ValueError, FileNotFoundError) as err:
-        if rank == 0:
-            print(f"error: {err}", file=sys.stderr)
+        report_setup_error(err, rank)
         return 2
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")

@@ -281,6 +281,25 @@ class RunConfig:
                               f"batch.micro_batch_size={pairs}; set model.overrides "
                               f"objectives.itm_negative_group to a divisor of it (0: the whole micro-batch)")
 
+    def _starting_model_config(self) -> tuple[bool, XFMConfig | None]:
+        """(whether the model the ranks will build is known here, the config they start from
+        before the overrides: None for the preset). A run from exported weights takes their model
+        config (the trainer's _initial_weights), objectives included, so that one is checked. Not
+        known without reading weights: encoders imported from transformers/timm checkpoints (their
+        sizes come from those), or a run from exported weights that resumes (its checkpoint's
+        config wins); the ranks check the model they assemble at start."""
+        m = self.model
+        if m.init_text_from or m.init_vision_from:
+            return False, None
+        if not m.init_from:
+            return True, None
+        if self.train.resume:
+            from xfm_scale import checkpoint  # imports torch: only for a run from exported weights
+
+            if checkpoint.latest_complete(Path(self.train.output_dir) / "checkpoints") is not None:
+                return False, None
+        return True, XFMConfig.from_xfm_folder(m.init_from)
+
     def _check_data_spec(self) -> list:
         """The blend spec parses and names corpora that exist, checked here in one process rather
         than inside every rank after the process group is up; returns its corpus specs."""
@@ -336,14 +355,15 @@ class RunConfig:
         if self.optim.schedule not in ("linear", "cosine"):
             raise ConfigError(f"optim.schedule={self.optim.schedule!r}: use 'linear' or 'cosine'")
         tp = self.parallel.tensor_parallel_size
-        # A run that starts from exported weights takes their model config (the trainer's
-        # _initial_weights), objectives included: check that one, not the preset's.
-        base = XFMConfig.from_xfm_folder(self.model.init_from) if self.model.init_from else None
+        known, base = self._starting_model_config()
         model_config = self.model_config(base)
-        model_config.validate(tp)
+        if known:
+            model_config.validate(tp)
         # a pair corpus with weight (or one whose modality only its shards tell) runs ITM
         if any(c.weight > 0 and c.modality in ("pair", None) for c in corpora):
-            self._check_itm_groups(model_config.objectives.itm_negative_group)
+            # (where the model is not known here, the group is checked by the ranks; the two-pairs
+            # minimum holds for any group)
+            self._check_itm_groups(model_config.objectives.itm_negative_group if known else 0)
         if world_size is not None:
             if world_size % tp:
                 raise ConfigError(f"parallel.tensor_parallel_size={tp} does not divide the {world_size} "
