@@ -12,7 +12,7 @@ beforehand and kept in memory), it times optimizer steps of:
   cross-attention layers, eager attention, autocast, plain DistributedDataParallel;
 
 on the same micro-batches, at the same batch sizes and precision (bf16 autocast vs DeepSpeed bf16 on
-GPU, fp32 on CPU). It reports samples/s, achieved TFLOP/s and MFU (model FLOPs from
+GPU, fp32 on CPU), their timed steps taking turns so that a drift in the machine's speed reaches both. It reports samples/s, achieved TFLOP/s and MFU (model FLOPs from
 xfm_scale.flops without the activation-checkpointing recompute, over the device peak of
 xfm_scale.flops.device_peak_flops; the baseline is credited with the same count, though its MLM
 heads compute logits at every position rather than at the masked ones), the ratio xfm_scale /
@@ -76,11 +76,17 @@ class Timing:
     graphs_compiled: int = 0
     """torch.compile graphs built during the timed steps (a shape the warm-up did not show): the
     compilation is then inside the timing and the figures are too low."""
+    process_max_allocated_gb: float | None = None
+    """On a GPU: the process's peak allocated memory during these timed steps (GiB). Both
+    implementations' weights and optimizer states are resident throughout."""
 
     def row(self, peak: float) -> dict[str, float]:
-        return {"samples_per_s": self.samples / self.seconds, "tflops": achieved_tflops(self.flops, self.seconds),
-                "mfu": mfu(self.flops, self.seconds, peak), "step_s": self.seconds,
-                "graphs_compiled_while_timed": self.graphs_compiled}
+        row = {"samples_per_s": self.samples / self.seconds, "tflops": achieved_tflops(self.flops, self.seconds),
+               "mfu": mfu(self.flops, self.seconds, peak), "step_s": self.seconds,
+               "graphs_compiled_while_timed": self.graphs_compiled}
+        if self.process_max_allocated_gb is not None:
+            row["process_max_allocated_gb"] = self.process_max_allocated_gb
+        return row
 
 
 # ---- data -------------------------------------------------------------------------------------------
@@ -146,30 +152,46 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_steps(step_fn, steps, *, warmup: int, count: int, with_loader: bool, device: torch.device,
-               flops_of, dp: int) -> Timing:
-    """Run ``warmup`` untimed then ``count`` timed steps. With the loader, fetching each step is
-    inside the timed part; without it, the steps are fetched first and kept in (pinned) host
-    memory, so each implementation still copies its micro-batches to the GPU as in training, and
-    reads label counts on the host."""
-    for _ in range(warmup):
-        step_fn(next(steps))
+def time_steps(step_fns: dict, steps: dict, *, warmup: int, count: int, with_loader: bool, device: torch.device,
+               flops_of, dp: int) -> dict[str, Timing]:
+    """Time ``count`` steps of each implementation (``step_fns[name]`` on ``steps[name]``'s
+    steps) after ``warmup`` untimed ones each. The timed steps alternate between the
+    implementations, one step of each in turn, so a drift in the machine's speed reaches all of
+    them alike (on the 2-core CPU the ratio of two implementations timed one after the other moved
+    by 20% between runs). With the loader, fetching each step is inside the timed part; without it,
+    the steps are fetched first and kept in (pinned) host memory, so each implementation still
+    copies its micro-batches to the GPU as in training, and reads label counts on the host. On a
+    GPU each implementation's row also gets the peak memory of its own timed steps."""
+    for name, step_fn in step_fns.items():
+        for _ in range(warmup):
+            step_fn(next(steps[name]))
     if not with_loader:
         pin = device.type == "cuda"
-        fetched = [[b.pin_memory() if pin else b for b in next(steps)] for _ in range(count)]
-        steps = iter(fetched)
-    graphs_before = counters["stats"]["unique_graphs"]
-    seconds = samples = flops = 0.0
+        steps = {name: iter([[b.pin_memory() if pin else b for b in next(it)] for _ in range(count)])
+                 for name, it in steps.items()}
+    totals = {name: Timing(0.0, 0, 0.0) for name in step_fns}
+    peaks = dict.fromkeys(step_fns, 0.0)
     for _ in range(count):
-        _sync(device)
-        start = time.perf_counter()
-        batches = next(steps)
-        step_fn(batches)
-        _sync(device)
-        seconds += time.perf_counter() - start
-        samples += sum(b.size for b in batches) * dp
-        flops += sum(flops_of(b) for b in batches)
-    return Timing(seconds, int(samples), flops, counters["stats"]["unique_graphs"] - graphs_before)
+        for name, step_fn in step_fns.items():
+            _sync(device)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            graphs_before = counters["stats"]["unique_graphs"]
+            start = time.perf_counter()
+            batches = next(steps[name])
+            step_fn(batches)
+            _sync(device)
+            t = totals[name]
+            t.seconds += time.perf_counter() - start
+            t.samples += sum(b.size for b in batches) * dp
+            t.flops += sum(flops_of(b) for b in batches)
+            t.graphs_compiled += counters["stats"]["unique_graphs"] - graphs_before
+            if device.type == "cuda":
+                peaks[name] = max(peaks[name], torch.cuda.max_memory_allocated(device) / 2 ** 30)
+    if device.type == "cuda":
+        for name, t in totals.items():
+            t.process_max_allocated_gb = peaks[name]
+    return totals
 
 
 def benchmark(args) -> dict:
@@ -209,15 +231,12 @@ def benchmark(args) -> dict:
     rows, profiles = [], {}
     for case in CASES:
         for with_loader in (False, True):
-            for name, step_fn in implementations.items():
-                loader = trainer.build_loader(str(data[case]))  # the same steps for each implementation
-                if on_gpu:
-                    torch.cuda.reset_peak_memory_stats(device)
-                timing = time_steps(step_fn, loader.iter_steps(), warmup=args.warmup, count=args.steps,
-                                    with_loader=with_loader, device=device, flops_of=flops_of, dp=dp)
+            # a loader each, over the same steps: each implementation sees the same micro-batches
+            steps = {name: trainer.build_loader(str(data[case])).iter_steps() for name in implementations}
+            timings = time_steps(implementations, steps, warmup=args.warmup, count=args.steps,
+                                 with_loader=with_loader, device=device, flops_of=flops_of, dp=dp)
+            for name, timing in timings.items():
                 row = {"implementation": name, "case": case, "loader": with_loader, **timing.row(peak)}
-                if on_gpu:  # of the process: both implementations' weights and optimizer states are resident
-                    row["process_max_allocated_gb"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
                 rows.append(row)
                 if layout.rank == 0:
                     print(_format_row(row), flush=True)
