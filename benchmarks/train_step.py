@@ -12,7 +12,8 @@ beforehand and kept in memory), it times optimizer steps of:
   cross-attention layers, eager attention, autocast, plain DistributedDataParallel;
 
 on the same micro-batches, at the same batch sizes and precision (bf16 autocast vs DeepSpeed bf16 on
-GPU, fp32 on CPU), their timed steps taking turns so that a drift in the machine's speed reaches both. It reports samples/s, achieved TFLOP/s and MFU (model FLOPs from
+GPU, fp32 on CPU); without the loader their timed steps take turns, so that a drift in the machine's
+speed reaches both. It reports samples/s, achieved TFLOP/s and MFU (model FLOPs from
 xfm_scale.flops without the activation-checkpointing recompute, over the device peak of
 xfm_scale.flops.device_peak_flops; the baseline is credited with the same count, though its MLM
 heads compute logits at every position rather than at the masked ones), the ratio xfm_scale /
@@ -154,40 +155,57 @@ def _sync(device: torch.device) -> None:
 
 def time_steps(step_fns: dict, steps: dict, *, warmup: int, count: int, with_loader: bool, device: torch.device,
                flops_of, dp: int) -> dict[str, Timing]:
-    """Time ``count`` steps of each implementation (``step_fns[name]`` on ``steps[name]``'s
-    steps) after ``warmup`` untimed ones each. The timed steps alternate between the
-    implementations, one step of each in turn, so a drift in the machine's speed reaches all of
-    them alike (on the 2-core CPU the ratio of two implementations timed one after the other moved
-    by 20% between runs). With the loader, fetching each step is inside the timed part; without it,
-    the steps are fetched first and kept in (pinned) host memory, so each implementation still
-    copies its micro-batches to the GPU as in training, and reads label counts on the host. On a
-    GPU each implementation's row also gets the peak memory of its own timed steps."""
-    for name, step_fn in step_fns.items():
+    """Time ``count`` steps of each implementation (``step_fns[name]`` on ``steps[name]``'s steps)
+    after ``warmup`` untimed ones each.
+
+    Without the loader, the steps are fetched first and kept in (pinned) host memory (so each
+    implementation still copies its micro-batches to the GPU as in training, and reads label
+    counts on the host), and the timed steps alternate between the implementations, one step of
+    each in turn, so a drift in the machine's speed reaches all of them alike (on the 2-core CPU
+    the ratio of two implementations timed one after the other moved by 20% between runs).
+
+    With the loader, fetching each step is inside the timed part, and each implementation runs
+    its steps alone: alternating, its loader's workers would prepare its next step during the
+    other implementation's step, hiding the loader's cost this measures. On a GPU each row also
+    gets the peak memory of that implementation's timed steps."""
+    totals = {name: Timing(0.0, 0, 0.0) for name in step_fns}
+    peaks = dict.fromkeys(step_fns, 0.0)
+
+    def timed_step(name: str) -> None:
+        _sync(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        graphs_before = counters["stats"]["unique_graphs"]
+        start = time.perf_counter()
+        batches = next(steps[name])
+        step_fns[name](batches)
+        _sync(device)
+        t = totals[name]
+        t.seconds += time.perf_counter() - start
+        t.samples += sum(b.size for b in batches) * dp
+        t.flops += sum(flops_of(b) for b in batches)
+        t.graphs_compiled += counters["stats"]["unique_graphs"] - graphs_before
+        if device.type == "cuda":
+            peaks[name] = max(peaks[name], torch.cuda.max_memory_allocated(device) / 2 ** 30)
+
+    def warm_up(name: str) -> None:
         for _ in range(warmup):
-            step_fn(next(steps[name]))
-    if not with_loader:
+            step_fns[name](next(steps[name]))
+
+    if with_loader:
+        for name in step_fns:
+            warm_up(name)
+            for _ in range(count):
+                timed_step(name)
+    else:
+        for name in step_fns:
+            warm_up(name)
         pin = device.type == "cuda"
         steps = {name: iter([[b.pin_memory() if pin else b for b in next(it)] for _ in range(count)])
                  for name, it in steps.items()}
-    totals = {name: Timing(0.0, 0, 0.0) for name in step_fns}
-    peaks = dict.fromkeys(step_fns, 0.0)
-    for _ in range(count):
-        for name, step_fn in step_fns.items():
-            _sync(device)
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            graphs_before = counters["stats"]["unique_graphs"]
-            start = time.perf_counter()
-            batches = next(steps[name])
-            step_fn(batches)
-            _sync(device)
-            t = totals[name]
-            t.seconds += time.perf_counter() - start
-            t.samples += sum(b.size for b in batches) * dp
-            t.flops += sum(flops_of(b) for b in batches)
-            t.graphs_compiled += counters["stats"]["unique_graphs"] - graphs_before
-            if device.type == "cuda":
-                peaks[name] = max(peaks[name], torch.cuda.max_memory_allocated(device) / 2 ** 30)
+        for _ in range(count):
+            for name in step_fns:
+                timed_step(name)
     if device.type == "cuda":
         for name, t in totals.items():
             t.process_max_allocated_gb = peaks[name]

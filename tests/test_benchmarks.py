@@ -113,9 +113,12 @@ def test_train_step_benchmark_reports_both_implementations(tmp_path):
 
 
 @pytest.mark.unit
-def test_timed_steps_alternate_between_the_implementations():
-    """Each implementation warms up alone, then their timed steps take turns (a drift in the
-    machine's speed reaches both alike), each on its own copy of the same steps."""
+@pytest.mark.parametrize("with_loader", [False, True])
+def test_timed_steps_alternate_between_the_implementations_unless_the_loader_is_timed(with_loader):
+    """Without the loader: each implementation warms up, then their timed steps take turns (a
+    drift in the machine's speed reaches both alike). With it, each runs alone (alternating, a
+    loader's workers would prepare its next step during the other's step, hiding its cost). Each
+    implementation runs on its own copy of the same steps."""
     import train_step
 
     class Micro:  # a stand-in micro-batch: its step index and size
@@ -125,10 +128,13 @@ def test_timed_steps_alternate_between_the_implementations():
     calls = []
     step_fns = {name: (lambda batches, name=name: calls.append((name, batches[0].step))) for name in ("ours", "base")}
     steps = {name: iter([[Micro(i), Micro(i)] for i in range(10)]) for name in step_fns}
-    timings = train_step.time_steps(step_fns, steps, warmup=2, count=3, with_loader=False,
+    timings = train_step.time_steps(step_fns, steps, warmup=2, count=3, with_loader=with_loader,
                                     device=torch.device("cpu"), flops_of=lambda b: 5.0, dp=4)
-    assert calls == [("ours", 0), ("ours", 1), ("base", 0), ("base", 1),
-                     ("ours", 2), ("base", 2), ("ours", 3), ("base", 3), ("ours", 4), ("base", 4)]
+    if with_loader:
+        assert calls == [("ours", i) for i in range(5)] + [("base", i) for i in range(5)]
+    else:
+        assert calls == [("ours", 0), ("ours", 1), ("base", 0), ("base", 1),
+                         ("ours", 2), ("base", 2), ("ours", 3), ("base", 3), ("ours", 4), ("base", 4)]
     for timing in timings.values():
         assert timing.samples == 3 * 2 * 3 * 4  # steps x micro-batches x size x data-parallel ranks
         assert timing.flops == 3 * 2 * 5.0 and timing.seconds > 0
