@@ -168,12 +168,12 @@ def time_steps(step_fns: dict, steps: dict, *, warmup: int, count: int, with_loa
     its steps alone: alternating, its loader's workers would prepare its next step during the
     other implementation's step, hiding the loader's cost this measures. On a GPU each row also
     gets the peak memory of that implementation's timed steps."""
-    totals = {name: Timing(0.0, 0, 0.0) for name in step_fns}
-    peaks = dict.fromkeys(step_fns, 0.0)
+    on_gpu = device.type == "cuda"
+    totals = {name: Timing(0.0, 0, 0.0, process_max_allocated_gb=0.0 if on_gpu else None) for name in step_fns}
 
     def timed_step(name: str) -> None:
         _sync(device)
-        if device.type == "cuda":
+        if on_gpu:
             torch.cuda.reset_peak_memory_stats(device)
         graphs_before = counters["stats"]["unique_graphs"]
         start = time.perf_counter()
@@ -185,8 +185,9 @@ def time_steps(step_fns: dict, steps: dict, *, warmup: int, count: int, with_loa
         t.samples += sum(b.size for b in batches) * dp
         t.flops += sum(flops_of(b) for b in batches)
         t.graphs_compiled += counters["stats"]["unique_graphs"] - graphs_before
-        if device.type == "cuda":
-            peaks[name] = max(peaks[name], torch.cuda.max_memory_allocated(device) / 2 ** 30)
+        if on_gpu:
+            peak_gb = torch.cuda.max_memory_allocated(device) / 2 ** 30
+            t.process_max_allocated_gb = max(t.process_max_allocated_gb, peak_gb)
 
     def warm_up(name: str) -> None:
         for _ in range(warmup):
@@ -200,15 +201,11 @@ def time_steps(step_fns: dict, steps: dict, *, warmup: int, count: int, with_loa
     else:
         for name in step_fns:
             warm_up(name)
-        pin = device.type == "cuda"
-        steps = {name: iter([[b.pin_memory() if pin else b for b in next(it)] for _ in range(count)])
+        steps = {name: iter([[b.pin_memory() if on_gpu else b for b in next(it)] for _ in range(count)])
                  for name, it in steps.items()}
         for _ in range(count):
             for name in step_fns:
                 timed_step(name)
-    if device.type == "cuda":
-        for name, t in totals.items():
-            t.process_max_allocated_gb = peaks[name]
     return totals
 
 
