@@ -14,8 +14,13 @@ import multiprocessing as mp
 import os
 import queue
 import socket
+import time
 import traceback
 from typing import Any, Callable
+
+
+POLL_S = 2.0
+"""How often the parent looks for results and for rank processes that died without one."""
 
 
 def free_port() -> int:
@@ -77,12 +82,15 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args, timeout: float = 6
         proc.start()
     collected: dict[int, Any] = {}
     try:
+        deadline, dead_before = time.monotonic() + timeout, set()
         while len(collected) < world_size:
             try:
-                rank, status, payload = results.get(timeout=timeout)
+                rank, status, payload = results.get(timeout=POLL_S)
             except queue.Empty:
-                raise TimeoutError(f"ranks {sorted(set(range(world_size)) - set(collected))} "
-                                   f"gave no result within {timeout}s") from None
+                # A rank's queue is flushed before its process exits, so a rank still without a
+                # result one empty poll after it was seen dead has none coming.
+                dead_before = _check_dead_or_late(procs, collected, dead_before, deadline, timeout)
+                continue
             if status == "error":
                 raise AssertionError(f"rank {rank} failed:\n{payload}")
             collected[rank] = _load(payload)
@@ -92,6 +100,23 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args, timeout: float = 6
             if proc.is_alive():
                 proc.kill()
     return [collected[r] for r in range(world_size)]
+
+
+def _check_dead_or_late(procs, collected: dict, dead_before: set, deadline: float, timeout: float) -> set:
+    """Fail when a rank process ended without a result (killed by a signal, or a crash in native
+    code that skipped its ``except``: naming its exit code), or when the time is up. Returns the
+    ranks now seen dead without a result, for the next poll."""
+    dead = {r for r, p in enumerate(procs) if r not in collected and p.exitcode is not None}
+    if dead & dead_before:
+        raise AssertionError("rank(s) ended without a result: " + ", ".join(
+            _exit_description(r, procs[r].exitcode) for r in sorted(dead & dead_before)))
+    if time.monotonic() > deadline:
+        raise TimeoutError(f"ranks {sorted(set(range(len(procs))) - set(collected))} gave no result within {timeout}s")
+    return dead
+
+
+def _exit_description(rank: int, code: int) -> str:
+    return f"rank {rank} exit code {code}" + (f" (killed by signal {-code})" if code < 0 else "")
 
 
 RENDEZVOUS_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
