@@ -26,6 +26,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from xfm_scale import parallel
 from xfm_scale.model import tp_layout
 
 log = logging.getLogger(__name__)
@@ -130,10 +131,7 @@ def _load_zero3(zero, source: Source, keys: tuple[str, ...]) -> tuple[set[str], 
                     given.add(name)
                 offset += param.partition_numel()
     _refresh_model_partitions(zero)
-    persistent = getattr(zero, "persistent_parameters", [])
-    if persistent:  # small parameters kept whole on every rank: rebuild them from the new partitions
-        persistent[0].partition(persistent)
-        persistent[0].all_gather(persistent)
+    parallel.regather_persistent_parameters(zero)  # small parameters kept whole: from the new partitions
     return given, list(zero.fp32_partitioned_groups_flat)
 
 

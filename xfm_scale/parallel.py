@@ -211,6 +211,18 @@ def current_layout() -> ParallelLayout:
         data_parallel_rank=ps.get_data_parallel_rank())
 
 
+def global_rank_table(layout: ParallelLayout) -> list[list[int]]:
+    """The global rank of every (DP rank d, TP rank t), as ``table[d][t]``: DeepSpeed names the
+    folders of NVMe-swapped optimizer state in a checkpoint by global rank, and a reader at another
+    layout has to find the folder of each partition. Collective (every rank calls it)."""
+    pairs: list = [None] * layout.world_size
+    torch.distributed.all_gather_object(pairs, (layout.data_parallel_rank, layout.tensor_parallel_rank))
+    table = [[-1] * layout.tensor_parallel_size for _ in range(layout.data_parallel_size)]
+    for rank, (d, t) in enumerate(pairs):
+        table[d][t] = rank
+    return table
+
+
 def shutdown() -> None:
     from megatron.core import parallel_state as ps
 
@@ -271,6 +283,7 @@ def build_engine(model_config, optim_cfg, ds_config: dict, total_steps: int, com
     if pinned:
         release_cached_pinned_memory()
     _load_checkpoints_weights_only(engine)
+    _complete_swapped_gradients(engine)
     return engine, optimizer, scheduler
 
 
@@ -386,6 +399,79 @@ def _load_checkpoints_weights_only(engine) -> None:
         engine.checkpoint_engine.load = lambda path, map_location=None: load_trusted(path, map_location)
 
 
+def regather_persistent_parameters(zero_optimizer) -> None:
+    """Rebuild ZeRO-3's persistent parameters (those under ``stage3_param_persistence_threshold``,
+    kept whole on every rank besides their partition) from their partitions, after the partitions
+    were written behind DeepSpeed's back (engine_state) or by a load that gathers them too early.
+
+    DeepSpeed 0.19.8's load with the optimizer swapped to NVMe gathers them before it restores the
+    partitions, and its closing all-gather finds them still available and does nothing: a resumed
+    run kept its fresh initial values for every bias and norm (tests/engine/test_nvme_offload.py).
+    Released first, so that the all-gather really gathers."""
+    persistent = getattr(zero_optimizer, "persistent_parameters", [])
+    if persistent:
+        persistent[0].partition(persistent)
+        persistent[0].all_gather(persistent)
+
+
+def restore_unswapped_optimizer_state(engine, tag_folder: Path) -> None:
+    """After DeepSpeed's load of a checkpoint saved with the optimizer offloaded to NVMe: restore
+    what that load leaves out.
+
+    DeepSpeed 0.19.8's ``load_checkpoint`` skips the optimizer files altogether when the optimizer
+    is on NVMe and only copies the swap files back, as if every sub-group were swapped. Sub-groups
+    under the aio block (1 MiB) stay in host memory, so their fp32 weights and Adam moments kept
+    the relaunched run's fresh values (every bias, norm and new head in `tiny`), and Adam's step
+    count restarted for all, and the learning rates were the scheduler's first until its next step.
+    Here this rank's optimizer file gives them back: the param groups' hyperparameters (lr), each
+    sub-group's step count, the swapped sub-groups' moments (:func:`_register_swapped_moments`),
+    and the unswapped sub-groups' fp32 partition and moments, which then refresh the parameters
+    the model computes with."""
+    from xfm_scale.zero_checkpoint import load_trusted, partition_files
+
+    zero = engine.optimizer
+    if not getattr(zero, "swap_optimizer", False):
+        return
+    tp_rank = MegatronMPU().get_model_parallel_rank()
+    dp_rank = torch.distributed.get_rank(group=zero.dp_process_group)
+    saved = load_trusted(partition_files(tag_folder)[("optim", dp_rank, tp_rank)])["optimizer_state_dict"]
+    saved_states = saved["optimizer_state_dict"]["state"]
+    for group, saved_group in zip(zero.optimizer.param_groups, saved["optimizer_state_dict"]["param_groups"],
+                                  strict=True):
+        group.update({k: v for k, v in saved_group.items() if k != "params"})  # lr as the scheduler left it
+    for i, partition in enumerate(zero.fp32_partitioned_groups_flat):
+        state = zero.optimizer.state[partition]
+        state.update({k: v for k, v in saved_states[i].items() if not torch.is_tensor(v)})  # step
+        if zero._swappable_optimizer_subgroup(i):
+            _register_swapped_moments(zero, i, [k for k, v in saved_states[i].items() if torch.is_tensor(v)])
+            continue
+        partition.data.copy_(saved["fp32_flat_groups"][i])
+        for key, value in saved_states[i].items():
+            if torch.is_tensor(value):
+                state[key] = value.to(partition.device, copy=True)
+        zero._reassign_or_swap_out_partitioned_parameters(i)
+    regather_persistent_parameters(zero)
+
+
+def _register_swapped_moments(zero, sub_group: int, keys: list[str]) -> None:
+    """Make DeepSpeed read a swapped sub-group's Adam moments back from their swap files.
+
+    Its swapper swaps in only the state tensors it has seen in ``optimizer.state`` (registered at
+    the first step); a relaunched run has none yet, so the moments the checkpoint's swap files hold
+    were never read and Adam started from zeros. Placeholders of the right size (``empty``:
+    never touched, so never resident) register them under the names of those files
+    (``exp_avg-{id}``), and are released at once; the next swap-in fills them from disk."""
+    partition = zero.fp32_partitioned_groups_flat[sub_group]
+    state = zero.optimizer.state[partition]
+    if all(key in state for key in keys):
+        return
+    numel = zero.fp16_partitioned_groups_flat_numel[sub_group]
+    for key in keys:
+        state[key] = torch.empty(numel, dtype=partition.dtype)
+    info = zero.optimizer_swapper._get_param_swap_info(partition)  # registers the state tensors
+    info.release_memory()
+
+
 def begin_optimizer_step(engine) -> None:
     """Clear ZeRO's gradient partitions before an optimizer step's first micro-batch.
 
@@ -404,11 +490,66 @@ def begin_optimizer_step(engine) -> None:
         flat.zero_()
     # With optimizer offload (ZeRO-3: offload_optimizer, ZeRO-2: cpu_offload) each fp32 partition
     # keeps one persistent gradient, into which the boundary copies only this window's parameters;
-    # the others would keep last step's values. (NVMe-swapped ZeRO-3 sub-groups keep theirs on
-    # disk: DeepSpeed offers no call to clear them.)
+    # the others would keep last step's values. NVMe-swapped sub-groups: see
+    # _complete_swapped_gradients.
     if getattr(zero_optimizer, "offload_optimizer", False) or getattr(zero_optimizer, "cpu_offload", False):
         partitions = (getattr(zero_optimizer, "fp32_partitioned_groups_flat", None)
                       or getattr(zero_optimizer, "single_partition_of_fp32_groups", []))
         for fp32_partition in partitions:
             if fp32_partition.grad is not None:
                 fp32_partition.grad.zero_()
+    swapper = getattr(zero_optimizer, "optimizer_swapper", None)
+    for info in getattr(swapper, "swap_params_info", {}).values():
+        info.swapped_gradients.clear()  # last window's: the swap files stay, unread
+        info.release_unswapped_gradients()
+
+
+def _complete_swapped_gradients(engine) -> None:
+    """Give an NVMe-swapped ZeRO-3 sub-group this window's gradient, with zeros for the parameters
+    no micro-batch of the window touched, as a sub-group in host memory gets.
+
+    DeepSpeed 0.19.8 (PartitionedOptimizerSwapper) gets this wrong in two ways, both measured on
+    `tiny` with the vision MLP widened until its sub-group swaps (tests/engine/test_nvme_offload.py):
+    * Gradients of 1 MiB and more are written to swap files at the window's boundary and read back
+      at the step; the values read back were not those written (the files held the right ones),
+      and the losses left CPU offload's from the third step (8.21 against 7.66).
+    * A parameter this window left untouched (X-FM's text-only steps leave the vision and fusion
+      encoders alone) has no gradient piece of its own: a stale large one from an earlier window
+      was read again, and a small one's range kept whatever the reused pinned buffer held (the
+      second step's loss moved).
+    So every gradient piece is kept in host memory (DeepSpeed's own path for pieces under 1 MiB:
+    up to 4 bytes per parameter of the swapped sub-groups between the boundary and the step, which
+    NVMe offload would have spared), :func:`begin_optimizer_step` forgets the last window's
+    pieces, and the ranges no piece covers get zeros before the sub-group is swapped in. The fp32
+    weights and Adam moments still live in the swap files."""
+    swapper = getattr(engine.optimizer, "optimizer_swapper", None)
+    if swapper is None:
+        return
+    swap_in = swapper.swap_in_optimizer_state
+
+    def keep_gradient_in_memory(parameter, gradient_offsets, gradient_tensors):
+        info = swapper._get_param_swap_info(parameter)
+        if info is not None:
+            for offset, gradient in zip(gradient_offsets, gradient_tensors):
+                info.unswapped_gradients[offset] = gradient.detach().to("cpu", copy=True)
+
+    def swap_in_this_windows_gradient(parameter, async_parameter=None):
+        info = swapper._get_param_swap_info(parameter)
+        if info is not None:
+            _zero_fill_unwritten(info, parameter.dtype)
+        return swap_in(parameter, async_parameter)
+
+    swapper.swap_out_gradients = keep_gradient_in_memory
+    swapper.swap_in_optimizer_state = swap_in_this_windows_gradient
+
+
+def _zero_fill_unwritten(info, dtype: torch.dtype) -> None:
+    """Add zero pieces (kept in memory) for the ranges of ``info``'s sub-group that no gradient
+    piece of this window covers."""
+    written = sorted([(g.offset, g.offset + g.length) for g in info.swapped_gradients.values()]
+                     + [(offset, offset + t.numel()) for offset, t in info.unswapped_gradients.items()])
+    start = 0
+    for begin, end in [*written, (info.numel(), info.numel())]:
+        if begin > start:
+            info.unswapped_gradients[start] = torch.zeros(begin - start, dtype=dtype)
+        start = max(start, end)

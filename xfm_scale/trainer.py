@@ -65,6 +65,7 @@ class Trainer:
         # started, and build_loader below opens the corpora with the same checks and errors.
         cfg.validate(self.layout.world_size, check_data=False)
         self.is_main = self.layout.rank == 0
+        self.global_ranks = parallel.global_rank_table(self.layout)
         self.output_dir = Path(cfg.train.output_dir)
         self.ckpt_dir = self.output_dir / "checkpoints"
         if self.is_main:
@@ -443,7 +444,9 @@ class Trainer:
         return {"step": self.step, "data_cursor": self.loader.state_dict(), "run_config": self.cfg.to_dict(),
                 "model_config": self.model_config.to_dict(), "seed": self.cfg.train.seed,
                 "layout": {"tensor_parallel_size": self.layout.tensor_parallel_size,
-                           "data_parallel_size": self.layout.data_parallel_size},
+                           "data_parallel_size": self.layout.data_parallel_size,
+                           "global_ranks": self.global_ranks},
+                "nvme_swap_ids": checkpoint.nvme_swap_ids(self.engine),
                 "universal_checkpoint_info": checkpoint.universal_checkpoint_info(
                     self.engine.module, self.model_config.text.vocab_size,
                     self.model_config.padded_vocab_size(self.layout.tensor_parallel_size))}

@@ -15,10 +15,14 @@ of its fragments in DP-rank order.
 Either way the TP shards merge by the layout recorded in the client state
 (``universal_checkpoint_info``: row-parallel on dim 1, replicated, strided fused QKV/KV).
 
-Not readable: a save with the optimizer offloaded to NVMe (ZeRO-Infinity, ds_configs/
-zero3_nvme_template.json). DeepSpeed then copies the swapped fp32 weights and Adam state to
-``TAG/offloaded_tensors/rankN/`` in its swapper's own format and leaves the partitions in the
-optimizer files empty; only DeepSpeed's own load at the saved layout reads them back.
+With the optimizer offloaded to NVMe (ZeRO-Infinity, ds_configs/zero3_nvme_template.json)
+DeepSpeed leaves the swapped sub-groups' partitions empty in the optimizer files and copies its
+swap files into ``TAG/offloaded_tensors/rank{global rank:02d}/``: ``{id}.tensor.swp`` (the fp32
+partition), ``exp_avg-{id}.tensor.swp`` and ``exp_avg_sq-{id}.tensor.swp``, each the raw fp32
+partition zero-padded to the aio alignment. Our client state records each sub-group's ``id``
+(``nvme_swap_ids``) and the global rank of every (DP, TP) rank (``layout.global_ranks``), which
+DeepSpeed's files do not say; the swap files are then read like the partitions (memory-mapped).
+A save from before these were recorded is refused with the way out.
 
 Why not DeepSpeed's own tools: zero_to_fp32 refuses TP > 1, and its universal checkpoint loader
 partitions over DP only (see ../shared/design/stack-notes.md). This reader streams: the files are
@@ -38,6 +42,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import torch
 
 from xfm_scale.model import tp_layout
@@ -121,6 +126,11 @@ class ZeroCheckpoint:
         self.meta = meta
         self._files = files
         self._optim: dict[tuple[int, int], dict] = {}
+        self._swapped: dict[tuple[int, int, int, str], torch.Tensor] = {}
+
+    def _model_meta(self, t: int) -> dict:
+        """TP rank t's model states (DP rank 0's file): parameter shapes, our client state."""
+        return self.meta if t == 0 else load_trusted(self._files[("model", 0, t)])
 
     # ---- what the checkpoint says ------------------------------------------------------------------
     @property
@@ -129,19 +139,38 @@ class ZeroCheckpoint:
 
     @cached_property
     def nvme_offloaded(self) -> bool:
-        """Saved with the optimizer offloaded to NVMe: its tensors are not in the partition files.
-        Looked up once: every partition read asks."""
+        """Saved with the optimizer offloaded to NVMe: some tensors are in DeepSpeed's swap files,
+        not in the partition files. Looked up once: every partition read asks."""
         return (self.folder / NVME_OFFLOADED).is_dir()
 
     def require_tensors(self) -> None:
-        """Raise unless the fp32 weights and Adam state are readable here (not NVMe-offloaded). The
-        metadata (config, step, layout) stays readable either way, as a same-layout resume needs."""
-        if self.nvme_offloaded:
+        """Raise unless the fp32 weights and Adam state are readable here: in the partition files, or
+        in NVMe swap files whose sub-groups the client state names. The metadata (config, step,
+        layout) stays readable either way, as a same-layout resume needs."""
+        if self.nvme_offloaded and (self.meta.get("nvme_swap_ids") is None
+                                    or "global_ranks" not in self.meta.get("layout", {})):
             raise CheckpointError(
-                f"{self.folder} was saved with the optimizer offloaded to NVMe: its fp32 weights and Adam state "
-                f"are in {NVME_OFFLOADED}/ (DeepSpeed's swap files), which export and resharding cannot read. "
-                "Resume it at its saved layout (same TP, DP and ZeRO stage, with the NVMe config), or export / "
-                "reshard a checkpoint saved by a run without NVMe offload (offload_optimizer.device cpu or none)")
+                f"{self.folder} was saved with the optimizer offloaded to NVMe by an xfm_scale that did not record "
+                f"which sub-group each swap file in {NVME_OFFLOADED}/ holds, so export and resharding cannot read "
+                "it. Resume it at its saved layout (same TP, DP and ZeRO stage, with the NVMe config) with this "
+                "version and save again (train.save_every), then export or reshard that checkpoint")
+
+    def _swap_file(self, d: int, t: int, group: int, key: str) -> torch.Tensor | None:
+        """Sub-group ``group``'s ``key`` partition of rank (d, t) from its NVMe swap file, memory-mapped
+        (copy-on-write: nothing is written back); None when that sub-group was not swapped."""
+        if (d, t, group, key) in self._swapped:
+            return self._swapped[(d, t, group, key)]
+        swap_id = self._model_meta(t)["nvme_swap_ids"][group]
+        if swap_id is None:
+            return None
+        rank = self.meta["layout"]["global_ranks"][d][t]
+        name = f"{swap_id}.tensor.swp" if key == "fp32" else f"{key}-{swap_id}.tensor.swp"
+        path = self.folder / NVME_OFFLOADED / f"rank{rank:02d}" / name
+        if not path.is_file():
+            raise CheckpointError(f"{path} is missing: the NVMe-offloaded optimizer state of DP rank {d}, TP rank "
+                                  f"{t} is incomplete; use another checkpoint (one with COMPLETE.json)")
+        self._swapped[(d, t, group, key)] = torch.from_numpy(np.memmap(path, dtype=np.float32, mode="c"))
+        return self._swapped[(d, t, group, key)]
 
     @cached_property
     def partition_specs(self) -> dict[str, tuple[int, int] | None]:
@@ -163,7 +192,7 @@ class ZeroCheckpoint:
         """Per TP rank: parameter name -> slot, in the order of ``param_shapes`` (the param groups')."""
         out = []
         for t in range(self.tp):
-            meta = self.meta if t == 0 else load_trusted(self._files[("model", 0, t)])
+            meta = self._model_meta(t)
             pieces = self._zero2_pieces(t) if self.stage == 2 else self._zero3_pieces(meta["param_shapes"])
             out.append({name: Slot(pieces[name], torch.Size(shape))
                         for shapes in meta["param_shapes"] for name, shape in shapes.items()})
@@ -226,12 +255,17 @@ class ZeroCheckpoint:
         return sd["base_optimizer_state"] if self.stage == 2 else sd["optimizer_state_dict"]
 
     def _flat(self, d: int, t: int, group: int, key: str) -> torch.Tensor:
-        self.require_tensors()  # else narrow() fails on DeepSpeed's empty placeholders
         sd = self._optim_file(d, t)["optimizer_state_dict"]
         if key == "fp32":
             flat_groups = sd["single_partition_of_fp32_groups"] if self.stage == 2 else sd["fp32_flat_groups"]
-            return flat_groups[group].detach()
-        return self._torch_optimizer_state(d, t)["state"][group][key].detach()
+            flat = flat_groups[group].detach()
+        else:
+            flat = self._torch_optimizer_state(d, t)["state"][group][key].detach()
+        if flat.numel() == 0 and self.nvme_offloaded:  # DeepSpeed's placeholder for a swapped sub-group
+            self.require_tensors()
+            if (swapped := self._swap_file(d, t, group, key)) is not None:
+                return swapped
+        return flat
 
     def shard(self, name: str, key: str, t: int) -> torch.Tensor:
         """TP shard t of one parameter's ``key`` state (fp32 weights or an Adam moment)."""

@@ -1,0 +1,148 @@
+"""ZeRO-Infinity (ds_configs/zero3_nvme_template.json) on real ranks: with the optimizer state and
+parameters offloaded to NVMe (a folder here), a run trains exactly as with CPU offload, stops and
+resumes exactly, and its checkpoints (whose swapped state DeepSpeed keeps in its own swap files)
+read, export and reshard like any other. Needs DeepSpeed's async_io op, built on libaio
+(``apt-get install libaio-dev``): skipped without it."""
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from engine_fixtures import run_config_dict, step_losses, train_rank
+from harness import run_ranks
+
+REPO = Path(__file__).resolve().parents[2]
+STEPS, STOP = 6, 3
+# DeepSpeed keeps a sub-group in host memory, NVMe offload or not, when its partition is smaller
+# than the aio block (1 MiB); every sub-group of `tiny` is. A vision MLP of 8192 makes the
+# encoders' weight sub-group 2.3M parameters, 1.1M per DP rank: that one is swapped.
+WIDE_VISION_MLP = {"vision.ffn_hidden_size": 8192}
+
+
+def _async_io_builds() -> bool:
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator().create_op_builder("AsyncIOBuilder").is_compatible(verbose=False)
+
+
+pytestmark = [pytest.mark.dist,
+              pytest.mark.skipif(not _async_io_builds(),
+                                 reason="DeepSpeed's async_io needs libaio (apt-get install libaio-dev)")]
+
+
+def offload_run(world, output_dir: Path, swap_dir: Path | None) -> dict:
+    """A 2-rank fp32 run with CPU offload of parameters and optimizer (swap_dir None) or with both
+    offloaded to NVMe in swap_dir, saving every STOP steps."""
+    raw = run_config_dict(world, output_dir, steps=STEPS, micro_batch=4, global_batch=16, save_every=STOP,
+                          model_overrides=WIDE_VISION_MLP)
+    overrides = {"bf16.enabled": False}
+    if swap_dir is not None:
+        overrides |= {f"zero_optimization.{part}.nvme_path": str(swap_dir)
+                      for part in ("offload_param", "offload_optimizer")}
+    template = "zero3_nvme_template.json" if swap_dir is not None else "zero3_offload.json"
+    raw["deepspeed"] = {"config": str(REPO / "ds_configs" / template), "overrides": overrides}
+    return raw
+
+
+@pytest.fixture(scope="module")
+def runs(demo_world, tmp_path_factory):
+    """A CPU-offload run of STEPS steps, and the NVMe run stopped after STOP and relaunched."""
+    from deepspeed.accelerator import get_accelerator
+
+    get_accelerator().create_op_builder("AsyncIOBuilder").load()  # a first build (minutes) here, not in a rank
+    root = tmp_path_factory.mktemp("nvme")
+    run_ranks(train_rank, 2, offload_run(demo_world, root / "cpu", None))
+    nvme = offload_run(demo_world, root / "nvme", root / "swap")
+    nvme["train"]["stop_at_step"] = STOP
+    run_ranks(train_rank, 2, nvme)
+    nvme["train"]["stop_at_step"] = None
+    run_ranks(train_rank, 2, nvme)
+    return root
+
+
+def checkpoint_of(run: Path, step: int) -> Path:
+    from xfm_scale.checkpoint import tag_for
+
+    return run / "checkpoints" / tag_for(step)
+
+
+def test_nvme_offload_swaps_and_trains_as_cpu_offload_through_a_stop_and_resume(runs):
+    """Every step's loss equals the CPU-offload run's: the three before the stop, and the three
+    after the relaunch, which start from the optimizer state DeepSpeed swapped back in from the
+    checkpoint's swap files (a lost Adam moment would change step 4 on)."""
+    from xfm_scale.zero_checkpoint import load_trusted
+
+    for step in (STOP, STEPS):
+        folder = checkpoint_of(runs / "nvme", step)
+        for rank in ("rank00", "rank01"):
+            swapped = sorted(p.name.split("-")[0] for p in (folder / "offloaded_tensors" / rank).iterdir())
+            assert len(swapped) == 3 and swapped.count("exp_avg") == 1 and swapped.count("exp_avg_sq") == 1, swapped
+        optim = load_trusted(folder / "zero_pp_rank_0_mp_rank_00_optim_states.pt")["optimizer_state_dict"]
+        assert optim["fp32_flat_groups"][0].numel() == 0  # the swapped sub-group: only in the swap files
+    expected, actual = step_losses(runs / "cpu"), step_losses(runs / "nvme")
+    assert sorted(actual) == sorted(expected) == list(range(1, STEPS + 1))
+    for step in expected:
+        assert abs(actual[step] - expected[step]) <= 1e-6 * abs(expected[step]), (step, actual[step], expected[step])
+
+
+def test_nvme_checkpoint_reads_and_exports_as_the_cpu_offload_one(runs, demo_world, tmp_path):
+    """Weights and both Adam moments, merged from the swap files and the partition files, equal
+    those of the CPU-offload run's checkpoint at the same step; the export writes them."""
+    import torch
+    from safetensors.torch import load_file
+
+    from xfm_scale.export import export_checkpoint
+    from xfm_scale.zero_checkpoint import ZeroCheckpoint
+
+    nvme, cpu = ZeroCheckpoint(checkpoint_of(runs / "nvme", STEPS)), ZeroCheckpoint(checkpoint_of(runs / "cpu", STEPS))
+    assert nvme.nvme_offloaded and not cpu.nvme_offloaded
+    assert nvme.param_names == cpu.param_names
+    worst = {}
+    for key in ("fp32", "exp_avg", "exp_avg_sq"):
+        for (name, a), (_, b) in zip(nvme.tensors(key), cpu.tensors(key)):
+            assert a.shape == b.shape, name
+            scale = b.abs().max().clamp_min(1e-12)
+            worst[key] = max(worst.get(key, 0.0), float((a - b).abs().max() / scale))
+    assert all(v <= 1e-5 for v in worst.values()), worst
+    fc1 = nvme.full("vision.blocks.0.mlp.fc1.weight")  # the swapped sub-group's, not zeros
+    assert fc1.shape[0] == WIDE_VISION_MLP["vision.ffn_hidden_size"] and fc1.abs().sum() > 0
+    export_checkpoint(nvme.folder, tmp_path / "out", tokenizer_dir=demo_world.tokenizer_dir, progress=False)
+    exported = load_file(str(tmp_path / "out" / "xfm" / "model.safetensors"))
+    assert torch.equal(exported["vision.blocks.0.mlp.fc1.weight"], fc1)
+
+
+def resave_rank(raw: dict, resave_dir: str) -> dict:
+    """Build the run (resuming its latest checkpoint at this layout) and save the loaded state to
+    ``resave_dir`` before any step."""
+    from xfm_scale import checkpoint, run_config
+    from xfm_scale.trainer import Trainer
+
+    trainer = Trainer(run_config.from_dict(raw, base_dir=os.getcwd()))
+    checkpoint.save(trainer.engine, resave_dir, trainer.step, trainer.client_state(), keep_last=1)
+    return {"resumed_at": trainer.step, "layout": (trainer.layout.tensor_parallel_size,
+                                                   trainer.layout.data_parallel_size)}
+
+
+def test_nvme_checkpoint_resumes_at_another_layout_without_nvme(runs, demo_world, tmp_path):
+    """The NVMe run's last checkpoint (DP=2) resumed on one rank with CPU offload: the state saved
+    right after the load equals the NVMe checkpoint tensor for tensor (the swapped sub-group's
+    weights and moments read from its swap files), with its step count, lr and data cursor."""
+    import torch
+
+    from xfm_scale.zero_checkpoint import STATE_KEYS, ZeroCheckpoint
+
+    shutil.copytree(runs / "nvme", tmp_path / "run")
+    (tmp_path / "run" / "final_metrics.json").unlink(missing_ok=True)
+    raw = offload_run(demo_world, tmp_path / "run", None)
+    (got,) = run_ranks(resave_rank, 1, raw, str(tmp_path / "resaved"))
+    assert got == {"resumed_at": STEPS, "layout": (1, 1)}
+    saved = ZeroCheckpoint(checkpoint_of(runs / "nvme", STEPS))
+    resaved = ZeroCheckpoint(tmp_path / "resaved" / checkpoint_of(tmp_path, STEPS).name)
+    assert (resaved.dp, resaved.nvme_offloaded) == (1, False) and resaved.param_names == saved.param_names
+    for name in saved.param_names:
+        for key in STATE_KEYS:
+            assert torch.equal(resaved.full(name, key), saved.full(name, key)), (name, key)
+    assert resaved.optimizer_step_count() == saved.optimizer_step_count() == STEPS
+    assert [g["lr"] for g in resaved.param_groups()] == [g["lr"] for g in saved.param_groups()]
+    assert resaved.meta["data_cursor"] == saved.meta["data_cursor"]
