@@ -19,8 +19,11 @@ if [ ! -f "$venv/.complete" ]; then
   "$venv/bin/python" -m pip install -q --no-deps --no-build-isolation -e "$root" >&2
   # DeepSpeed compiles its CPU ops (shared-memory collectives, the offload optimizer's Adam) on
   # first use, about a minute each on 2 cores: build them now, into torch's extension cache.
+  # async_io (NVMe offload, a few minutes) only where libaio is installed (.ci/run installs it).
   DS_ACCELERATOR=cpu "$venv/bin/python" -c 'from deepspeed.accelerator import get_accelerator as a
-for op in ("ShareMemCommBuilder", "CPUAdamBuilder"): a().create_op_builder(op).load()' >&2 \
+for op in ("ShareMemCommBuilder", "CPUAdamBuilder"): a().create_op_builder(op).load()
+aio = a().create_op_builder("AsyncIOBuilder")
+if aio.is_compatible(verbose=False): aio.load()' >&2 \
     || echo "[bootstrap] DeepSpeed's CPU ops did not build now; they compile on first use" >&2
   touch "$venv/.complete"
 fi

@@ -202,9 +202,12 @@ def tokenizer(tmp_path_factory) -> Path:
     return train_tokenizer(["a cat on a mat", "two dogs in the park"], tmp_path_factory.mktemp("tokenizer"), 300)
 
 
-def test_nvme_offloaded_checkpoint_is_refused_before_anything_is_written(tmp_path, tokenizer, capsys):
+def test_unreadable_nvme_offloaded_checkpoint_is_refused_before_anything_is_written(tmp_path, tokenizer, capsys):
     """DeepSpeed saves NVMe-swapped weights and Adam state under offloaded_tensors/ and leaves the
-    partitions empty (narrow() failed on them): export says what to do instead, with exit code 2."""
+    partitions empty. Without the swap-file ids and global ranks that xfm_scale records in the
+    client state (this synthetic checkpoint, or one an older xfm_scale saved), nothing says which
+    file holds which partition: export says what to do instead, with exit code 2. The readable case
+    is tests/engine/test_nvme_offload.py."""
     from xfm_scale.zero_checkpoint import CheckpointError, ZeroCheckpoint
 
     folder = synthetic_checkpoint(tmp_path / "checkpoints", 3, torch.empty(0))
