@@ -9,7 +9,8 @@ Client state: the data cursor, the step, the resolved run config, the TP layout
 (``universal_checkpoint_info`` for DeepSpeed's ds_to_universal, with our strided parameters), and
 the seed (dropout and ITM sampling are reseeded from (seed, step) every step, so the seed and the
 step determine every RNG stream: nothing else needs saving), and, for readers at another layout,
-the global rank of every (DP, TP) rank and the ids of NVMe swap files (``nvme_swap_ids``).
+the global rank of every (DP, TP) rank and the ids of NVMe swap files
+(``parallel.nvme_swap_ids``).
 """
 from __future__ import annotations
 
@@ -101,20 +102,6 @@ def universal_checkpoint_info(model, vocab_size: int, padded_vocab_size: int) ->
             "vocabulary_parameter_patterns": [r"word_embeddings\.weight$", r"mlm_head\.bias$"],
             "original_vocab_size": vocab_size, "padded_vocab_size": padded_vocab_size,
             "xfm_strided_parameters": strided}
-
-
-def nvme_swap_ids(engine) -> list[str | None] | None:
-    """Per ZeRO-3 sub-group, the id in the names of its NVMe swap files (``{id}.tensor.swp``,
-    ``exp_avg-{id}.tensor.swp``...; DeepSpeed copies them into ``TAG/offloaded_tensors/rankNN/``),
-    or None where the sub-group stays in host memory (smaller than the aio block); None without
-    NVMe offload of the optimizer. The checkpoint does not record which sub-group a swap file
-    belongs to, and a reader at another layout (export, resharding) must know.
-    DeepSpeed 0.19.8's stage-3 internals: the id is set on the swapped fp32 partition."""
-    zero = engine.optimizer
-    if not getattr(zero, "swap_optimizer", False):
-        return None
-    return [getattr(partition, "ds_id", None) if zero._swappable_optimizer_subgroup(i) else None
-            for i, partition in enumerate(zero.fp32_partitioned_groups_flat)]
 
 
 class CheckpointSaveError(RuntimeError):

@@ -7,6 +7,7 @@ optimizer partition holds, and writes it into the flat fp32 partitions and Adam 
 
 * ZeRO-3: slice d exactly as ZeRO-3 partitions a parameter (flatten, zero-pad to
   DP x ceil(numel / DP), slice d); the model's own partitions are then refreshed from the fp32 ones;
+  a sub-group swapped to NVMe (ZeRO-Infinity) is swapped in for the write and out again;
 * ZeRO-2: the fragment DeepSpeed's ``_hp_mapping`` places in this rank's partition of the param
   group; the (unpartitioned) parameter itself is written whole.
 
@@ -75,9 +76,6 @@ def load_full_state(engine, source: Source, *, optimizer_state: bool = False, st
     ``optimizer_state``: also the Adam moments (``exp_avg``, ``exp_avg_sq``) with ``step_count``;
     ``param_groups``: hyperparameters (lr, weight decay, betas...) per param group, in order."""
     zero = engine.optimizer
-    if getattr(zero, "swap_optimizer", False) or getattr(zero, "params_in_nvme_and_cpu", False):
-        raise ValueError("loading a checkpoint at another layout with NVMe-swapped optimizer state is not "
-                         "supported; resume at the saved (DP, TP), or use a config without offload to nvme")
     keys = ("fp32", "exp_avg", "exp_avg_sq") if optimizer_state else ("fp32",)
     if hasattr(zero, "fp32_partitioned_groups_flat"):
         given, partitions = _load_zero3(zero, source, keys)
@@ -119,6 +117,11 @@ def _load_zero3(zero, source: Source, keys: tuple[str, ...]) -> tuple[set[str], 
     dp_rank, dp_world = dist.get_rank(group=dp_group), dist.get_world_size(group=dp_group)
     given = set()
     for group_id, params in enumerate(zero.fp16_groups):
+        # A sub-group swapped to NVMe is read into host memory, written, and swapped out again with
+        # whatever Adam state it now has (DeepSpeed registers new state tensors at the swap-out).
+        swapped = zero._swappable_optimizer_subgroup(group_id)
+        if swapped:
+            zero._optimizer_states_and_gradient_swap_in(group_id)
         for key in keys:
             target = _partition_target(zero, zero.fp32_partitioned_groups_flat[group_id], key)
             offset = 0
@@ -130,7 +133,11 @@ def _load_zero3(zero, source: Source, keys: tuple[str, ...]) -> tuple[set[str], 
                     target.narrow(0, offset, param.partition_numel()).copy_(_zero3_slice(shard, dp_rank, dp_world))
                     given.add(name)
                 offset += param.partition_numel()
-    _refresh_model_partitions(zero)
+        # The partitions the model computes with, from the fp32 ones (swapped out when the
+        # parameters are offloaded to NVMe), as DeepSpeed does after its universal load.
+        zero._reassign_or_swap_out_partitioned_parameters(group_id)
+        if swapped:
+            zero._optimizer_states_and_gradient_swap_out(group_id)
     parallel.regather_persistent_parameters(zero)  # small parameters kept whole: from the new partitions
     return given, list(zero.fp32_partitioned_groups_flat)
 
@@ -167,16 +174,3 @@ def _adam_step(optimizer, step_count: int, device: torch.device):
         return int(step_count)
     on_device = optimizer.defaults.get("fused") or optimizer.defaults.get("capturable")
     return torch.tensor(float(step_count), dtype=torch.float32, device=device if on_device else "cpu")
-
-
-def _refresh_model_partitions(zero) -> None:
-    """Copy the fp32 master partitions into the partitions the model computes with (as DeepSpeed
-    does after a universal load)."""
-    for group_id, fp32_partition in enumerate(zero.fp32_partitioned_groups_flat):
-        if fp32_partition.numel() == 0:
-            continue
-        flat = zero.fp16_partitioned_groups_flat[group_id]
-        flat.data.copy_(fp32_partition.data)
-        for param, data in zip(zero.fp16_partitioned_groups[group_id],
-                               zero.unflatten(flat, zero.fp16_partitioned_groups[group_id])):
-            param.data = data.data

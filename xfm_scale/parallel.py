@@ -414,6 +414,20 @@ def regather_persistent_parameters(zero_optimizer) -> None:
         persistent[0].all_gather(persistent)
 
 
+def nvme_swap_ids(engine) -> list[str | None] | None:
+    """Per ZeRO-3 sub-group, the id in the names of its NVMe swap files (``{id}.tensor.swp``,
+    ``exp_avg-{id}.tensor.swp``...; DeepSpeed copies them into ``TAG/offloaded_tensors/rankNN/``),
+    or None where the sub-group stays in host memory (smaller than the aio block); None without
+    NVMe offload of the optimizer. The checkpoint does not record which sub-group a swap file
+    belongs to, and a reader at another layout (export, resharding) must know.
+    DeepSpeed 0.19.8's stage-3 internals: the id is set on the swapped fp32 partition."""
+    zero = engine.optimizer
+    if not getattr(zero, "swap_optimizer", False):
+        return None
+    return [getattr(partition, "ds_id", None) if zero._swappable_optimizer_subgroup(i) else None
+            for i, partition in enumerate(zero.fp32_partitioned_groups_flat)]
+
+
 def restore_unswapped_optimizer_state(engine, tag_folder: Path) -> None:
     """After DeepSpeed's load of a checkpoint saved with the optimizer offloaded to NVMe: restore
     what that load leaves out.

@@ -446,7 +446,7 @@ class Trainer:
                 "layout": {"tensor_parallel_size": self.layout.tensor_parallel_size,
                            "data_parallel_size": self.layout.data_parallel_size,
                            "global_ranks": self.global_ranks},
-                "nvme_swap_ids": checkpoint.nvme_swap_ids(self.engine),
+                "nvme_swap_ids": parallel.nvme_swap_ids(self.engine),
                 "universal_checkpoint_info": checkpoint.universal_checkpoint_info(
                     self.engine.module, self.model_config.text.vocab_size,
                     self.model_config.padded_vocab_size(self.layout.tensor_parallel_size))}

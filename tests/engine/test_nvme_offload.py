@@ -67,19 +67,24 @@ def checkpoint_of(run: Path, step: int) -> Path:
     return run / "checkpoints" / tag_for(step)
 
 
+def assert_first_sub_group_swapped(folder: Path, ranks: int) -> None:
+    """Each rank's first sub-group (the encoders' weights) has its fp32 weights and both Adam
+    moments in swap files only: its partition in the optimizer file is empty."""
+    from xfm_scale.zero_checkpoint import load_trusted
+
+    for rank in range(ranks):
+        swapped = sorted(p.name.split("-")[0] for p in (folder / "offloaded_tensors" / f"rank{rank:02d}").iterdir())
+        assert len(swapped) == 3 and swapped.count("exp_avg") == 1 and swapped.count("exp_avg_sq") == 1, swapped
+        optim = load_trusted(folder / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")["optimizer_state_dict"]
+        assert optim["fp32_flat_groups"][0].numel() == 0
+
+
 def test_nvme_offload_swaps_and_trains_as_cpu_offload_through_a_stop_and_resume(runs):
     """Every step's loss equals the CPU-offload run's: the three before the stop, and the three
     after the relaunch, which start from the optimizer state DeepSpeed swapped back in from the
     checkpoint's swap files (a lost Adam moment would change step 4 on)."""
-    from xfm_scale.zero_checkpoint import load_trusted
-
     for step in (STOP, STEPS):
-        folder = checkpoint_of(runs / "nvme", step)
-        for rank in ("rank00", "rank01"):
-            swapped = sorted(p.name.split("-")[0] for p in (folder / "offloaded_tensors" / rank).iterdir())
-            assert len(swapped) == 3 and swapped.count("exp_avg") == 1 and swapped.count("exp_avg_sq") == 1, swapped
-        optim = load_trusted(folder / "zero_pp_rank_0_mp_rank_00_optim_states.pt")["optimizer_state_dict"]
-        assert optim["fp32_flat_groups"][0].numel() == 0  # the swapped sub-group: only in the swap files
+        assert_first_sub_group_swapped(checkpoint_of(runs / "nvme", step), ranks=2)
     expected, actual = step_losses(runs / "cpu"), step_losses(runs / "nvme")
     assert sorted(actual) == sorted(expected) == list(range(1, STEPS + 1))
     for step in expected:
@@ -124,22 +129,28 @@ def resave_rank(raw: dict, resave_dir: str) -> dict:
                                                    trainer.layout.data_parallel_size)}
 
 
-def test_nvme_checkpoint_resumes_at_another_layout_without_nvme(runs, demo_world, tmp_path):
-    """The NVMe run's last checkpoint (DP=2) resumed on one rank with CPU offload: the state saved
-    right after the load equals the NVMe checkpoint tensor for tensor (the swapped sub-group's
-    weights and moments read from its swap files), with its step count, lr and data cursor."""
+@pytest.mark.parametrize("source,target", [("nvme", None), ("cpu", "swap")], ids=["from_nvme", "into_nvme"])
+def test_resume_at_another_layout_from_and_into_nvme(runs, demo_world, tmp_path, source, target):
+    """A 2-rank checkpoint resumed on one rank, from the NVMe run into CPU offload (the swapped
+    sub-group's weights and moments read from its swap files) and from the CPU-offload run into
+    NVMe offload (written into swapped state, which the re-save then keeps in swap files): the
+    state saved right after the load equals the source checkpoint tensor for tensor, with its step
+    count, lr and data cursor."""
     import torch
 
     from xfm_scale.zero_checkpoint import STATE_KEYS, ZeroCheckpoint
 
-    shutil.copytree(runs / "nvme", tmp_path / "run")
+    shutil.copytree(runs / source, tmp_path / "run")
     (tmp_path / "run" / "final_metrics.json").unlink(missing_ok=True)
-    raw = offload_run(demo_world, tmp_path / "run", None)
+    raw = offload_run(demo_world, tmp_path / "run", target and tmp_path / target)
     (got,) = run_ranks(resave_rank, 1, raw, str(tmp_path / "resaved"))
     assert got == {"resumed_at": STEPS, "layout": (1, 1)}
-    saved = ZeroCheckpoint(checkpoint_of(runs / "nvme", STEPS))
+    saved = ZeroCheckpoint(checkpoint_of(runs / source, STEPS))
     resaved = ZeroCheckpoint(tmp_path / "resaved" / checkpoint_of(tmp_path, STEPS).name)
-    assert (resaved.dp, resaved.nvme_offloaded) == (1, False) and resaved.param_names == saved.param_names
+    assert (resaved.dp, resaved.nvme_offloaded) == (1, target is not None)
+    if target is not None:  # the loaded state went into the swap files, not into host memory
+        assert_first_sub_group_swapped(resaved.folder, ranks=1)
+    assert resaved.param_names == saved.param_names
     for name in saved.param_names:
         for key in STATE_KEYS:
             assert torch.equal(resaved.full(name, key), saved.full(name, key)), (name, key)
