@@ -72,9 +72,11 @@ class Probe:
 # ---- the probe (runs in its own process) ----------------------------------------------------------
 def ds_config(probe: Probe, on_gpu: bool) -> dict:
     name = {"none": "zero3_bf16.json", "cpu": "zero3_offload.json", "nvme": "zero3_nvme_template.json"}[probe.offload]
-    with open(ROOT / "ds_configs" / (name if on_gpu else "cpu_fp32.json")) as f:
+    with open(ROOT / "ds_configs" / (name if on_gpu or probe.offload == "nvme" else "cpu_fp32.json")) as f:
         ds = json.load(f)
     ds.pop("_comment", None)
+    if not on_gpu:  # the CPU runs fp32 (NVMe offload on the CPU: the template, bf16 off)
+        ds["bf16"] = {"enabled": False}
     zero = ds["zero_optimization"]
     if not on_gpu and probe.offload == "cpu":  # the CPU run keeps fp32 and offloads the optimizer state
         zero["offload_optimizer"] = {"device": "cpu"}
@@ -230,6 +232,7 @@ def run_probe(probe: Probe) -> dict:
               "device": "gpu" if on_gpu else "cpu",
               "optimizer": type(getattr(engine.optimizer, "optimizer", engine.optimizer)).__name__,
               "optimizer_offloaded": bool(getattr(engine.optimizer, "offload_optimizer", False)),
+              "optimizer_swapped_sub_groups": sum(i is not None for i in parallel.nvme_swap_ids(engine) or []),
               "loss": float(out.total)}
     parallel.shutdown()
     return result

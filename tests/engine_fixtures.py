@@ -8,6 +8,16 @@ NO_DROPOUT = {f"{enc}.{key}": 0.0 for enc in ("text", "vision", "fusion")
               for key in ("hidden_dropout", "attention_dropout")} | {"vision.drop_path_rate": 0.0}
 
 
+def async_io_builds() -> bool:
+    """Whether DeepSpeed's async_io op (NVMe offload) can be built here: it needs libaio."""
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator().create_op_builder("AsyncIOBuilder").is_compatible(verbose=False)
+
+
+NEEDS_ASYNC_IO = "DeepSpeed's async_io needs libaio (apt-get install libaio-dev)"
+
+
 def run_config_dict(data, output_dir: Path, *, steps: int, micro_batch: int, global_batch: int, tp: int = 1,
                     save_every: int = 0, model_overrides: dict | None = None, grad_clip: float = 1.0) -> dict:
     return {

@@ -22,6 +22,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "benchmarks"), str(ROOT / "tests" / "model")]
+from engine_fixtures import NEEDS_ASYNC_IO, async_io_builds  # noqa: E402
 from model_fixtures import batches, relative_error, tiny_config  # noqa: E402
 
 from xfm_scale import build_model  # noqa: E402
@@ -210,6 +211,19 @@ def test_largest_model_probe_trains_offloaded(tmp_path):
     assert probe["ok"] and probe["optimizer"] == "DeepSpeedCPUAdam" and probe["optimizer_offloaded"], probe
     assert result["largest_scale"] == 2.0 and result["largest_parameters"] == probe["parameters"]
     assert result["bound_parameters"] == int(result["host_memory_gib"] * 2 ** 30 / 16)
+
+
+@pytest.mark.unit
+@pytest.mark.skipif(not async_io_builds(), reason=NEEDS_ASYNC_IO)
+def test_largest_model_probe_trains_with_nvme_offload(tmp_path):
+    """--largest --offload nvme on CPU (a folder as the drive), one probe: the step trains with the
+    optimizer's large sub-group swapped to the folder."""
+    out = tmp_path / "largest.json"
+    run_script(["benchmarks/memory.py", "--largest", "--family", "tiny", "--min-scale", "2", "--max-scale", "2",
+                "--offload", "nvme", "--nvme-path", str(tmp_path / "swap"), "--json", str(out)], timeout=900)
+    (probe,) = json.loads(out.read_text())["probes"].values()
+    assert probe["ok"] and probe["optimizer_swapped_sub_groups"] >= 1 and probe["loss"] == probe["loss"], probe
+    assert any((tmp_path / "swap").rglob("*.tensor.swp"))
 
 
 @pytest.mark.unit

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from engine_fixtures import run_config_dict, step_losses, train_rank
+from engine_fixtures import NEEDS_ASYNC_IO, async_io_builds, run_config_dict, step_losses, train_rank
 from harness import run_ranks
 
 REPO = Path(__file__).resolve().parents[2]
@@ -20,15 +20,7 @@ STEPS, STOP = 6, 3
 WIDE_VISION_MLP = {"vision.ffn_hidden_size": 8192}
 
 
-def _async_io_builds() -> bool:
-    from deepspeed.accelerator import get_accelerator
-
-    return get_accelerator().create_op_builder("AsyncIOBuilder").is_compatible(verbose=False)
-
-
-pytestmark = [pytest.mark.dist,
-              pytest.mark.skipif(not _async_io_builds(),
-                                 reason="DeepSpeed's async_io needs libaio (apt-get install libaio-dev)")]
+pytestmark = [pytest.mark.dist, pytest.mark.skipif(not async_io_builds(), reason=NEEDS_ASYNC_IO)]
 
 
 def offload_run(world, output_dir: Path, swap_dir: Path | None) -> dict:
