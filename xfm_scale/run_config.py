@@ -265,10 +265,11 @@ class RunConfig:
         if not 0 <= self.data.max_bad_sample_rate <= 1:
             raise ConfigError(f"data.max_bad_sample_rate={self.data.max_bad_sample_rate} must be in [0, 1]")
 
-    def _check_itm_groups(self, group: int) -> None:
+    def check_itm_groups(self, group: int) -> None:
         """ITM draws each pair's hard negatives from the other pairs of its micro-batch (or of its
         ``itm_negative_group``): a pair micro-batch of one has none, and the draw fails at the first
-        pair step."""
+        pair step. Called before the ranks start where the model is known there, and by the trainer
+        on the model it assembled (a run from imported encoders, or resumed from its checkpoint's config)."""
         pairs = self.batch.micro_batch_size
         if pairs < 2:
             raise ConfigError(f"batch.micro_batch_size={pairs}: pair micro-batches need at least 2 pairs (ITM draws "
@@ -363,7 +364,7 @@ class RunConfig:
         if any(c.weight > 0 and c.modality in ("pair", None) for c in corpora):
             # (where the model is not known here, the group is checked by the ranks; the two-pairs
             # minimum holds for any group)
-            self._check_itm_groups(model_config.objectives.itm_negative_group if known else 0)
+            self.check_itm_groups(model_config.objectives.itm_negative_group if known else 0)
         if world_size is not None:
             if world_size % tp:
                 raise ConfigError(f"parallel.tensor_parallel_size={tp} does not divide the {world_size} "

@@ -164,6 +164,8 @@ class Trainer:
             build()
         dist.barrier()
         blend = build()
+        if blend.modality_weights().get("pair", 0) > 0:  # the model's group, as assembled on this rank
+            self.cfg.check_itm_groups(obj.itm_negative_group)
         loader_cfg = LoaderConfig(
             tokenizer_dir=d.tokenizer_dir, micro_batch_sizes=self.cfg.batch.micro_batch_sizes(),
             micro_steps_per_step=self.micro_steps, image_size=vision.image_size, mim_grid=vision.grid_size,

@@ -138,6 +138,20 @@ def test_check_takes_the_model_config_of_the_weights_a_run_starts_from(good, tmp
     assert result.returncode == 0, result.stderr
 
 
+def test_a_rank_refuses_an_itm_group_its_model_brings_that_the_micro_batch_cannot_divide(good):
+    """Where --check could not know the model (here: nothing ran it; in practice a run from imported
+    encoders, or one resuming a checkpoint's config), the trainer checks the ITM group of the model
+    it assembled before the first step, with the message --check gives."""
+    from engine_fixtures import train_rank
+
+    raw = json.loads(json.dumps(good))
+    raw["model"]["overrides"] = {**raw["model"].get("overrides", {}), "objectives.itm_negative_group": 3}
+    with pytest.raises(AssertionError, match=r"objectives.itm_negative_group=3 \(from model.overrides\) must "
+                                             r"divide batch.micro_batch_size=4"):
+        run_ranks(train_rank, 1, raw)
+    assert not list(Path(raw["train"]["output_dir"]).glob("checkpoints/step*"))
+
+
 def test_a_blend_without_pairs_may_use_micro_batches_of_one(good, tmp_path):
     """The two-pairs minimum is ITM's: a blend whose pair corpora have weight 0 runs no ITM."""
     raw = json.loads(json.dumps(good))
