@@ -346,6 +346,12 @@ class RunConfig:
                 # fragment map (which our reader, export and resharding use) does not describe
                 raise ConfigError(f"zero_optimization.{option}=true in {self.deepspeed.config}: not supported (export "
                                   "and resume at another layout could not read its checkpoints); set it to false")
+        if self._deepspeed_json().get("checkpoint", {}).get("use_node_local_storage"):
+            # DeepSpeed then saves per node under local ranks (files and NVMe swap folders named by
+            # local rank): one output folder that every node sees is what resume, export and the
+            # reader of NVMe swap files (named by global rank) rely on
+            raise ConfigError(f"checkpoint.use_node_local_storage=true in {self.deepspeed.config}: not supported "
+                              "(checkpoints go to train.output_dir, which every node must see); set it to false")
         if stage not in (2, 3):
             # checkpoints, export and resharding read ZeRO-2 and ZeRO-3 partitions (xfm_scale.zero_checkpoint)
             raise ConfigError(f"zero_optimization.stage={stage} in {self.deepspeed.config} (with deepspeed.overrides): "

@@ -53,6 +53,7 @@ def test_check_accepts_a_good_launch(good, tmp_path):
     ("missing_data", ["--num_gpus", "1"], "does not exist; fix the path"),
     ("zero_stage", ["--num_gpus", "1"], "zero_optimization.stage=1 in "),
     ("round_robin", ["--num_gpus", "1"], "zero_optimization.round_robin_gradients=true in "),
+    ("node_local", ["--num_gpus", "1"], "checkpoint.use_node_local_storage=true in "),
     ("compile_zero3", ["--num_gpus", "1"], "model.compile_blocks=true with zero_optimization.stage=3 in "),
     ("bad_spec", ["--num_gpus", "1"], "data.spec: corpus 'demo_pairs': unknown field(s) ['wieght']"),
     ("missing_shard", ["--num_gpus", "1"], "has missing shards: "),
@@ -89,6 +90,8 @@ def test_setup_errors_name_the_fix_before_any_rank_starts(good, tmp_path, case, 
         raw["deepspeed"] = {"overrides": {"zero_optimization.stage": 1}}
     elif case == "round_robin":
         raw["deepspeed"] = {"overrides": {"zero_optimization.stage": 2, "zero_optimization.round_robin_gradients": True}}
+    elif case == "node_local":
+        raw["deepspeed"] = {"overrides": {"checkpoint.use_node_local_storage": True}}
     elif case == "compile_zero3":
         raw["model"]["compile_blocks"] = True  # the default ds config is ZeRO-3
     elif case == "bad_spec":  # the spec file exists, but a corpus's field is misspelled

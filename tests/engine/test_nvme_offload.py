@@ -49,8 +49,9 @@ def stop_and_relaunch(raw: dict) -> None:
 @pytest.fixture(scope="module")
 def runs(demo_world, tmp_path_factory):
     """A CPU-offload run and an NVMe run, each stopped after STOP and relaunched. (Both relaunched:
-    a relaunched offload run differs from an uninterrupted one by float noise in the attention key
-    biases, whose gradient is noise that Adam scales up to lr-sized steps; measured 1.6e-7.)"""
+    DeepSpeedCPUAdam keeps beta^t by repeated multiplication while it runs and takes pow(beta, t)
+    after a relaunch, so a relaunched offload run differs from an uninterrupted one by rounding,
+    which Adam scales up to 1.6e-7 in the attention key biases, whose gradient is only noise.)"""
     from deepspeed.accelerator import get_accelerator
 
     get_accelerator().create_op_builder("AsyncIOBuilder").load()  # a first build (minutes) here, not in a rank
