@@ -159,6 +159,8 @@ def save(engine, ckpt_dir: str | Path, step: int, client_state: dict, keep_last:
         for (obj, name), original in zip(writers, originals):
             setattr(obj, name, original)
     if not errors:
+        written += _swap_files_written(engine, ckpt_dir / tag, errors)
+    if not errors:
         # On disk before rank 0 publishes COMPLETE.json: after a node crash (not just a killed
         # process) a published checkpoint must not hold files still in the page cache.
         try:
@@ -192,6 +194,23 @@ def save(engine, ckpt_dir: str | Path, step: int, client_state: dict, keep_last:
         _remove_unfinished(ckpt_dir, below=step)
     dist.barrier()
     return ckpt_dir / tag
+
+
+def _swap_files_written(engine, tag_folder: Path, errors: list[Exception]) -> list[Path]:
+    """This rank's NVMe swap files as DeepSpeed's save copied them (a plain copytree, which we
+    neither wrap nor see fail part way): each must be there at its full size, the only copy of the
+    swapped weights and Adam moments. Returns them and their folders, to be made durable."""
+    from xfm_scale.parallel import swapped_state_files
+
+    files = swapped_state_files(engine)
+    if not files:
+        return []
+    folder = tag_folder / "offloaded_tensors" / f"rank{dist.get_rank():02d}"
+    for name, size in files.items():
+        path = folder / name
+        if not path.is_file() or path.stat().st_size < size:
+            errors.append(OSError(f"{path} is missing or shorter than {size} bytes after the save"))
+    return [*(folder / name for name in files), folder, folder.parent]
 
 
 def verify(folder: Path, layout: dict) -> str | None:

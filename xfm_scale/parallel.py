@@ -223,6 +223,14 @@ def global_rank_table(layout: ParallelLayout) -> list[list[int]]:
     return table
 
 
+def all_ranks_agree(condition: bool) -> bool:
+    """True on every rank when ``condition`` holds on every rank (collective), so that ranks take
+    the same branch into code with collectives of its own."""
+    flag = torch.tensor([float(condition)], device=collective_device())
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+    return bool(flag.item())
+
+
 def shutdown() -> None:
     from megatron.core import parallel_state as ps
 
@@ -426,6 +434,18 @@ def nvme_swap_ids(engine) -> list[str | None] | None:
         return None
     return [getattr(partition, "ds_id", None) if zero._swappable_optimizer_subgroup(i) else None
             for i, partition in enumerate(zero.fp32_partitioned_groups_flat)]
+
+
+def swapped_state_files(engine) -> dict[str, int]:
+    """The NVMe swap files of this rank's optimizer state (file name -> the least bytes it must
+    hold: fp32 weights and each Adam moment of every swapped sub-group), which DeepSpeed's save
+    copies into ``TAG/offloaded_tensors/rank{global rank:02d}/``; empty without NVMe offload."""
+    swapper = getattr(engine.optimizer, "optimizer_swapper", None)
+    files = {}
+    for info in getattr(swapper, "swap_params_info", {}).values():
+        for path in info.get_swap_paths():
+            files[os.path.basename(path)] = info.numel() * torch.finfo(info.dtype()).bits // 8
+    return files
 
 
 def restore_unswapped_optimizer_state(engine, tag_folder: Path) -> None:

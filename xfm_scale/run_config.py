@@ -265,6 +265,25 @@ class RunConfig:
         if not 0 <= self.data.max_bad_sample_rate <= 1:
             raise ConfigError(f"data.max_bad_sample_rate={self.data.max_bad_sample_rate} must be in [0, 1]")
 
+    def _check_nvme_offload(self, zero: dict, stage: int) -> None:
+        """NVMe offload of the optimizer as xfm_scale supports it: ZeRO-3's default swapper."""
+        optimizer = zero.get("offload_optimizer") or {}
+        if optimizer.get("device") != "nvme":
+            return
+        if stage != 3:
+            # DeepSpeed's ZeRO-2 offloads the optimizer to the CPU only: it would build the CPU
+            # optimizer and leave the drive unused (and on a GPU assert at the first step)
+            raise ConfigError(f"zero_optimization.offload_optimizer.device=nvme with zero_optimization.stage={stage} "
+                              f"in {self.deepspeed.config}: NVMe offload needs ZeRO stage 3; use "
+                              "ds_configs/zero3_nvme_template.json, or offload_optimizer.device=cpu")
+        for option in ("pipeline_read", "pipeline_write"):
+            if optimizer.get(option):
+                # xfm_scale corrects DeepSpeed 0.19.8's gradient swapping for its default swapper
+                # (parallel._complete_swapped_gradients); the pipelined one prefetches the next
+                # sub-group's gradients before that correction can run
+                raise ConfigError(f"zero_optimization.offload_optimizer.{option}=true in {self.deepspeed.config}: "
+                                  "not supported (its swapped gradients would be wrong); set it to false")
+
     def check_itm_groups(self, group: int) -> None:
         """ITM draws each pair's hard negatives from the other pairs of its micro-batch (or of its
         ``itm_negative_group``): a pair micro-batch of one has none, and the draw fails at the first
@@ -352,6 +371,7 @@ class RunConfig:
             # reader of NVMe swap files (named by global rank) rely on
             raise ConfigError(f"checkpoint.use_node_local_storage=true in {self.deepspeed.config}: not supported "
                               "(checkpoints go to train.output_dir, which every node must see); set it to false")
+        self._check_nvme_offload(zero, stage)
         if stage not in (2, 3):
             # checkpoints, export and resharding read ZeRO-2 and ZeRO-3 partitions (xfm_scale.zero_checkpoint)
             raise ConfigError(f"zero_optimization.stage={stage} in {self.deepspeed.config} (with deepspeed.overrides): "

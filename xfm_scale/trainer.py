@@ -205,7 +205,7 @@ class Trainer:
         saved = (ck.tp, ck.dp, ck.stage)
         here = (self.layout.tensor_parallel_size, self.layout.data_parallel_size,
                 self.engine.zero_optimization_stage())
-        if saved == here:  # DeepSpeed's own load reads only its own layout and stage
+        if saved == here and parallel.all_ranks_agree(self._same_nvme_swapping(ck)):
             client = checkpoint.load(self.engine, self.ckpt_dir, self.resume_step)
         else:
             client = self._load_resharded(ck)
@@ -215,8 +215,19 @@ class Trainer:
                      "with ZeRO-%d)", ck.folder.name, self.resume_step, *saved, *here)
         return self.resume_step
 
+    def _same_nvme_swapping(self, ck: ZeroCheckpoint) -> bool:
+        """Whether DeepSpeed's own load (which reads only its own layout and stage) can also read the
+        checkpoint's NVMe swap files: the same sub-groups swapped under the same ids (none when NVMe
+        offload is off on either side). Else NVMe offload was switched on or off, or the aio block
+        or sub-group size changed, and the tensors are merged and re-partitioned instead."""
+        saved = ck.nvme_swap_ids(self.layout.tensor_parallel_rank)
+        if ck.nvme_offloaded and saved is None:
+            return True  # saved before the ids were recorded: only DeepSpeed's load reads it
+        return saved == parallel.nvme_swap_ids(self.engine)
+
     def _load_resharded(self, ck: ZeroCheckpoint) -> dict:
-        """A checkpoint saved at another (TP, DP) or ZeRO stage: merge every tensor and re-partition it here."""
+        """A checkpoint saved at another (TP, DP), ZeRO stage or NVMe swapping: merge every tensor and
+        re-partition it here."""
         engine_state.load_full_state(self.engine, ck.full, optimizer_state=True,
                                      step_count=ck.optimizer_step_count(), param_groups=ck.param_groups())
         if self.scheduler is not None:

@@ -19,7 +19,8 @@ With the optimizer offloaded to NVMe (ZeRO-Infinity, ds_configs/zero3_nvme_templ
 DeepSpeed leaves the swapped sub-groups' partitions empty in the optimizer files and copies its
 swap files into ``TAG/offloaded_tensors/rank{global rank:02d}/``: ``{id}.tensor.swp`` (the fp32
 partition), ``exp_avg-{id}.tensor.swp`` and ``exp_avg_sq-{id}.tensor.swp``, each the raw fp32
-partition zero-padded to the aio alignment. Our client state records each sub-group's ``id``
+partition, then padding up to the aio alignment (whatever the buffer held: only the partition's
+length is read). Our client state records each sub-group's ``id``
 (``nvme_swap_ids``) and the global rank of every (DP, TP) rank (``layout.global_ranks``), which
 DeepSpeed's files do not say; the swap files are then read like the partitions (memory-mapped).
 A save from before these were recorded is refused with the way out.
@@ -143,6 +144,11 @@ class ZeroCheckpoint:
         not in the partition files. Looked up once: every partition read asks."""
         return (self.folder / NVME_OFFLOADED).is_dir()
 
+    def nvme_swap_ids(self, t: int) -> list[str | None] | None:
+        """TP rank t's recorded NVMe swap-file id per sub-group (None: not swapped), as
+        :func:`xfm_scale.parallel.nvme_swap_ids` gave it; None when saved without NVMe offload."""
+        return self._model_meta(t).get("nvme_swap_ids")
+
     def require_tensors(self) -> None:
         """Raise unless the fp32 weights and Adam state are readable here: in the partition files, or
         in NVMe swap files whose sub-groups the client state names. The metadata (config, step,
@@ -160,7 +166,7 @@ class ZeroCheckpoint:
         (copy-on-write: nothing is written back); None when that sub-group was not swapped."""
         if (d, t, group, key) in self._swapped:
             return self._swapped[(d, t, group, key)]
-        swap_id = self._model_meta(t)["nvme_swap_ids"][group]
+        swap_id = self.nvme_swap_ids(t)[group]
         if swap_id is None:
             return None
         rank = self.meta["layout"]["global_ranks"][d][t]
@@ -261,8 +267,11 @@ class ZeroCheckpoint:
             flat = flat_groups[group].detach()
         else:
             flat = self._torch_optimizer_state(d, t)["state"][group][key].detach()
-        if flat.numel() == 0 and self.nvme_offloaded:  # DeepSpeed's placeholder for a swapped sub-group
+        if self.nvme_offloaded and (flat.numel() == 0 or self.meta.get("nvme_swap_ids") is not None):
             self.require_tensors()
+            # A swapped sub-group's state is its swap file's, whatever the partition file holds:
+            # an empty placeholder, or (DeepSpeed's pipelined swapper never releases it) a stale view
+            # of a reused buffer.
             if (swapped := self._swap_file(d, t, group, key)) is not None:
                 return swapped
         return flat

@@ -54,6 +54,8 @@ def test_check_accepts_a_good_launch(good, tmp_path):
     ("zero_stage", ["--num_gpus", "1"], "zero_optimization.stage=1 in "),
     ("round_robin", ["--num_gpus", "1"], "zero_optimization.round_robin_gradients=true in "),
     ("node_local", ["--num_gpus", "1"], "checkpoint.use_node_local_storage=true in "),
+    ("nvme_pipeline", ["--num_gpus", "1"], "zero_optimization.offload_optimizer.pipeline_read=true in "),
+    ("zero2_nvme", ["--num_gpus", "1"], "zero_optimization.offload_optimizer.device=nvme with zero_optimization.stage=2"),
     ("compile_zero3", ["--num_gpus", "1"], "model.compile_blocks=true with zero_optimization.stage=3 in "),
     ("bad_spec", ["--num_gpus", "1"], "data.spec: corpus 'demo_pairs': unknown field(s) ['wieght']"),
     ("missing_shard", ["--num_gpus", "1"], "has missing shards: "),
@@ -90,6 +92,12 @@ def test_setup_errors_name_the_fix_before_any_rank_starts(good, tmp_path, case, 
         raw["deepspeed"] = {"overrides": {"zero_optimization.stage": 1}}
     elif case == "round_robin":
         raw["deepspeed"] = {"overrides": {"zero_optimization.stage": 2, "zero_optimization.round_robin_gradients": True}}
+    elif case == "nvme_pipeline":
+        raw["deepspeed"] = {"config": str(ROOT / "ds_configs" / "zero3_nvme_template.json"),
+                            "overrides": {"zero_optimization.offload_optimizer.pipeline_read": True}}
+    elif case == "zero2_nvme":
+        raw["deepspeed"] = {"overrides": {"zero_optimization.stage": 2,
+                                          "zero_optimization.offload_optimizer": {"device": "nvme", "nvme_path": "/x"}}}
     elif case == "node_local":
         raw["deepspeed"] = {"overrides": {"checkpoint.use_node_local_storage": True}}
     elif case == "compile_zero3":

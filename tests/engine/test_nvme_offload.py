@@ -128,12 +128,16 @@ def resave_rank(raw: dict, resave_dir: str) -> dict:
                                                    trainer.layout.data_parallel_size)}
 
 
-@pytest.mark.parametrize("source,target", [("nvme", None), ("cpu", "swap")], ids=["from_nvme", "into_nvme"])
-def test_resume_at_another_layout_from_and_into_nvme(runs, demo_world, tmp_path, source, target):
-    """A TP=2 x DP=2 checkpoint resumed on one rank, from the NVMe run into CPU offload (the swapped
-    sub-group's weights and moments read from its swap files) and from the CPU-offload run into
-    NVMe offload (written into swapped state, which the re-save then keeps in swap files): the
-    state saved right after the load equals the source checkpoint tensor for tensor, with its step
+@pytest.mark.parametrize("source,target,tp,ranks", [
+    ("nvme", None, 1, 1), ("cpu", "swap", 1, 1), ("nvme", None, TP, TP * DP), ("cpu", "swap", TP, TP * DP)],
+    ids=["from_nvme_on_one_rank", "into_nvme_on_one_rank", "nvme_switched_off", "nvme_switched_on"])
+def test_resume_from_and_into_nvme_at_another_layout_or_the_same(runs, demo_world, tmp_path, source, target, tp,
+                                                                  ranks):
+    """The TP=2 x DP=2 checkpoints resumed with NVMe offload switched off (the NVMe run's: the
+    swapped sub-group's weights and moments read from its swap files) or on (the CPU-offload
+    run's: written into swapped state, which the re-save keeps in swap files), on one rank and at
+    the saved layout (where DeepSpeed's own load would fail on the other swap setting): the state
+    saved right after the load equals the source checkpoint tensor for tensor, with its step
     count, lr and data cursor."""
     import torch
 
@@ -141,14 +145,14 @@ def test_resume_at_another_layout_from_and_into_nvme(runs, demo_world, tmp_path,
 
     shutil.copytree(runs / source, tmp_path / "run")
     (tmp_path / "run" / "final_metrics.json").unlink(missing_ok=True)
-    raw = offload_run(demo_world, tmp_path / "run", target and tmp_path / target, tp=1)
-    (got,) = run_ranks(resave_rank, 1, raw, str(tmp_path / "resaved"))
-    assert got == {"resumed_at": STEPS, "layout": (1, 1)}
+    raw = offload_run(demo_world, tmp_path / "run", target and tmp_path / target, tp=tp)
+    got = run_ranks(resave_rank, ranks, raw, str(tmp_path / "resaved"))
+    assert got[0] == {"resumed_at": STEPS, "layout": (tp, ranks // tp)}
     saved = ZeroCheckpoint(checkpoint_of(runs / source, STEPS))
     resaved = ZeroCheckpoint(tmp_path / "resaved" / checkpoint_of(tmp_path, STEPS).name)
-    assert (resaved.tp, resaved.dp, resaved.nvme_offloaded) == (1, 1, target is not None)
+    assert (resaved.tp, resaved.dp, resaved.nvme_offloaded) == (tp, ranks // tp, target is not None)
     if target is not None:  # the loaded state went into the swap files, not into host memory
-        assert_first_sub_group_swapped(resaved.folder, 1, 1)
+        assert_first_sub_group_swapped(resaved.folder, tp, ranks // tp)
     assert resaved.param_names == saved.param_names
     for name in saved.param_names:
         for key in STATE_KEYS:
@@ -156,3 +160,34 @@ def test_resume_at_another_layout_from_and_into_nvme(runs, demo_world, tmp_path,
     assert resaved.optimizer_step_count() == saved.optimizer_step_count() == STEPS
     assert [g["lr"] for g in resaved.param_groups()] == [g["lr"] for g in saved.param_groups()]
     assert resaved.meta["data_cursor"] == saved.meta["data_cursor"]
+
+
+def damaged_swap_file_rank(raw: dict, folder: str) -> list[list[str]]:
+    """Save a fresh NVMe run, then cut the swap file DeepSpeed copied into the checkpoint short,
+    then remove it: what the check that runs before a save is published says each time."""
+    from xfm_scale import checkpoint, run_config
+    from xfm_scale.trainer import Trainer
+
+    trainer = Trainer(run_config.from_dict(raw, base_dir=os.getcwd()))
+    tag_folder = checkpoint.save(trainer.engine, folder, 0, trainer.client_state(), keep_last=1)
+    (swap_file,) = (tag_folder / "offloaded_tensors" / "rank00").iterdir()  # before a step: the weights only
+    said = []
+    for damage in (lambda: None, lambda: os.truncate(swap_file, 100), swap_file.unlink):
+        damage()
+        errors: list[Exception] = []
+        written = checkpoint._swap_files_written(trainer.engine, tag_folder, errors)
+        assert swap_file in written
+        said.append([str(e) for e in errors])
+    return said
+
+
+def test_a_save_whose_swap_files_are_missing_or_short_is_not_published(demo_world, tmp_path):
+    """DeepSpeed copies the swap files with a plain copytree after the partition files: before
+    COMPLETE.json, each rank checks its copies are all there at full size (the only copy of the
+    swapped weights and moments), else the save fails as a failed write does."""
+    raw = offload_run(demo_world, tmp_path / "run", tmp_path / "swap", tp=1)
+    (said,) = run_ranks(damaged_swap_file_rank, 1, raw, str(tmp_path / "saved"))
+    intact, short, missing = said
+    assert intact == []
+    assert len(short) == 1 and "is missing or shorter than" in short[0] and "after the save" in short[0], short
+    assert missing == short
