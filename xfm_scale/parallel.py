@@ -444,7 +444,7 @@ def swapped_state_files(engine) -> dict[str, int]:
     files = {}
     for info in getattr(swapper, "swap_params_info", {}).values():
         for path in info.get_swap_paths():
-            files[os.path.basename(path)] = info.numel() * torch.finfo(info.dtype()).bits // 8
+            files[os.path.basename(path)] = info.numel() * info.dtype().itemsize
     return files
 
 

@@ -357,7 +357,8 @@ class RunConfig:
                 raise ConfigError(f"{key}: {path} does not exist; fix the path or remove the key")
         self._check_ranges()
         corpora = self._check_data_spec() if check_data else []
-        zero = self._deepspeed_json().get("zero_optimization", {})
+        ds = self._deepspeed_json()
+        zero = ds.get("zero_optimization", {})
         stage = zero.get("stage", 0)
         for option in ("round_robin_gradients", "elastic_checkpoint"):
             if zero.get(option):
@@ -365,7 +366,7 @@ class RunConfig:
                 # fragment map (which our reader, export and resharding use) does not describe
                 raise ConfigError(f"zero_optimization.{option}=true in {self.deepspeed.config}: not supported (export "
                                   "and resume at another layout could not read its checkpoints); set it to false")
-        if self._deepspeed_json().get("checkpoint", {}).get("use_node_local_storage"):
+        if ds.get("checkpoint", {}).get("use_node_local_storage"):
             # DeepSpeed then saves per node under local ranks (files and NVMe swap folders named by
             # local rank): one output folder that every node sees is what resume, export and the
             # reader of NVMe swap files (named by global rank) rely on

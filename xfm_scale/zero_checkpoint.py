@@ -128,10 +128,14 @@ class ZeroCheckpoint:
         self._files = files
         self._optim: dict[tuple[int, int], dict] = {}
         self._swapped: dict[tuple[int, int, int, str], torch.Tensor] = {}
+        self._model_metas: dict[int, dict] = {0: meta}
 
     def _model_meta(self, t: int) -> dict:
-        """TP rank t's model states (DP rank 0's file): parameter shapes, our client state."""
-        return self.meta if t == 0 else load_trusted(self._files[("model", 0, t)])
+        """TP rank t's model states (DP rank 0's file): parameter shapes, our client state. Read
+        once: every swap-file lookup asks."""
+        if t not in self._model_metas:
+            self._model_metas[t] = load_trusted(self._files[("model", 0, t)])
+        return self._model_metas[t]
 
     # ---- what the checkpoint says ------------------------------------------------------------------
     @property
