@@ -16,10 +16,13 @@
 #                    add `--profile /tmp/xfm_profile` to profile one step per case after the timing (the time by
 #                    owner lands in the JSON; the blended step's two traces are copied to $OUT for Perfetto)
 #        memory      state, step peak and saved activations of base and large, checkpointing off/on
-#        largest     the largest depth-scaled giant that trains one step with ZeRO-3 + CPU offload; by default
-#                    one probe, x1.75 = 6.52B parameters (the target is >= 6.4B; x1.7 = 6.30B, x1.8 = 6.73B),
-#                    as a probe takes minutes: choose others per call, e.g. largest --min-scale 1.7 --max-scale 1.7;
-#                    `largest --torch-pinned-rounding` is the A/B of exact-size pinned host memory
+#        largest     the largest depth-scaled giant that trains one step with ZeRO-3 + CPU offload of the
+#                    optimizer, the bf16 parameters on the GPU (18 B per parameter of host memory); by default
+#                    one probe, x1.75 = 6.52B parameters (the target is >= 6.4B; x1.7 = 6.30B, x1.8 = 6.73B,
+#                    x1.9 = 7.05B), as a probe takes minutes: choose others per call, e.g.
+#                    largest --min-scale 1.9 --max-scale 1.9; `largest --offload-params` offloads the
+#                    parameters too (20 B per parameter), `largest --offload-params --torch-pinned-rounding`
+#                    is the A/B of exact-size pinned host memory
 # Each benchmark stage appends its dated row to benchmarks/RESULTS.md there and copies that file and
 # its JSON to $OUT: take the new rows into this checkout's RESULTS.md.
 set -euo pipefail

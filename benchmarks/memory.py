@@ -59,7 +59,11 @@ class Probe:
     micro_batch: int = 8
     """Samples per micro-batch (text, image and pair alike)."""
     offload: str = "none"
-    """ZeRO-3 offload of parameters and optimizer state: none, cpu or nvme."""
+    """ZeRO-3 offload of the optimizer state: none, cpu or nvme."""
+    offload_params: bool = False
+    """Offload the bf16 parameters too (ds_configs/zero3_offload.json, or the NVMe template's
+    offload_param). False: they stay on the GPU (ds_configs/zero3_offload_optimizer.json), which
+    saves host memory, the binding limit, 2 bytes per parameter."""
     nvme_path: str | None = None
     """Folder on a local NVMe drive for --offload nvme."""
     pin_memory: bool = True
@@ -71,7 +75,8 @@ class Probe:
 
 # ---- the probe (runs in its own process) ----------------------------------------------------------
 def ds_config(probe: Probe, on_gpu: bool) -> dict:
-    name = {"none": "zero3_bf16.json", "cpu": "zero3_offload.json", "nvme": "zero3_nvme_template.json"}[probe.offload]
+    cpu_offload = "zero3_offload.json" if probe.offload_params else "zero3_offload_optimizer.json"
+    name = {"none": "zero3_bf16.json", "cpu": cpu_offload, "nvme": "zero3_nvme_template.json"}[probe.offload]
     with open(ROOT / "ds_configs" / (name if on_gpu or probe.offload == "nvme" else "cpu_fp32.json")) as f:
         ds = json.load(f)
     ds.pop("_comment", None)
@@ -80,13 +85,19 @@ def ds_config(probe: Probe, on_gpu: bool) -> dict:
     zero = ds["zero_optimization"]
     if not on_gpu and probe.offload == "cpu":  # the CPU run keeps fp32 and offloads the optimizer state
         zero["offload_optimizer"] = {"device": "cpu"}
+        if probe.offload_params:
+            zero["offload_param"] = {"device": "cpu"}
+    if not probe.offload_params:
+        zero.pop("offload_param", None)
     for key in ("offload_param", "offload_optimizer"):
         if isinstance(zero.get(key), dict):
             zero[key]["pin_memory"] = probe.pin_memory
     if probe.offload == "nvme":
         if not probe.nvme_path:
             raise SystemExit("--offload nvme needs --nvme-path (a folder on a local NVMe drive)")
-        zero["offload_optimizer"]["nvme_path"] = zero["offload_param"]["nvme_path"] = probe.nvme_path
+        for key in ("offload_param", "offload_optimizer"):
+            if key in zero:
+                zero[key]["nvme_path"] = probe.nvme_path
     ds.update(train_batch_size=3 * probe.micro_batch, train_micro_batch_size_per_gpu=probe.micro_batch,
               gradient_accumulation_steps=3, gradient_clipping=1.0)
     return ds
@@ -232,10 +243,55 @@ def run_probe(probe: Probe) -> dict:
               "device": "gpu" if on_gpu else "cpu",
               "optimizer": type(getattr(engine.optimizer, "optimizer", engine.optimizer)).__name__,
               "optimizer_offloaded": bool(getattr(engine.optimizer, "offload_optimizer", False)),
+              "parameters_offloaded": bool(getattr(engine.optimizer, "offload_param", False)),
+              "offloaded_state_bytes": offloaded_state_bytes(engine.optimizer) if probe.offload != "none" else {},
               "optimizer_swapped_sub_groups": sum(i is not None for i in parallel.nvme_swap_ids(engine) or []),
               "loss": float(out.total)}
     parallel.shutdown()
     return result
+
+
+OFFLOADED_KINDS = ("master weights", "Adam moments", "fp32 gradients", "gradient partitions", "parameters")
+
+
+def offloaded_state_bytes(optimizer) -> dict[str, int]:
+    """Bytes of each kind of state ZeRO-3 offload keeps in host memory, from the buffers of DeepSpeed
+    0.19.8's stage-3 optimizer (private attributes: a diagnostic of this benchmark, not an API), so a
+    host peak can be told apart into what DeepSpeed holds by design and the rest (torch, the
+    allocators, transients):
+
+    * master weights: the fp32 partition of each optimizer sub-group (4 B per parameter);
+    * Adam moments: exp_avg and exp_avg_sq of each (8 B);
+    * fp32 gradients: each sub-group's fp32 gradient buffer, what the CPU Adam reads (4 B);
+    * gradient partitions: the flat buffer the reduced gradients are accumulated in, in the
+      gradient-accumulation dtype (bf16 on GPU: 2 B; fp32 on CPU: 4 B);
+    * parameters: the flat host buffer of the parameters, with offload_param only (bf16: 2 B).
+
+    Only tensors in host memory count (on the CPU accelerator that is all of them; the parameters'
+    device buffer is not among these), each storage once; a sub-group swapped to NVMe holds none."""
+    import torch
+
+    seen: set[int] = set()
+
+    def host_bytes(tensors) -> int:
+        total = 0
+        for t in tensors:
+            if t is None or t.device.type != "cpu":
+                continue
+            storage = t.untyped_storage()
+            if storage.nbytes() and storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                total += storage.nbytes()
+        return total
+
+    master = list(getattr(optimizer, "fp32_partitioned_groups_flat", []))
+    state = getattr(getattr(optimizer, "optimizer", None), "state", {})
+    moments = [v for p in master for v in state.get(p, {}).values() if torch.is_tensor(v) and v.dim() > 0]
+    flat_parameters = getattr(optimizer, "param_groups_fp16_flat_cpu_memory", []) if getattr(
+        optimizer, "offload_param", False) else []
+    return dict(zip(OFFLOADED_KINDS, (
+        host_bytes(master), host_bytes(moments), host_bytes(p.grad for p in master),
+        host_bytes([getattr(optimizer, "grad_partitions_flat_buffer", None)]), host_bytes(flat_parameters))))
 
 
 def _pinned_host_memory(on_gpu: bool, prefix: str) -> dict:
@@ -381,14 +437,16 @@ def find_largest(args) -> dict:
 
     def fits(scale):
         probe = Probe(preset=args.family, overrides=scaled_depths(args.family, scale), activation_checkpointing=True,
-                      micro_batch=args.micro_batch, offload=args.offload, nvme_path=args.nvme_path,
-                      pin_memory=not args.no_pin_memory, exact_pinned=not args.torch_pinned_rounding)
+                      micro_batch=args.micro_batch, offload=args.offload, offload_params=args.offload_params,
+                      nvme_path=args.nvme_path, pin_memory=not args.no_pin_memory,
+                      exact_pinned=not args.torch_pinned_rounding)
         results[scale] = probe_in_subprocess(probe, args.timeout)
         r = results[scale]
         print(f"  {args.family} x{scale} ({_count(sizes[scale])}): " + (
             f"trains one step (state {r['state_gb']:.1f} GB, peak {r['peak_gb']:.1f} GB, host after build "
             f"{r['host_state_gb']:.1f} GB, host peak {r['host_peak_gb']:.1f} GB = {r['host_peak_bytes_per_param']:.1f} B "
-            f"per parameter{_pinned_text(r)}, build {r['build_s']:.0f}s, step {r['step_s']:.0f}s)" if r["ok"]
+            f"per parameter{_offloaded_text(r)}{_pinned_text(r)}, build {r['build_s']:.0f}s, step {r['step_s']:.0f}s)"
+            if r["ok"]
             else f"does not ({r['error']})"), flush=True)
         return r["ok"]
 
@@ -396,8 +454,17 @@ def find_largest(args) -> dict:
     largest = sizes[best] if best is not None else 0
     return {"family": args.family, "bound_parameters": bound, "pin_memory": not args.no_pin_memory,
             "exact_pinned": not args.torch_pinned_rounding, "host_memory_gib": host_gib, "bytes_per_param": args.bytes_per_param,
-            "offload": args.offload, "micro_batch": args.micro_batch, "largest_scale": best, "largest_parameters": largest,
+            "offload": args.offload, "offload_params": args.offload_params, "micro_batch": args.micro_batch, "largest_scale": best, "largest_parameters": largest,
             "fraction_of_bound": largest / bound, "probes": {str(s): {"parameters": sizes[s], **results[s]} for s, _ in tried}}
+
+
+def _offloaded_text(r: dict) -> str:
+    """What DeepSpeed's offload holds in host memory, in bytes per parameter by kind."""
+    held = r.get("offloaded_state_bytes") or {}
+    if not held:
+        return ""
+    kinds = ", ".join(f"{kind} {n / r['parameters']:.1f}" for kind, n in held.items() if n)
+    return f" (offloaded state {sum(held.values()) / r['parameters']:.1f} B per parameter: {kinds})"
 
 
 def _pinned_text(r: dict) -> str:
@@ -424,7 +491,11 @@ def parse_args(argv=None):
                    help="also measure selective checkpointing of each encoder's first N blocks")
     p.add_argument("--largest", action="store_true", help="search the largest depth-scaled preset instead")
     p.add_argument("--family", default="giant", help="preset whose depths --largest scales")
-    p.add_argument("--offload", choices=("none", "cpu", "nvme"), default="cpu", help="ZeRO-3 offload for --largest")
+    p.add_argument("--offload", choices=("none", "cpu", "nvme"), default="cpu",
+                   help="ZeRO-3 offload of the optimizer state for --largest")
+    p.add_argument("--offload-params", action="store_true",
+                   help="--largest: offload the parameters too (by default they stay on the GPU: 2 bytes per "
+                        "parameter less host memory, the binding limit)")
     p.add_argument("--nvme-path", default=None, help="NVMe folder for --offload nvme")
     p.add_argument("--no-pin-memory", action="store_true", help="--largest: offload to pageable host memory")
     p.add_argument("--torch-pinned-rounding", action="store_true",
@@ -444,6 +515,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.micro_batch < 2:  # ITM draws each pair's hard negatives from the other pairs of its micro-batch
         p.error("--micro-batch must be >= 2 (a pair micro-batch of one has no ITM negatives)")
+    if args.offload_params and args.offload == "none":
+        p.error("--offload-params needs --offload cpu or nvme")
     return args
 
 
@@ -464,13 +537,15 @@ def record(out: dict) -> None:
     else:
         best = out["probes"].get(str(out["largest_scale"]), {})
         host = (f"; host peak {best['host_peak_gb']:.1f} GB = {best['host_peak_bytes_per_param']:.1f} B per parameter"
-                f"{_pinned_text(best)}" if best.get("ok") else "")
+                f"{_offloaded_text(best)}{_pinned_text(best)}" if best.get("ok") else "")
         pinning = ("pinned, exact-size" if out["exact_pinned"] else "pinned, torch's rounding") if out["pin_memory"] \
             else "pageable"
         if best.get("device") == "cpu":
             pinning = "fp32 on the CPU: nothing pinned"
         results.add_row("benchmarks/memory.py --largest", (
-            f"ZeRO-3 + {out['offload']} offload ({pinning} host memory), activation checkpointing, micro-batch "
+            f"ZeRO-3 + {out['offload']} offload of the optimizer"
+            f"{' and the parameters' if out['offload_params'] else ' (parameters on the device)'} ({pinning} host "
+            f"memory), activation checkpointing, micro-batch "
             f"{out['micro_batch']}: largest {out['family']} depth-scale x"
             f"{out['largest_scale']} = {_count(out['largest_parameters'])} parameters trains one step; host "
             f"bound {_count(out['bound_parameters'])} ({out['host_memory_gib']:.0f} GiB / {out['bytes_per_param']:g} B "

@@ -199,18 +199,26 @@ def test_memory_probes_show_what_activation_checkpointing_saves(tmp_path):
 
 
 @pytest.mark.unit
-def test_largest_model_probe_trains_offloaded(tmp_path):
+@pytest.mark.parametrize("offload_params", [False, True])
+def test_largest_model_probe_trains_offloaded(tmp_path, offload_params):
     """--largest end to end on CPU, one probe (the tiny family at twice its depth; the search over
     sizes is the next test's): the probe trains one step with the optimizer state offloaded to
-    DeepSpeedCPUAdam in its own process, and the size that trained is reported with the bound."""
+    DeepSpeedCPUAdam in its own process, and the size that trained is reported with the bound.
+    What the offload holds in host memory is DeepSpeed's layout, per parameter (fp32 here; on GPU
+    the gradient partitions and parameters are bf16, 2 B): master weights 4 B, Adam moments 8 B,
+    fp32 gradients 4 B, gradient partitions 4 B, and the parameters only with --offload-params."""
     out = tmp_path / "largest.json"
     run_script(["benchmarks/memory.py", "--largest", "--family", "tiny", "--min-scale", "2", "--max-scale", "2",
-                "--json", str(out)], timeout=900)
+                "--json", str(out), *(["--offload-params"] if offload_params else [])], timeout=900)
     result = json.loads(out.read_text())
     (probe,) = result["probes"].values()
     assert probe["ok"] and probe["optimizer"] == "DeepSpeedCPUAdam" and probe["optimizer_offloaded"], probe
+    assert probe["parameters_offloaded"] is offload_params and result["offload_params"] is offload_params
     assert result["largest_scale"] == 2.0 and result["largest_parameters"] == probe["parameters"]
     assert result["bound_parameters"] == int(result["host_memory_gib"] * 2 ** 30 / 16)
+    per_parameter = {kind: n / probe["parameters"] for kind, n in probe["offloaded_state_bytes"].items()}
+    assert per_parameter == {"master weights": 4, "Adam moments": 8, "fp32 gradients": 4, "gradient partitions": 4,
+                             "parameters": 4 if offload_params else 0}, per_parameter
 
 
 @pytest.mark.unit

@@ -7,8 +7,9 @@
 * a bf16 training step on NCCL, with ZeRO-3, with ZeRO-2 and with ZeRO-2 and compiled blocks, from
   pinned, non-blocking loader batches (through benchmarks/train_step.py, which also times it
   against the baseline);
-* a ZeRO-3 step with parameters and optimizer state offloaded to pinned CPU memory
-  (benchmarks/memory.py), with no freed pinned blocks left cached after the engine is built;
+* a ZeRO-3 step with the optimizer state (and, the A/B, the parameters) offloaded to pinned CPU
+  memory (benchmarks/memory.py): DeepSpeed's host layout per parameter in bf16, and no freed
+  pinned blocks left cached after the engine is built;
 * the bf16 configs end to end through the launcher: a run saves (bf16 configs name their optimizer
   files ``bf16_zero_pp_rank_*``), stops, resumes from its checkpoint, and the export reads it.
 """
@@ -129,23 +130,32 @@ def test_bf16_step_on_nccl_against_the_baseline(tmp_path, stage, compile_blocks)
 
 
 def test_zero3_step_with_cpu_offload(tmp_path):
-    """A ZeRO-3 step offloaded to pinned host memory. The model is built with pageable parameter
-    partitions, so the pinned peak of the build is lower than with torch's defaults
-    (``--torch-pinned-rounding``: each partition pinned, then freed into torch's cache, where it
-    stays); after the build torch's pinned allocator holds no freed blocks."""
+    """A ZeRO-3 step offloaded to pinned host memory. With the parameters offloaded too, the model
+    is built with pageable parameter partitions, so the pinned peak of the build is lower than with
+    torch's defaults (``--torch-pinned-rounding``: each partition pinned, then freed into torch's
+    cache, where it stays); after the build torch's pinned allocator holds no freed blocks. What
+    the offload holds in host memory per parameter is DeepSpeed's bf16 layout: 18 B with the
+    parameters on the GPU (ds_configs/zero3_offload_optimizer.json, the default), 20 B with them
+    offloaded."""
     probes = {}
-    for name, extra in (("exact", []), ("torch", ["--torch-pinned-rounding"])):
+    for name, extra in (("optimizer", []), ("exact", ["--offload-params"]),
+                        ("torch", ["--offload-params", "--torch-pinned-rounding"])):
         out = tmp_path / f"largest_{name}.json"
         run_on_gpu(["benchmarks/memory.py", "--largest", "--family", "tiny", "--min-scale", "1", "--max-scale", "1",
                     "--offload", "cpu", "--json", str(out), *extra])
         (probes[name],) = json.loads(out.read_text())["probes"].values()
         probe = probes[name]
         assert probe["ok"] and probe["device"] == "gpu" and probe["optimizer"] == "DeepSpeedCPUAdam", probe
+        per_parameter = {kind: n / probe["parameters"] for kind, n in probe["offloaded_state_bytes"].items()}
+        assert per_parameter == {"master weights": 4, "Adam moments": 8, "fp32 gradients": 4,
+                                 "gradient partitions": 2, "parameters": 0 if name == "optimizer" else 2}, (name, probe)
     cached = {name: p["pinned_after_build_held_gb"] - p["pinned_after_build_in_use_gb"] for name, p in probes.items()}
     assert cached["exact"] <= 1e-3 * probes["exact"]["pinned_after_build_held_gb"], (cached, probes)
+    assert cached["optimizer"] <= 1e-3 * probes["optimizer"]["pinned_after_build_held_gb"], (cached, probes)
     assert cached["torch"] > cached["exact"], (cached, probes)
     peak = {name: p["pinned_after_build_held_peak_gb"] for name, p in probes.items()}
     assert peak["exact"] < peak["torch"], (peak, probes)
+    assert probes["optimizer"]["pinned_in_use_gb"] < probes["exact"]["pinned_in_use_gb"], probes
 
 
 def launch_on_gpu(config: Path, env: dict[str, str]) -> str:

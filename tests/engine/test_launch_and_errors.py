@@ -43,6 +43,17 @@ def test_check_accepts_a_good_launch(good, tmp_path):
     assert "ok: 4 ranks, TP=2, DP=2, global batch 8" in result.stdout
 
 
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "ds_configs").glob("*.json")))
+def test_every_shipped_deepspeed_config_passes_the_checks(good, name):
+    from xfm_scale import run_config
+
+    config = run_config.from_dict({**good, "deepspeed": {"config": str(ROOT / "ds_configs" / name)}})
+    config.validate(world_size=2)
+    ds = config.deepspeed_config(data_parallel_size=2)
+    assert ds["zero_optimization"]["stage"] in (2, 3) and "_comment" not in ds
+    assert ds["train_batch_size"] == good["batch"]["global_batch_size"]
+
+
 @pytest.mark.parametrize("case, extra, message", [
     ("hostfile", ["--hostfile", "HOSTS"], "hosts:2: malformed slots: 'node-b slots two'; write `slots=N`"),
     ("tp", ["--num_gpus", "3"], "tensor_parallel_size=2 does not divide the 3 ranks"),
