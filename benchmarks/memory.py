@@ -18,13 +18,15 @@ On CPU "state" is the process's RSS (torch's libraries included) and "peak" its 
 
   python benchmarks/memory.py --presets tiny base large [--micro-batch 32] [--record]
       peak memory per preset, with and without activation checkpointing
-  python benchmarks/memory.py --largest [--offload cpu|nvme] [--nvme-path DIR] [--record]
-      the largest depth-scaled giant preset (--family) that trains one step with ZeRO-3 + offload, against
-      the bound host memory sets (bytes per parameter, --bytes-per-param, 16 by default: bf16
-      weights, fp32 master weights and two fp32 Adam moments)
+  python benchmarks/memory.py --largest [--offload cpu|nvme] [--offload-params] [--nvme-path DIR] [--record]
+      the largest depth-scaled giant preset (--family) that trains one step with ZeRO-3 + offload of the
+      optimizer (the parameters stay on the GPU unless --offload-params), against the bound host
+      memory sets (bytes per parameter, --bytes-per-param, 16 by default: bf16 weights, fp32 master
+      weights and two fp32 Adam moments), with what DeepSpeed's offload holds in host memory by kind
 
-On CPU (DS_ACCELERATOR=cpu) the same probes run in fp32 (ds_configs/cpu_fp32.json), and the
-offload probe offloads the optimizer to DeepSpeedCPUAdam as on GPU.
+On CPU (DS_ACCELERATOR=cpu) the same probes run in fp32 (the presets table with
+ds_configs/cpu_fp32.json; --largest with the shipped offload configs, bf16 switched off unless
+--bf16), and the offload probe offloads the optimizer to DeepSpeedCPUAdam as on GPU.
 """
 from __future__ import annotations
 
@@ -68,6 +70,9 @@ class Probe:
     """Folder on a local NVMe drive for --offload nvme."""
     pin_memory: bool = True
     """Offloaded state in pinned (page-locked) host memory, as ds_configs/ has it."""
+    bf16: bool = False
+    """On CPU: bf16 weights with fp32 master weights, as on a GPU (a CPU probe runs fp32 by
+    default; a GPU probe always runs bf16)."""
     exact_pinned: bool = True
     """The engine's exact-size pinned allocations and release of freed pinned blocks
     (deepspeed.exact_pinned_host_memory); False: torch's power-of-two rounding and caching."""
@@ -75,18 +80,17 @@ class Probe:
 
 # ---- the probe (runs in its own process) ----------------------------------------------------------
 def ds_config(probe: Probe, on_gpu: bool) -> dict:
+    """The shipped DeepSpeed config of the probe's offload; bf16 on GPU, fp32 on CPU unless
+    ``probe.bf16`` (the presets table without offload: cpu_fp32.json, the CPU tests' config)."""
+    bf16 = on_gpu or probe.bf16
     cpu_offload = "zero3_offload.json" if probe.offload_params else "zero3_offload_optimizer.json"
-    name = {"none": "zero3_bf16.json", "cpu": cpu_offload, "nvme": "zero3_nvme_template.json"}[probe.offload]
-    with open(ROOT / "ds_configs" / (name if on_gpu or probe.offload == "nvme" else "cpu_fp32.json")) as f:
+    name = {"none": "zero3_bf16.json" if bf16 else "cpu_fp32.json", "cpu": cpu_offload,
+            "nvme": "zero3_nvme_template.json"}[probe.offload]
+    with open(ROOT / "ds_configs" / name) as f:
         ds = json.load(f)
     ds.pop("_comment", None)
-    if not on_gpu:  # the CPU runs fp32 (NVMe offload on the CPU: the template, bf16 off)
-        ds["bf16"] = {"enabled": False}
+    ds["bf16"] = {"enabled": bf16}
     zero = ds["zero_optimization"]
-    if not on_gpu and probe.offload == "cpu":  # the CPU run keeps fp32 and offloads the optimizer state
-        zero["offload_optimizer"] = {"device": "cpu"}
-        if probe.offload_params:
-            zero["offload_param"] = {"device": "cpu"}
     if not probe.offload_params:
         zero.pop("offload_param", None)
     for key in ("offload_param", "offload_optimizer"):
@@ -438,7 +442,7 @@ def find_largest(args) -> dict:
     def fits(scale):
         probe = Probe(preset=args.family, overrides=scaled_depths(args.family, scale), activation_checkpointing=True,
                       micro_batch=args.micro_batch, offload=args.offload, offload_params=args.offload_params,
-                      nvme_path=args.nvme_path, pin_memory=not args.no_pin_memory,
+                      nvme_path=args.nvme_path, pin_memory=not args.no_pin_memory, bf16=args.bf16,
                       exact_pinned=not args.torch_pinned_rounding)
         results[scale] = probe_in_subprocess(probe, args.timeout)
         r = results[scale]
@@ -454,7 +458,7 @@ def find_largest(args) -> dict:
     largest = sizes[best] if best is not None else 0
     return {"family": args.family, "bound_parameters": bound, "pin_memory": not args.no_pin_memory,
             "exact_pinned": not args.torch_pinned_rounding, "host_memory_gib": host_gib, "bytes_per_param": args.bytes_per_param,
-            "offload": args.offload, "offload_params": args.offload_params, "micro_batch": args.micro_batch, "largest_scale": best, "largest_parameters": largest,
+            "offload": args.offload, "offload_params": args.offload_params, "bf16": args.bf16, "micro_batch": args.micro_batch, "largest_scale": best, "largest_parameters": largest,
             "fraction_of_bound": largest / bound, "probes": {str(s): {"parameters": sizes[s], **results[s]} for s, _ in tried}}
 
 
@@ -498,6 +502,8 @@ def parse_args(argv=None):
                         "parameter less host memory, the binding limit)")
     p.add_argument("--nvme-path", default=None, help="NVMe folder for --offload nvme")
     p.add_argument("--no-pin-memory", action="store_true", help="--largest: offload to pageable host memory")
+    p.add_argument("--bf16", action="store_true",
+                   help="--largest on CPU: bf16 weights with fp32 master weights, as on a GPU (CPU default: fp32)")
     p.add_argument("--torch-pinned-rounding", action="store_true",
                    help="--largest: keep torch's power-of-two rounding and caching of pinned host memory "
                         "(deepspeed.exact_pinned_host_memory: false), for the A/B")
@@ -538,14 +544,15 @@ def record(out: dict) -> None:
         best = out["probes"].get(str(out["largest_scale"]), {})
         host = (f"; host peak {best['host_peak_gb']:.1f} GB = {best['host_peak_bytes_per_param']:.1f} B per parameter"
                 f"{_offloaded_text(best)}{_pinned_text(best)}" if best.get("ok") else "")
-        pinning = ("pinned, exact-size" if out["exact_pinned"] else "pinned, torch's rounding") if out["pin_memory"] \
+        pinning = ("exact-size pinned" if out["exact_pinned"] else "pinned (torch's rounding)") if out["pin_memory"] \
             else "pageable"
+        pinning = f"bf16, {pinning} host memory"
         if best.get("device") == "cpu":
-            pinning = "fp32 on the CPU: nothing pinned"
+            pinning = f"{'bf16' if out.get('bf16') else 'fp32'} on the CPU, nothing pinned"
         results.add_row("benchmarks/memory.py --largest", (
             f"ZeRO-3 + {out['offload']} offload of the optimizer"
-            f"{' and the parameters' if out['offload_params'] else ' (parameters on the device)'} ({pinning} host "
-            f"memory), activation checkpointing, micro-batch "
+            f"{' and the parameters' if out['offload_params'] else ', parameters on the device'} ({pinning}), "
+            f"activation checkpointing, micro-batch "
             f"{out['micro_batch']}: largest {out['family']} depth-scale x"
             f"{out['largest_scale']} = {_count(out['largest_parameters'])} parameters trains one step; host "
             f"bound {_count(out['bound_parameters'])} ({out['host_memory_gib']:.0f} GiB / {out['bytes_per_param']:g} B "

@@ -200,25 +200,30 @@ def test_memory_probes_show_what_activation_checkpointing_saves(tmp_path):
 
 @pytest.mark.unit
 @pytest.mark.parametrize("offload_params", [False, True])
-def test_largest_model_probe_trains_offloaded(tmp_path, offload_params):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_largest_model_probe_trains_offloaded(tmp_path, offload_params, precision):
     """--largest end to end on CPU, one probe (the tiny family at twice its depth; the search over
     sizes is the next test's): the probe trains one step with the optimizer state offloaded to
     DeepSpeedCPUAdam in its own process, and the size that trained is reported with the bound.
-    What the offload holds in host memory is DeepSpeed's layout, per parameter (fp32 here; on GPU
-    the gradient partitions and parameters are bf16, 2 B): master weights 4 B, Adam moments 8 B,
-    fp32 gradients 4 B, gradient partitions 4 B, and the parameters only with --offload-params."""
+    What the offload holds in host memory is DeepSpeed's layout, per parameter: master weights
+    4 B, Adam moments 8 B, fp32 gradients 4 B, gradient partitions in the weights' dtype (bf16 as
+    on a GPU: 2 B; fp32: 4 B), and the parameters only with --offload-params (ds_configs/
+    zero3_offload.json against zero3_offload_optimizer.json): 18 against 20 B per parameter in bf16."""
     out = tmp_path / "largest.json"
     run_script(["benchmarks/memory.py", "--largest", "--family", "tiny", "--min-scale", "2", "--max-scale", "2",
-                "--json", str(out), *(["--offload-params"] if offload_params else [])], timeout=900)
+                "--json", str(out), *(["--offload-params"] if offload_params else []),
+                *(["--bf16"] if precision == "bf16" else [])], timeout=900)
     result = json.loads(out.read_text())
     (probe,) = result["probes"].values()
     assert probe["ok"] and probe["optimizer"] == "DeepSpeedCPUAdam" and probe["optimizer_offloaded"], probe
     assert probe["parameters_offloaded"] is offload_params and result["offload_params"] is offload_params
     assert result["largest_scale"] == 2.0 and result["largest_parameters"] == probe["parameters"]
     assert result["bound_parameters"] == int(result["host_memory_gib"] * 2 ** 30 / 16)
+    weight_bytes = 2 if precision == "bf16" else 4
     per_parameter = {kind: n / probe["parameters"] for kind, n in probe["offloaded_state_bytes"].items()}
-    assert per_parameter == {"master weights": 4, "Adam moments": 8, "fp32 gradients": 4, "gradient partitions": 4,
-                             "parameters": 4 if offload_params else 0}, per_parameter
+    assert per_parameter == {"master weights": 4, "Adam moments": 8, "fp32 gradients": 4,
+                             "gradient partitions": weight_bytes,
+                             "parameters": weight_bytes if offload_params else 0}, per_parameter
 
 
 @pytest.mark.unit
