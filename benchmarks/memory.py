@@ -93,14 +93,12 @@ def ds_config(probe: Probe, on_gpu: bool) -> dict:
     zero = ds["zero_optimization"]
     if not probe.offload_params:
         zero.pop("offload_param", None)
+    if probe.offload == "nvme" and not probe.nvme_path:
+        raise SystemExit("--offload nvme needs --nvme-path (a folder on a local NVMe drive)")
     for key in ("offload_param", "offload_optimizer"):
         if isinstance(zero.get(key), dict):
             zero[key]["pin_memory"] = probe.pin_memory
-    if probe.offload == "nvme":
-        if not probe.nvme_path:
-            raise SystemExit("--offload nvme needs --nvme-path (a folder on a local NVMe drive)")
-        for key in ("offload_param", "offload_optimizer"):
-            if key in zero:
+            if probe.offload == "nvme":
                 zero[key]["nvme_path"] = probe.nvme_path
     ds.update(train_batch_size=3 * probe.micro_batch, train_micro_batch_size_per_gpu=probe.micro_batch,
               gradient_accumulation_steps=3, gradient_clipping=1.0)

@@ -42,7 +42,10 @@ def train_rank(raw: dict) -> dict:
     cfg = run_config.from_dict(raw, base_dir=os.getcwd())
     trainer = Trainer(cfg)
     final = trainer.run()
-    return {"final": final, "layout": trainer.layout}
+    zero = trainer.engine.optimizer  # what ZeRO offloads (ZeRO-3's flags; ZeRO-2 names its own cpu_offload)
+    offloaded = {"optimizer": bool(getattr(zero, "offload_optimizer", False) or getattr(zero, "cpu_offload", False)),
+                 "parameters": bool(getattr(zero, "offload_param", False))}
+    return {"final": final, "layout": trainer.layout, "offloaded": offloaded}
 
 
 def step_losses(output_dir: Path) -> dict[int, float]:
