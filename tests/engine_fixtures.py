@@ -45,7 +45,8 @@ def train_rank(raw: dict) -> dict:
     zero = trainer.engine.optimizer  # what ZeRO offloads (ZeRO-3's flags; ZeRO-2 names its own cpu_offload)
     offloaded = {"optimizer": bool(getattr(zero, "offload_optimizer", False) or getattr(zero, "cpu_offload", False)),
                  "parameters": bool(getattr(zero, "offload_param", False))}
-    return {"final": final, "layout": trainer.layout, "offloaded": offloaded}
+    return {"final": final, "layout": trainer.layout, "offloaded": offloaded,
+            "length_group_size": trainer.loader.cfg.length_group_size}
 
 
 def step_losses(output_dir: Path) -> dict[int, float]:

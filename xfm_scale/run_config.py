@@ -82,6 +82,15 @@ class DataSection:
     with the counts."""
     bad_sample_grace: int = 200
     """The rate is checked once this many samples have been read (a few early bad ones are noise)."""
+    length_group_size: int = 0
+    """Micro-batches of text and pairs from groups of samples of similar text length, so they are
+    padded less (xfm_scale.data.lengths). 0 (default): off, the method's uniformly drawn batches.
+    Else samples per group: a multiple of the global micro-batch of text and of pairs
+    (micro-batch x DP size), e.g. 768 x DP for micro-batches of 256 and 96. Changes what a batch
+    holds: ITC/ITM negatives are then captions of similar length."""
+    length_group_window: int = 64
+    """Groups per window of length_group_size x length_group_window samples, sorted by length
+    and cut into groups whose order is shuffled: larger windows give closer lengths."""
 
 
 @dataclass(kw_only=True)
@@ -251,6 +260,7 @@ class RunConfig:
                 ("train.log_every", 1), ("train.eval_every", 0), ("train.save_every", 0), ("train.keep_last", 0),
                 ("train.max_skipped_in_a_row", 1), ("train.collective_timeout_s", 1),
                 ("parallel.tensor_parallel_size", 1), ("data.num_workers", 0), ("data.bad_sample_grace", 0),
+                ("data.length_group_size", 0), ("data.length_group_window", 1),
                 ("data.eval_max_pairs", 1), ("optim.lr", 0), ("optim.warmup_steps", 0), ("optim.grad_clip", 0))
 
     def _check_ranges(self) -> None:

@@ -172,6 +172,7 @@ class Trainer:
             mim_num_masked=obj.mim_num_masked, mim_min_block=obj.mim_min_block,
             text_max_len=obj.text_max_length, caption_max_len=obj.caption_max_length,
             augment=d.augment, num_workers=d.num_workers, seed=d.seed,
+            length_group_size=d.length_group_size, length_group_window=d.length_group_window,
             pin_memory=self.device.type == "cuda")
         loader = BlendLoader(blend, loader_cfg, dp_rank=self.layout.data_parallel_rank,
                              dp_size=self.layout.data_parallel_size)
@@ -329,6 +330,7 @@ class Trainer:
         stats["step_seconds"] = seconds
         stats["lr"] = self.scheduler.get_last_lr()[0] if self.scheduler else self.cfg.optim.lr
         stats.update(self._flops_stats(flops, seconds))
+        stats.update(text_padding(batches))
         return stats
 
     def _check_health(self, stats: dict[str, float]) -> None:
@@ -475,6 +477,21 @@ class Trainer:
             self.writer.close()
         dist.barrier()
         return final
+
+
+def text_padding(batches: list) -> dict[str, float]:
+    """``text_padding/<kind>``: the share of this rank's text positions that are padding, per
+    micro-batch kind with text (text, pair). The model computes them (MFU counts them as work):
+    data.length_group_size lowers it where texts differ in length."""
+    mask_of_kind = {"text": "attention_mask_BL", "pair": "caption_mask_BL"}
+    real: dict[str, int] = defaultdict(int)
+    positions: dict[str, int] = defaultdict(int)
+    for batch in batches:
+        if batch.modality in mask_of_kind:
+            mask = getattr(batch, mask_of_kind[batch.modality])
+            real[batch.modality] += int(mask.sum())
+            positions[batch.modality] += mask.numel()
+    return {f"text_padding/{m}": 1 - real[m] / positions[m] for m in positions}
 
 
 def _gather_objects(obj) -> list:

@@ -62,11 +62,16 @@ def assert_trains(output_dir):
 
 @pytest.fixture(scope="module")
 def resumed_and_full(demo_world, tmp_path_factory):
-    """A 14-step run, and the same run stopped after step 7 and relaunched."""
+    """A 14-step run, and the same run stopped after step 7 and relaunched; both with text and
+    pairs in length groups (data.length_group_size: 16 samples, two global micro-batches of 4 x DP 2,
+    in windows of 64), so the relaunch resumes inside a window of the reordered streams."""
     root = tmp_path_factory.mktemp("resume")
+    grouping = {"length_group_size": 16, "length_group_window": 4}
     full = run_config_dict(demo_world, root / "full", steps=STEPS, micro_batch=4, global_batch=16)
-    run_ranks(train_rank, 2, full)
+    full["data"].update(grouping)
+    assert {r["length_group_size"] for r in run_ranks(train_rank, 2, full)} == {16}
     resumed = run_config_dict(demo_world, root / "resumed", steps=STEPS, micro_batch=4, global_batch=16)
+    resumed["data"].update(grouping)
     resumed["train"]["stop_at_step"] = STOP  # the first invocation stops after step 7 ...
     run_ranks(train_rank, 2, resumed)
     stopped = step_losses(root / "resumed")
@@ -86,6 +91,9 @@ def test_resume_restores_model_data_cursor_and_step_exactly(resumed_and_full):
     for step in range(1, STOP + 2):
         assert resumed[step] == expected[step], (step, resumed[step], expected[step])
     assert checkpoint.complete_steps(resumed_and_full / "resumed" / "checkpoints") == [STOP, STEPS]
+    records = [json.loads(line) for line in (resumed_and_full / "full" / "metrics.jsonl").read_text().splitlines()]
+    padding = {k: r[k] for r in records for k in r if k.startswith("text_padding/")}  # logged per kind
+    assert sorted(padding) == ["text_padding/pair", "text_padding/text"] and all(0 <= v < 1 for v in padding.values())
 
 
 def test_every_step_after_resume_equals_uninterrupted(resumed_and_full):

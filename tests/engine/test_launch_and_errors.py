@@ -71,6 +71,7 @@ def test_every_shipped_deepspeed_config_passes_the_checks(good, name):
     ("bad_spec", ["--num_gpus", "1"], "data.spec: corpus 'demo_pairs': unknown field(s) ['wieght']"),
     ("missing_shard", ["--num_gpus", "1"], "has missing shards: "),
     ("log_every", ["--num_gpus", "1"], "train.log_every=0 must be >= 1"),
+    ("length_groups", ["--num_gpus", "1"], "data.length_group_size=-8 must be >= 0"),
     ("init_from", ["--num_gpus", "1"], "model.init_from: "),
     ("one_pair", ["--num_gpus", "1"], "batch.micro_batch_size=1: pair micro-batches need at least 2 pairs"),
     ("itm_group", ["--num_gpus", "1"], "objectives.itm_negative_group=1: a pair draws its ITM hard negatives"),
@@ -126,6 +127,8 @@ def test_setup_errors_name_the_fix_before_any_rank_starts(good, tmp_path, case, 
         Path(raw["data"]["spec"]).write_text(yaml.safe_dump(spec))
     elif case == "log_every":
         raw["train"]["log_every"] = 0
+    elif case == "length_groups":
+        raw["data"]["length_group_size"] = -8
     elif case == "init_from":
         raw["model"]["init_from"] = str(tmp_path / "no_export")
     elif case == "one_pair":  # ITM has no other pair to draw negatives from

@@ -14,6 +14,9 @@ Schedule (a pure function of the blend and the micro-batch sizes; the same on ev
 * A micro-step of modality m consumes the next ``mbs_m x dp_size`` samples of stream m; DP rank r
   reads the r-th contiguous slice of ``mbs_m``. Tensor-parallel ranks of one replica pass the
   same dp_rank and read identical data.
+* With ``length_group_size`` set, the text and pair streams are read in length-grouped order
+  (xfm_scale.data.lengths: a fixed reordering within windows of each stream, so all of the above
+  holds of the reordered streams).
 * The cursor (``state_dict``) is the micro-step plus one offset per stream. Resuming with another
   DP size continues every stream from its offset: no sample repeated or skipped.
 
@@ -26,6 +29,7 @@ Legend: B batch, L text length, P patches, C channels, H/W image size.
 from __future__ import annotations
 
 import io
+import logging
 import tarfile
 import zlib
 from bisect import bisect_right
@@ -42,8 +46,11 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from ..batch import IGNORE_INDEX, MODALITIES, Batch, ImageBatch, PairBatch, TextBatch
 from ..masking import IMLM_MASKING, MLM_MASKING, BlockMaskGenerator, mask_tokens
 from .blend import Blend, blend_corpus_choice
+from .lengths import TEXT_MODALITIES, LengthGroupedStreams
 from .shards import DataSpecError, ShardReader, image_ext, load_index
 from .transforms import apply_seeded, eval_transform, sample_rngs, train_transform
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(kw_only=True)
@@ -84,6 +91,15 @@ class LoaderConfig:
     """A pair's caption longer than this (characters) is skipped as bad."""
     max_bad_in_a_row: int = 100
     """Give up (with an error naming the corpus) after this many consecutive bad replacements."""
+    length_group_size: int = 0
+    """Group text and pair samples by text length (xfm_scale.data.lengths): 0 (the default, the
+    method's uniform micro-batches) is off; else samples per group, best a multiple of every
+    grouped modality's global micro-batch (micro-batch x DP size), so that a micro-batch lies in
+    one group and is padded only to that group's longest text."""
+    length_group_window: int = 64
+    """Groups per window: each window of ``length_group_size x length_group_window`` consecutive
+    samples of a stream is sorted by length, cut into groups, and the groups shuffled. A larger
+    window gives groups of closer lengths; the order of samples changes within a window only."""
 
     def validate(self, modalities: set[str]) -> None:
         for m in modalities:
@@ -91,6 +107,10 @@ class LoaderConfig:
             if not isinstance(size, int) or size <= 0:
                 raise DataSpecError(f"the blend has '{m}' samples but micro_batch_sizes[{m!r}] is {size!r}; "
                                     "give a positive per-rank micro-batch size")
+        if self.length_group_size < 0 or self.length_group_window <= 0:
+            raise DataSpecError(f"length_group_size={self.length_group_size} and length_group_window="
+                                f"{self.length_group_window}: give length_group_size >= 0 (0: no grouping) "
+                                "and length_group_window >= 1")
         if self.micro_steps_per_step <= 0:
             raise DataSpecError(f"micro_steps_per_step={self.micro_steps_per_step}; give a positive count")
         if modalities & {"text", "pair"} and not (self.tokenizer_dir and Path(self.tokenizer_dir).is_dir()):
@@ -131,7 +151,7 @@ class _Plan:
 class _Schedule:
     """The modality of every global micro-step, and the per-modality streams of blend positions."""
 
-    def __init__(self, blend: Blend, micro_batch_sizes: dict[str, int]):
+    def __init__(self, blend: Blend, micro_batch_sizes: dict[str, int], grouped: LengthGroupedStreams | None = None):
         # The blend's own streams: memory-mapped from its cache, shared by every rank and worker
         # rather than rebuilt in memory here (8 bytes per blend sample in every rank). Measured,
         # N = 20M, demo spec, mbs 256/96/96: BlendLoader() held 153 MiB (peak 191 MiB) when it built
@@ -148,6 +168,14 @@ class _Schedule:
         length = sum(-(-len(self.streams[m]) // mbs[m]) for m in present) + 1
         choice, _ = blend_corpus_choice(weights, length)
         self.modality = np.array([MODALITIES.index(m) for m in present], dtype=np.int8)[choice]
+        self.grouped = grouped
+
+    def positions(self, modality: str, start: int, stop: int) -> np.ndarray:
+        """Blend positions ``start:stop`` of a modality's stream in the order they are read (with
+        length grouping, the grouped order): a copy, not a view of the map."""
+        if self.grouped is not None:
+            return self.grouped.positions(modality, start, stop)
+        return np.array(self.streams[modality][start:stop])
 
     def modality_at(self, micro_step: int) -> str:
         return MODALITIES[self.modality[micro_step]] if micro_step < len(self.modality) else MODALITIES[0]
@@ -169,7 +197,7 @@ class _PlanSampler(Sampler):
             m = ld.schedule.modality_at(t)
             mbs = cfg.micro_batch_sizes[m]
             start = offsets[m] + ld.dp_rank * mbs
-            indices = np.array(ld.schedule.streams[m][start:start + mbs])  # a copy, not a view of the map
+            indices = ld.schedule.positions(m, start, start + mbs)
             offsets[m] += mbs * ld.dp_size
             t += 1
             yield _Plan(t - 1, m, indices, (t, *(offsets[k] for k in MODALITIES)))
@@ -193,11 +221,26 @@ class BlendLoader:
         if not 0 <= dp_rank < dp_size:
             raise DataSpecError(f"dp_rank={dp_rank} is not in 0..{dp_size - 1} (dp_size={dp_size})")
         self.blend, self.cfg, self.dp_rank, self.dp_size = blend, cfg, dp_rank, dp_size
-        self.schedule = _Schedule(blend, cfg.micro_batch_sizes)
-        cfg.validate(self.schedule.present)
+        cfg.validate({m for m in MODALITIES if len(blend.streams[m])})
+        grouped = None
+        if cfg.length_group_size:
+            grouped = LengthGroupedStreams(blend, cfg.length_group_size, cfg.length_group_window,
+                                           blend.seed if cfg.seed is None else cfg.seed)
+        self.schedule = _Schedule(blend, cfg.micro_batch_sizes, grouped)
+        if grouped is not None:
+            self._check_group_size()
         self.bad_samples = BadSampleCounter()
         self._dataset = _MicroBatchDataset(blend, cfg)
         self._cursor = {"micro_step": 0, **{f"offset_{m}": 0 for m in MODALITIES}}
+
+    def _check_group_size(self) -> None:
+        for m in sorted(TEXT_MODALITIES & self.schedule.present):
+            global_micro_batch = self.cfg.micro_batch_sizes[m] * self.dp_size
+            if self.cfg.length_group_size % global_micro_batch:
+                log.warning("length_group_size=%d is not a multiple of the global %s micro-batch (%d x DP %d = "
+                            "%d): some micro-batches straddle two length groups and are padded to the longer; "
+                            "a multiple of it pads less", self.cfg.length_group_size, m,
+                            self.cfg.micro_batch_sizes[m], self.dp_size, global_micro_batch)
 
     # -------------------------------------------------------------- schedule queries
     def micro_steps_of(self, step: int) -> range:
@@ -227,7 +270,8 @@ class BlendLoader:
         """Sample keys of positions ``start:stop`` of a modality's global stream (before bad-sample
         replacement): the order in which all ranks together consume that modality."""
         keys = []
-        for gi in self.schedule.streams[modality][start:stop]:
+        stop = len(self.schedule.streams[modality]) if stop is None else stop
+        for gi in self.schedule.positions(modality, start, stop):
             c = int(self.blend.corpus_index[gi])
             key, _, _ = self._dataset._locate(c, int(self.blend.sample_index[gi]))
             keys.append(f"{self.blend.corpora[c].name}/{key}")
