@@ -7,12 +7,22 @@
 2. Blend build time for N samples (default 100M) against megatron's ``build_blending_indices``
    alone (the blend adds the per-epoch shuffles on top of it; validation of shards is excluded:
    it scales with shards, not N).
+3. Padding (``--only padding``): the share of text positions that are padding in text and pair
+   micro-batches, without and with length grouping (data.length_group_size), for a global
+   micro-batch split over DP ranks: each rank pads to its own longest text, and all wait for the
+   slowest. Also the FLOPs of a preset's micro-batch at the slowest rank's length (language,
+   vision and fusion encoders; the MLM heads, which compute the masked positions only, are left
+   out), and the time the loader takes to group one window. Counted, not timed on a GPU. On a
+   generated corpus (caption and text word counts drawn from log-normal distributions, stated in
+   the row), or on your own blend with ``--spec SPEC --tokenizer DIR`` (only the txt members are read).
 
   DS_ACCELERATOR=cpu python benchmarks/data.py [--blend-samples 100000000] [--loader-samples 1536]
+  python benchmarks/data.py --only padding [--spec blend.yaml --tokenizer roberta-base/] [--dp-size 8]
 """
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
 from dataclasses import replace
@@ -24,10 +34,15 @@ import webdataset as wds
 import yaml
 
 import results  # benchmarks/results.py
+from xfm_scale.batch import IGNORE_INDEX, PairBatch, TextBatch
+from xfm_scale.config import XFMConfig
 from xfm_scale.data.blend import blend_corpus_choice, build_blend, megatron_blending_helper, shuffle_draws
 from xfm_scale.data.demo import build_demo_data
-from xfm_scale.data.loader import BlendLoader, LoaderConfig, _MicroBatchDataset, decode_sample
+from xfm_scale.data.lengths import TEXT_MODALITIES
+from xfm_scale.data.loader import BlendLoader, LoaderConfig, _MicroBatchDataset, _PlanSampler, decode_sample
+from xfm_scale.data.shards import ShardReader, write_corpus
 from xfm_scale.data.spec import Corpus
+from xfm_scale.flops import micro_batch_flops
 
 PACKAGES = ("torch", "torchvision", "webdataset", "megatron-core", "numpy", "tokenizers")
 
@@ -112,23 +127,183 @@ def bench_blend(num_samples: int) -> str:
             f"{total - chosen:.2f}s); cache write {save:.2f}s")
 
 
+# Word counts of the generated corpus: log-normal (median, sigma). Captions of about 10 words on
+# average (CC3M's reported mean is 10.3), texts of paragraph length with a tail past the 128-token cap.
+CAPTION_WORDS, TEXT_WORDS = (9, 0.45), (40, 0.8)
+DEMO_WORDS = "red green blue yellow purple black circle square triangle diamond left right top bottom".split()
+
+
+def generated_corpus(root: Path, samples: int) -> tuple[Path, Path]:
+    """(blend spec, tokenizer folder): text and pair corpora of generated lengths (the pairs' images
+    are one tiny PNG: only the captions are read here)."""
+    rng = np.random.default_rng(0)
+    demo = build_demo_data(root / "demo", num_pairs=10, num_images=10, num_text=200, num_eval_pairs=10)
+    image = _tiny_png()
+
+    def words(median: float, sigma: float, n: int) -> list[str]:
+        counts = np.clip(np.rint(rng.lognormal(np.log(median), sigma, n)), 1, 400).astype(int)
+        return [" ".join(rng.choice(DEMO_WORDS, c)) for c in counts]
+
+    pairs = write_corpus(({"png": image, "txt": t} for t in words(*CAPTION_WORDS, samples)), out_dir=root / "pairs",
+                         name="pairs", modality="pair", maxcount=10_000).manifest_path
+    texts = write_corpus(({"txt": t} for t in words(*TEXT_WORDS, samples)), out_dir=root / "texts", name="texts",
+                         modality="text", maxcount=10_000).manifest_path
+    spec = root / "spec.yaml"
+    spec.write_text(yaml.safe_dump({"corpora": [{"name": "pairs", "modality": "pair", "weight": 0.5, "manifest": str(pairs)},
+                                                {"name": "texts", "modality": "text", "weight": 0.5, "manifest": str(texts)}]}))
+    return spec, demo.tokenizer_dir
+
+
+def _tiny_png() -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def text_lengths(dataset: _MicroBatchDataset, reader: ShardReader, positions: np.ndarray, max_len: int) -> list[int]:
+    """Token counts (special tokens included, truncated at ``max_len``) of the texts at these blend
+    positions, as the loader's tokenizer call gives them; only the txt members are read."""
+    texts = []
+    for gi in positions:
+        c, sample = int(dataset.blend.corpus_index[gi]), int(dataset.blend.sample_index[gi])
+        _, spans, shard = dataset._locate(c, sample)
+        texts.append(reader.read(shard, tuple(spans["txt"])).decode("utf-8", "replace").strip() if "txt" in spans else "")
+    return [len(ids) for ids in dataset._tokens(texts, max_len)[0]]
+
+
+def padded_length(lengths, max_len: int) -> int:
+    """The loader's padding: to the longest, rounded up to a multiple of 8, at most ``max_len``."""
+    return min(max_len, -(-max(lengths) // 8) * 8)
+
+
+def _encoder_flops(config: XFMConfig, modality: str, rows: int, length: int) -> float:
+    """FLOPs of a micro-batch of ``rows`` samples at text length ``length``, heads left out."""
+    ids = torch.ones(rows, length, dtype=torch.long)
+    none = torch.full_like(ids, IGNORE_INDEX)
+    if modality == "text":
+        return micro_batch_flops(config, TextBatch(input_ids_BL=ids, attention_mask_BL=ids, mlm_labels_BL=none)).model
+    size = config.vision.image_size
+    return micro_batch_flops(config, PairBatch(
+        pixel_values_BCHW=torch.zeros(rows, 3, size, size), caption_ids_BL=ids, caption_mask_BL=ids,
+        imlm_input_ids_BL=ids, imlm_labels_BL=none,
+        mim_mask_BP=torch.zeros(rows, config.vision.grid_size ** 2, dtype=torch.bool))).model
+
+
+def measure_padding(blend, tokenizer_dir, micro_batch: dict[str, int], dp: int, group_size: int, window: int,
+                    micro_steps: int, config: XFMConfig) -> dict:
+    """Per kind with text: padding shares and encoder FLOPs over the first ``micro_steps`` global
+    micro-steps, plain and grouped (``group_size``: 0 for plain)."""
+    obj = config.objectives
+    max_len = {"text": obj.text_max_length, "pair": obj.caption_max_length}
+    cfg = LoaderConfig(tokenizer_dir=str(tokenizer_dir), micro_batch_sizes={m: n * dp for m, n in micro_batch.items()},
+                       length_group_size=group_size, length_group_window=window)
+    loader = BlendLoader(blend, cfg)  # DP 1 with the global micro-batch: split into the ranks' slices below
+    reader, out = ShardReader(), {}
+    window_seconds = None
+    if group_size:
+        start = time.perf_counter()
+        loader.schedule.positions("pair", 0, 1)
+        window_seconds = time.perf_counter() - start
+    for t, plan in zip(range(micro_steps), _PlanSampler(loader, loader._cursor)):
+        m = plan.modality
+        if m not in TEXT_MODALITIES:
+            continue
+        lengths = text_lengths(loader._dataset, reader, plan.global_indices, max_len[m])
+        slices = [lengths[r * micro_batch[m]:(r + 1) * micro_batch[m]] for r in range(dp)]
+        own = [padded_length(s, max_len[m]) for s in slices]
+        row = out.setdefault(m, {"real": 0, "own": 0, "slowest": 0, "longest": 0, "flops": 0.0, "micro_batches": 0})
+        row["real"] += sum(lengths)
+        row["longest"] += len(lengths) * max(lengths)  # without the rounding up to a multiple of 8
+        row["own"] += sum(len(s) * n for s, n in zip(slices, own))
+        row["slowest"] += len(lengths) * max(own)
+        row["flops"] += _encoder_flops(config, m, micro_batch[m], max(own))
+        row["micro_batches"] += 1
+    reader.close()
+    for row in out.values():
+        row["own_padding"] = 1 - row["real"] / row["own"]
+        row["slowest_padding"] = 1 - row["real"] / row["slowest"]
+        row["unrounded_padding"] = 1 - row["real"] / row["longest"]
+        row["tflops_per_micro_batch"] = row["flops"] / row["micro_batches"] / 1e12
+    return {"kinds": out, "window_seconds": window_seconds}
+
+
+def bench_padding(root: Path, args) -> tuple[str, dict]:
+    """(the RESULTS.md row, the figures of the plain and grouped measurements)."""
+    if args.spec:
+        spec, tokenizer, source = Path(args.spec), Path(args.tokenizer), f"blend {args.spec}"
+    else:
+        spec, tokenizer = generated_corpus(root, args.padding_corpus)
+        source = (f"generated: {args.padding_corpus:,} captions and texts, log-normal word counts (median "
+                  f"{CAPTION_WORDS[0]}, sigma {CAPTION_WORDS[1]}; median {TEXT_WORDS[0]}, sigma {TEXT_WORDS[1]})")
+    config = XFMConfig.from_preset(args.preset)
+    micro_batch = {"pair": args.micro_batch_pairs, "text": args.text_micro_batch, "image": args.micro_batch_pairs}
+    group_size = args.group_size or int(np.lcm(micro_batch["pair"], micro_batch["text"])) * args.dp_size
+    largest = max(micro_batch.values()) * args.dp_size
+    blend = build_blend(spec, num_samples=args.padding_micro_steps * largest + group_size * args.window,
+                        seed=0, cache_dir=root / "cache")
+    plain, grouped = (measure_padding(blend, tokenizer, micro_batch, args.dp_size, size, args.window,
+                                      args.padding_micro_steps, config) for size in (0, group_size))
+    parts = []
+    for m in sorted(plain["kinds"]):
+        a, b = plain["kinds"][m], grouped["kinds"][m]
+        parts.append(f"{m} ({micro_batch[m]} x DP {args.dp_size}, {a['micro_batches']} micro-batches): padded positions "
+                     f"{a['slowest_padding']:.1%} -> {b['slowest_padding']:.1%} at the slowest rank's length "
+                     f"(each rank's own: {a['own_padding']:.1%} -> {b['own_padding']:.1%}; without the rounding to a "
+                     f"multiple of 8: {a['unrounded_padding']:.1%} -> {b['unrounded_padding']:.1%}); {args.preset} "
+                     f"encoder FLOPs per micro-batch {a['tflops_per_micro_batch']:.2f} -> {b['tflops_per_micro_batch']:.2f} "
+                     f"TFLOP ({b['tflops_per_micro_batch'] / a['tflops_per_micro_batch'] - 1:+.1%})")
+    row = (f"length grouping off -> on (group {group_size:,} samples, window {args.window} groups), {source}: "
+           + "; ".join(parts) + f"; grouping one window of {group_size * args.window:,} samples took "
+           f"{grouped['window_seconds']:.2f} s in the loader's main process")
+    return row, {"plain": plain, "grouped": grouped, "group_size": group_size}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--blend-samples", type=int, default=100_000_000)
     p.add_argument("--loader-samples", type=int, default=1536)
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--micro-batch", type=int, default=32)
+    p.add_argument("--only", choices=("loader", "blend", "padding"), default=None,
+                   help="run one benchmark (default: loader and blend)")
+    padding = p.add_argument_group("padding")
+    padding.add_argument("--spec", default=None, help="measure this blend spec's texts (default: a generated corpus)")
+    padding.add_argument("--tokenizer", default=None, help="tokenizer folder for --spec")
+    padding.add_argument("--preset", default="base", help="X-FM preset whose text caps and FLOPs are used")
+    padding.add_argument("--micro-batch-pairs", type=int, default=96, help="pair micro-batch per rank")
+    padding.add_argument("--text-micro-batch", type=int, default=256, help="text micro-batch per rank")
+    padding.add_argument("--dp-size", type=int, default=8, help="data-parallel ranks sharing a global micro-batch")
+    padding.add_argument("--group-size", type=int, default=0,
+                         help="samples per length group (default: lcm of the micro-batches x DP size)")
+    padding.add_argument("--window", type=int, default=64, help="groups per window")
+    padding.add_argument("--padding-micro-steps", type=int, default=200, help="global micro-steps measured")
+    padding.add_argument("--padding-corpus", type=int, default=20_000, help="generated samples per corpus")
     p.add_argument("--no-write", action="store_true", help="print only")
+    p.add_argument("--json", default=None, help="write the padding figures to this file")
     args = p.parse_args()
+    if args.spec and not args.tokenizer:
+        p.error("--spec needs --tokenizer (the tokenizer folder the run uses)")
     torch.set_num_threads(1)
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        loader = bench_loader(Path(tmp), args.loader_samples, args.image_size, args.micro_batch)
-    print(loader)
-    blend = bench_blend(args.blend_samples)
-    print(blend)
-    if not args.no_write:
-        add_row("benchmarks/data.py loader", loader)
-        add_row("benchmarks/data.py blend", blend)
+        if args.only in (None, "loader"):
+            rows.append(("benchmarks/data.py loader",
+                         bench_loader(Path(tmp), args.loader_samples, args.image_size, args.micro_batch)))
+        if args.only in (None, "blend"):
+            rows.append(("benchmarks/data.py blend", bench_blend(args.blend_samples)))
+        if args.only == "padding":
+            row, figures = bench_padding(Path(tmp), args)
+            rows.append(("benchmarks/data.py padding", row))
+            if args.json:
+                Path(args.json).write_text(json.dumps(figures, indent=1))
+    for name, row in rows:
+        print(row)
+        if not args.no_write:
+            add_row(name, row)
 
 
 if __name__ == "__main__":

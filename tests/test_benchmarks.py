@@ -249,3 +249,25 @@ def test_largest_that_fits_is_a_binary_search_for_the_last_fitting_size():
         best, tried = largest_that_fits(sizes, lambda s: seen.append(s) or s <= limit)
         assert best == (limit or None)
         assert [s for s, _ in tried] == seen and len(seen) <= 5  # log2(16) + 1 probes, not 16
+
+
+@pytest.mark.unit
+def test_padding_benchmark_counts_what_length_grouping_saves(tmp_path):
+    """benchmarks/data.py --only padding: on the generated corpus (captions of ~10 words, texts of
+    ~40), grouped micro-batches pad less at the slowest rank's length and cost fewer FLOPs. The base
+    preset's text caps (the tiny preset caps captions at 16 tokens: no room to differ)."""
+    out = tmp_path / "padding.json"
+    run_script(["benchmarks/data.py", "--only", "padding", "--no-write", "--preset", "base", "--dp-size", "2",
+                "--micro-batch-pairs", "8", "--text-micro-batch", "16", "--window", "8",
+                "--padding-micro-steps", "40", "--padding-corpus", "1500", "--json", str(out)])
+    figures = json.loads(out.read_text())
+    assert figures["group_size"] == 32  # lcm(8, 16) x DP 2
+    plain, grouped = figures["plain"]["kinds"], figures["grouped"]["kinds"]
+    assert sorted(plain) == sorted(grouped) == ["pair", "text"]
+    for kind in ("pair", "text"):
+        a, b = plain[kind], grouped[kind]
+        assert 0 <= b["slowest_padding"] < a["slowest_padding"] - 0.1, (kind, a, b)
+        for x in (a, b):  # each rank pads to its own longest, rounded up; all wait for the slowest
+            assert x["unrounded_padding"] <= x["slowest_padding"] and x["own_padding"] <= x["slowest_padding"]
+        assert b["tflops_per_micro_batch"] < a["tflops_per_micro_batch"]
+    assert figures["grouped"]["window_seconds"] >= 0 and figures["plain"]["window_seconds"] is None
