@@ -156,12 +156,15 @@ class Trainer:
         """This rank's loader over the run's blend (or over the blend ``spec``, as benchmarks/
         train_step.py does to time one micro-batch kind with the loader in the loop)."""
         from xfm_scale.data import BlendLoader, LoaderConfig, build_blend
+        from xfm_scale.data.lengths import cache_text_bytes
 
         d, obj, vision = self.cfg.data, self.model_config.objectives, self.model_config.vision
         build = lambda: build_blend(spec or d.spec, num_samples=self._num_blend_samples(), seed=d.seed,  # noqa: E731
                                     cache_dir=d.cache_dir)
         if self.is_main:  # one rank builds, the others load the cached blend
-            build()
+            blend = build()
+            if d.length_group_size:
+                cache_text_bytes(blend)  # the text lengths length grouping sorts by
         dist.barrier()
         blend = build()
         if blend.modality_weights().get("pair", 0) > 0:  # the model's group, as assembled on this rank

@@ -73,6 +73,14 @@ def corpus_text_bytes(corpus: Corpus, cache_dir: str | Path | None = None) -> np
     return np.load(path, mmap_mode="r")
 
 
+def cache_text_bytes(blend) -> None:
+    """Write the text byte sizes of the blend's text and pair corpora to its cache (one rank does
+    this before the others start: otherwise every rank reads every shard index at once)."""
+    for corpus in blend.corpora:
+        if corpus.modality in TEXT_MODALITIES:
+            corpus_text_bytes(corpus, blend.cache_dir)
+
+
 class LengthGroupedStreams:
     """The streams of the text and pair modalities reordered into length groups (see the module
     docstring); other modalities' streams are returned as they are.
