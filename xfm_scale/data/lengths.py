@@ -31,7 +31,6 @@ import hashlib
 import json
 import os
 import tempfile
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -49,12 +48,13 @@ def corpus_text_bytes(corpus: Corpus, cache_dir: str | Path | None = None) -> np
     none; capped at 65535, far beyond any text length cap), in the corpus's sample order.
 
     Read from the shard indexes; with ``cache_dir`` kept there as one ``.npy`` per corpus (keyed by
-    its shards and their sizes) and memory-mapped, so the ranks and workers of a node share one
-    copy and a relaunch reads no index again.
+    its shards and their sizes) and memory-mapped, so the ranks of a node share one copy in the
+    page cache and a relaunch reads no index again.
     """
     path = None
     if cache_dir is not None:
-        key = hashlib.sha256(json.dumps(asdict(corpus), sort_keys=True).encode()).hexdigest()[:16]
+        files = [corpus.shards, corpus.shard_samples, corpus.shard_bytes]  # not the weight: a reweighted spec reuses it
+        key = hashlib.sha256(json.dumps(files).encode()).hexdigest()[:16]
         path = Path(cache_dir) / "text-bytes" / f"{corpus.name}-{key}.npy"
         if path.exists():
             return np.load(path, mmap_mode="r")
