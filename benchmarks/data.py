@@ -205,6 +205,7 @@ def measure_padding(blend, tokenizer_dir, micro_batch: dict[str, int], dp: int, 
     reader, out = ShardReader(), {}
     window_seconds = None
     if group_size:
+        loader.schedule.grouped.load_text_bytes()  # the shard indexes are read once, not per window
         start = time.perf_counter()
         loader.schedule.positions("pair", 0, 1)
         window_seconds = time.perf_counter() - start
@@ -243,7 +244,9 @@ def bench_padding(root: Path, args) -> tuple[str, dict]:
     micro_batch = {"pair": args.micro_batch_pairs, "text": args.text_micro_batch, "image": args.micro_batch_pairs}
     group_size = args.group_size or int(np.lcm(micro_batch["pair"], micro_batch["text"])) * args.dp_size
     largest = max(micro_batch.values()) * args.dp_size
-    blend = build_blend(spec, num_samples=args.padding_micro_steps * largest + group_size * args.window,
+    shares = build_blend(spec, num_samples=1, seed=0).modality_weights()
+    grouped_share = min(shares.get(m, 1.0) for m in TEXT_MODALITIES)  # whole windows only: room for a tail
+    blend = build_blend(spec, num_samples=args.padding_micro_steps * largest + int(group_size * args.window / grouped_share),
                         seed=0, cache_dir=root / "cache")
     plain, grouped = (measure_padding(blend, tokenizer, micro_batch, args.dp_size, size, args.window,
                                       args.padding_micro_steps, config) for size in (0, group_size))

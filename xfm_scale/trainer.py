@@ -145,12 +145,25 @@ class Trainer:
             sources.insert(0, source)
         return base, pretrained.combine(*sources)
 
-    def _num_blend_samples(self) -> int:
+    def _num_blend_samples(self, spec: str) -> int:
         """Enough samples for the run whatever the DP size (so a resume at another size builds the
-        same blend): each step uses at most global_batch x (largest / pair micro-batch) samples."""
+        same blend): each step uses at most global_batch x (largest / pair micro-batch) samples.
+        With length grouping, also a window of every grouped stream: the loader reads whole
+        windows only (xfm_scale.data.lengths)."""
         sizes = self.cfg.batch.micro_batch_sizes()
         per_step = self.cfg.batch.global_batch_size * max(sizes.values()) / sizes["pair"]
-        return int(math.ceil(per_step * self.cfg.train.steps * 1.3)) + 64
+        needed = int(math.ceil(per_step * self.cfg.train.steps * 1.3)) + 64
+        d = self.cfg.data
+        if d.length_group_size:
+            from xfm_scale.data.lengths import TEXT_MODALITIES
+            from xfm_scale.data.spec import load_spec
+
+            corpora, _ = load_spec(spec)
+            total = sum(c.weight for c in corpora)
+            shares = [sum(c.weight for c in corpora if c.modality == m) / total for m in TEXT_MODALITIES]
+            window = d.length_group_size * d.length_group_window
+            needed += max((int(math.ceil(window / share)) for share in shares if share > 0), default=0)
+        return needed
 
     def build_loader(self, spec: str | None = None):
         """This rank's loader over the run's blend (or over the blend ``spec``, as benchmarks/
@@ -159,7 +172,8 @@ class Trainer:
         from xfm_scale.data.lengths import cache_text_bytes
 
         d, obj, vision = self.cfg.data, self.model_config.objectives, self.model_config.vision
-        build = lambda: build_blend(spec or d.spec, num_samples=self._num_blend_samples(), seed=d.seed,  # noqa: E731
+        spec = spec or d.spec
+        build = lambda: build_blend(spec, num_samples=self._num_blend_samples(spec), seed=d.seed,  # noqa: E731
                                     cache_dir=d.cache_dir)
         if self.is_main:  # one rank builds, the others load the cached blend
             blend = build()

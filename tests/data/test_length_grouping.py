@@ -49,7 +49,7 @@ def corpora(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def blend(corpora, tmp_path_factory):
-    return build_blend(corpora[0], num_samples=1200, seed=3, cache_dir=tmp_path_factory.mktemp("cache"))
+    return build_blend(corpora[0], num_samples=1250, seed=3, cache_dir=tmp_path_factory.mktemp("cache"))  # 500 texts and pairs: 5 windows of 96 + 20
 
 
 @pytest.fixture(scope="module")
@@ -94,20 +94,23 @@ def test_grouping_reorders_each_window_and_keeps_images_and_the_schedule(blend, 
     plain, grouped_loader = BlendLoader(blend, cfg), BlendLoader(blend, grouped(cfg))
     assert np.array_equal(plain.schedule.modality, grouped_loader.schedule.modality)
     window = 24 * 4
+    shuffled = 0
     for m in ("text", "pair", "image"):
         stream = np.asarray(blend.streams[m])
         order = grouped_loader.schedule.positions(m, 0, len(stream))
         if m == "image":
             assert np.array_equal(order, stream)
             continue
-        assert not np.array_equal(order, stream)
-        for w in range(0, len(stream), window):  # the same samples in every window, reordered
-            assert sorted(order[w:w + window]) == sorted(stream[w:w + window])
+        assert len(order) == len(stream) - len(stream) % window > 0  # whole windows only
         sizes = grouped_loader.schedule.grouped.text_bytes(order)
-        for w in range(0, len(order) - len(order) % window, window):  # whole windows: 4 groups of 24
-            groups = sorted((sizes[g:g + 24] for g in range(w, w + window, 24)), key=lambda x: x[0])
+        for w in range(0, len(order), window):
+            assert sorted(order[w:w + window]) == sorted(stream[w:w + window])  # the window's samples, reordered
+            groups = [sizes[g:g + 24] for g in range(w, w + window, 24)]
             assert all(np.all(np.diff(group) >= 0) for group in groups)  # sorted within a group
-            assert all(a[-1] <= b[0] for a, b in zip(groups, groups[1:]))  # groups: disjoint length ranges
+            by_length = sorted(groups, key=lambda x: x[0])
+            assert all(a[-1] <= b[0] for a, b in zip(by_length, by_length[1:]))  # disjoint length ranges
+            shuffled += any(a[0] > b[0] for a, b in zip(groups, groups[1:]))  # groups not read short to long
+    assert shuffled >= 4, shuffled
 
 
 def test_grouped_micro_batches_pad_far_less(blend, cfg):
@@ -130,8 +133,9 @@ def test_ranks_split_one_global_micro_batch_and_workers_change_nothing(blend, cf
     assert_same_batches(take(BlendLoader(blend, replace(cfg, num_workers=2), dp_rank=1, dp_size=2), 10), ranks[1])
 
 
-def test_resume_mid_window_at_another_dp_size_repeats_and_loses_nothing(blend, cfg):
-    cfg = grouped(cfg)
+@pytest.mark.parametrize("size, window", [(24, 4), (8, 2)])  # (8, 2): micro-batches straddle windows
+def test_resume_mid_window_at_another_dp_size_repeats_and_loses_nothing(blend, cfg, size, window):
+    cfg = grouped(cfg, size, window)
     uninterrupted = take(BlendLoader(blend, cfg, dp_rank=1, dp_size=2), 14)
     first = BlendLoader(blend, cfg, dp_rank=1, dp_size=2)
     take(first, 6)
@@ -152,6 +156,35 @@ def test_resume_mid_window_at_another_dp_size_repeats_and_loses_nothing(blend, c
     reference = BlendLoader(blend, cfg)
     for m in MBS:
         assert seen[m] == reference.stream_keys(m, 0, len(seen[m]))  # the grouped order, no gap, no repeat
+    assert min(len(seen[m]) for m in ("text", "pair")) > 2 * size * window or size == 24
+
+
+def test_a_longer_blend_continues_a_grouped_cursor(blend, cfg, corpora, tmp_path):
+    """A run whose train.steps grew builds a longer blend: grouped streams are read in whole windows
+    only, which the longer blend holds unchanged, so the cursor of the used-up shorter blend goes on."""
+    cfg = grouped(cfg)
+    longer = build_blend(corpora[0], num_samples=2 * blend.num_samples, seed=blend.seed, cache_dir=tmp_path)
+    finished = BlendLoader(blend, cfg, dp_rank=0, dp_size=2)
+    read = [batch for step in finished.iter_steps() for batch in step]  # the short blend used up
+    used = finished.state_dict()
+    continued = BlendLoader(longer, cfg, dp_rank=0, dp_size=2)
+    continued.load_state_dict(used)
+    reference = take(BlendLoader(longer, cfg, dp_rank=0, dp_size=2), used["micro_step"] + 6)
+    assert_same_batches(read, reference[:-6])  # what the short blend read, the longer reads first
+    assert_same_batches(take(continued, 6), reference[-6:])
+
+
+def test_a_cursor_is_resumed_only_with_the_grouping_it_was_saved_with(blend, cfg):
+    saved = BlendLoader(blend, grouped(cfg), dp_rank=0, dp_size=2)
+    take(saved, 5)
+    for other in (cfg, grouped(cfg, size=48), grouped(cfg, window=8)):
+        with pytest.raises(DataSpecError, match="saved with data.length_group_size=24, length_group_window=4"):
+            BlendLoader(blend, other, dp_rank=0, dp_size=2).load_state_dict(saved.state_dict())
+    plain = BlendLoader(blend, cfg).state_dict()
+    with pytest.raises(DataSpecError, match="saved with data.length_group_size=0, length_group_window=0"):
+        BlendLoader(blend, grouped(cfg)).load_state_dict(plain)
+    del plain["length_group_size"], plain["length_group_window"]  # a cursor from before grouping existed
+    BlendLoader(blend, cfg).load_state_dict(plain)
 
 
 def test_bad_group_settings_are_refused_and_a_size_that_splits_micro_batches_warns(blend, cfg, caplog):

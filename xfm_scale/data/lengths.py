@@ -14,7 +14,11 @@ The reordering is a pure function of the blend and the seed, like the rest of th
 * Each window is sorted by text length (stable, so ties keep blend order) and cut into groups of
   ``group_size`` samples; the groups' order is shuffled, seeded by (seed, modality, window).
 * Micro-batches then read the reordered stream exactly as they read the plain one: the same cursor,
-  every sample once, the same order for any data-parallel size. A group size that is a multiple of
+  every sample once, the same order for any data-parallel size.
+* Only whole windows are read: the samples after a stream's last whole window are not used. A
+  longer blend of the same spec (a run whose train.steps grew) holds the same whole windows, so a
+  saved cursor continues exactly; a partial window would be sorted and shuffled differently once
+  the blend grows. (The trainer sizes the blend with room for that tail.) A group size that is a multiple of
   the global micro-batch (micro-batch x DP size) keeps every micro-batch inside one group; any
   other size is still correct, and a micro-batch may then straddle two groups.
 
@@ -98,15 +102,25 @@ class LengthGroupedStreams:
         self._text_bytes: dict[int, np.ndarray] = {}
         self._windows: dict[tuple[str, int], np.ndarray] = {}
 
+    def usable_length(self, modality: str) -> int:
+        """Samples of the modality's stream the loader may read: whole windows only when grouped."""
+        n = len(self.blend.streams[modality])
+        return n - n % self.window if modality in TEXT_MODALITIES else n
+
     def positions(self, modality: str, start: int, stop: int) -> np.ndarray:
         stream = self.blend.streams[modality]
-        stop = min(stop, len(stream))
+        stop = min(stop, self.usable_length(modality))
         if modality not in TEXT_MODALITIES or start >= stop:
             return np.array(stream[start:stop])
-        first, last = start // self.window, (stop - 1) // self.window
-        parts = [self._window(modality, w) for w in range(first, last + 1)]
-        offset = first * self.window
-        return np.concatenate(parts)[start - offset:stop - offset]
+        parts = [self._window(modality, w)[max(start - w * self.window, 0):stop - w * self.window]
+                 for w in range(start // self.window, (stop - 1) // self.window + 1)]
+        return np.concatenate(parts)
+
+    def load_text_bytes(self) -> None:
+        """Read (or map from the cache) the text sizes of every grouped corpus now, not at the first window."""
+        for c, corpus in enumerate(self.blend.corpora):
+            if corpus.modality in TEXT_MODALITIES and c not in self._text_bytes:
+                self._text_bytes[c] = corpus_text_bytes(corpus, self.blend.cache_dir)
 
     def text_bytes(self, positions: np.ndarray) -> np.ndarray:
         """Text byte size of the samples at these blend positions."""

@@ -170,6 +170,10 @@ class _Schedule:
         self.modality = np.array([MODALITIES.index(m) for m in present], dtype=np.int8)[choice]
         self.grouped = grouped
 
+    def usable_length(self, modality: str) -> int:
+        """Samples of a modality's stream the loader may read (with length grouping, whole windows)."""
+        return self.grouped.usable_length(modality) if self.grouped is not None else len(self.streams[modality])
+
     def positions(self, modality: str, start: int, stop: int) -> np.ndarray:
         """Blend positions ``start:stop`` of a modality's stream in the order they are read (with
         length grouping, the grouped order): a copy, not a view of the map."""
@@ -256,7 +260,7 @@ class BlendLoader:
         if micro_step + self.cfg.micro_steps_per_step > len(self.schedule.modality):
             return False
         need = Counter(self.schedule.modality_at(t) for t in range(micro_step, micro_step + self.cfg.micro_steps_per_step))
-        return all(offsets[m] + n * self.cfg.micro_batch_sizes[m] * self.dp_size <= len(self.schedule.streams[m])
+        return all(offsets[m] + n * self.cfg.micro_batch_sizes[m] * self.dp_size <= self.schedule.usable_length(m)
                    for m, n in need.items())
 
     @property
@@ -270,7 +274,7 @@ class BlendLoader:
         """Sample keys of positions ``start:stop`` of a modality's global stream (before bad-sample
         replacement): the order in which all ranks together consume that modality."""
         keys = []
-        stop = len(self.schedule.streams[modality]) if stop is None else stop
+        stop = self.schedule.usable_length(modality) if stop is None else stop
         for gi in self.schedule.positions(modality, start, stop):
             c = int(self.blend.corpus_index[gi])
             key, _, _ = self._dataset._locate(c, int(self.blend.sample_index[gi]))
@@ -305,15 +309,28 @@ class BlendLoader:
                 yield step
                 step = []
 
+    def _length_groups(self) -> dict[str, int]:
+        size = self.cfg.length_group_size
+        return {"length_group_size": size, "length_group_window": self.cfg.length_group_window if size else 0}
+
     def state_dict(self) -> dict[str, int]:
         """The cursor: global micro-step, one offset per modality stream, a checksum of the blend's
-        sample sequence (its length excluded: a longer blend of the same spec continues it)."""
-        return {**self._cursor, "blend_crc": zlib.crc32(self.blend.sequence_id.encode())}
+        sample sequence (its length excluded: a longer blend of the same spec continues it), and
+        the length grouping the offsets count in."""
+        return {**self._cursor, "blend_crc": zlib.crc32(self.blend.sequence_id.encode()), **self._length_groups()}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         if state.get("blend_crc") != zlib.crc32(self.blend.sequence_id.encode()):
             raise DataSpecError("the loader state was saved with another blend (spec, shards or "
                                 "seed differ); resume with the blend spec and data.seed it was saved with")
+        saved = {k: int(state.get(k, 0)) for k in ("length_group_size", "length_group_window")}  # older cursors: off
+        if saved != self._length_groups():
+            # the offsets count samples of the streams in the saved order: another grouping would
+            # repeat some samples and skip others
+            raise DataSpecError(f"the loader state was saved with data.length_group_size={saved['length_group_size']}, "
+                                f"length_group_window={saved['length_group_window']}, this run has "
+                                f"{self.cfg.length_group_size}, {self.cfg.length_group_window}; resume with the "
+                                "saved values (0: off)")
         self._cursor = {k: int(state[k]) for k in ("micro_step", *(f"offset_{m}" for m in MODALITIES))}
 
 
