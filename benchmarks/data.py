@@ -22,6 +22,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import tempfile
 import time
@@ -32,16 +33,19 @@ import numpy as np
 import torch
 import webdataset as wds
 import yaml
+from PIL import Image
 
 import results  # benchmarks/results.py
 from xfm_scale.batch import IGNORE_INDEX, PairBatch, TextBatch
 from xfm_scale.config import XFMConfig
-from xfm_scale.data.blend import blend_corpus_choice, build_blend, megatron_blending_helper, shuffle_draws
-from xfm_scale.data.demo import build_demo_data
-from xfm_scale.data.lengths import TEXT_MODALITIES
-from xfm_scale.data.loader import BlendLoader, LoaderConfig, _MicroBatchDataset, _PlanSampler, decode_sample
+from xfm_scale.data.blend import (blend_corpus_choice, build_blend, megatron_blending_helper, modality_shares,
+                                  shuffle_draws)
+from xfm_scale.data.demo import build_demo_data, png_bytes
+from xfm_scale.data.lengths import TEXT_MODALITIES, cache_text_bytes
+from xfm_scale.data.loader import (BlendLoader, LoaderConfig, _MicroBatchDataset, _PlanSampler, decode_sample,
+                                   padded_text_length)
 from xfm_scale.data.shards import ShardReader, write_corpus
-from xfm_scale.data.spec import Corpus
+from xfm_scale.data.spec import Corpus, load_spec
 from xfm_scale.flops import micro_batch_flops
 
 PACKAGES = ("torch", "torchvision", "webdataset", "megatron-core", "numpy", "tokenizers")
@@ -138,7 +142,7 @@ def generated_corpus(root: Path, samples: int) -> tuple[Path, Path]:
     are one tiny PNG: only the captions are read here)."""
     rng = np.random.default_rng(0)
     demo = build_demo_data(root / "demo", num_pairs=10, num_images=10, num_text=200, num_eval_pairs=10)
-    image = _tiny_png()
+    image = png_bytes(Image.new("RGB", (4, 4)))
 
     def words(median: float, sigma: float, n: int) -> list[str]:
         counts = np.clip(np.rint(rng.lognormal(np.log(median), sigma, n)), 1, 400).astype(int)
@@ -154,16 +158,6 @@ def generated_corpus(root: Path, samples: int) -> tuple[Path, Path]:
     return spec, demo.tokenizer_dir
 
 
-def _tiny_png() -> bytes:
-    import io
-
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.new("RGB", (4, 4)).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def text_lengths(dataset: _MicroBatchDataset, reader: ShardReader, positions: np.ndarray, max_len: int) -> list[int]:
     """Token counts (special tokens included, truncated at ``max_len``) of the texts at these blend
     positions, as the loader's tokenizer call gives them; only the txt members are read."""
@@ -171,13 +165,10 @@ def text_lengths(dataset: _MicroBatchDataset, reader: ShardReader, positions: np
     for gi in positions:
         c, sample = int(dataset.blend.corpus_index[gi]), int(dataset.blend.sample_index[gi])
         _, spans, shard = dataset._locate(c, sample)
-        texts.append(reader.read(shard, tuple(spans["txt"])).decode("utf-8", "replace").strip() if "txt" in spans else "")
+        members = {"txt": reader.read(shard, tuple(spans["txt"]))} if "txt" in spans else {}
+        decoded = decode_sample(members, "text")
+        texts.append(decoded["txt"] if isinstance(decoded, dict) else "")  # a bad one: as short as can be
     return [len(ids) for ids in dataset._tokens(texts, max_len)[0]]
-
-
-def padded_length(lengths, max_len: int) -> int:
-    """The loader's padding: to the longest, rounded up to a multiple of 8, at most ``max_len``."""
-    return min(max_len, -(-max(lengths) // 8) * 8)
 
 
 def _encoder_flops(config: XFMConfig, modality: str, rows: int, length: int) -> float:
@@ -205,17 +196,17 @@ def measure_padding(blend, tokenizer_dir, micro_batch: dict[str, int], dp: int, 
     reader, out = ShardReader(), {}
     window_seconds = None
     if group_size:
-        loader.schedule.grouped.load_text_bytes()  # the shard indexes are read once, not per window
+        cache_text_bytes(blend)  # the shard indexes are read here, not in the timed window
         start = time.perf_counter()
         loader.schedule.positions("pair", 0, 1)
         window_seconds = time.perf_counter() - start
-    for t, plan in zip(range(micro_steps), _PlanSampler(loader, loader._cursor)):
+    for plan in itertools.islice(_PlanSampler(loader, loader._cursor), micro_steps):
         m = plan.modality
         if m not in TEXT_MODALITIES:
             continue
         lengths = text_lengths(loader._dataset, reader, plan.global_indices, max_len[m])
         slices = [lengths[r * micro_batch[m]:(r + 1) * micro_batch[m]] for r in range(dp)]
-        own = [padded_length(s, max_len[m]) for s in slices]
+        own = [padded_text_length(s, max_len[m]) for s in slices]
         row = out.setdefault(m, {"real": 0, "own": 0, "slowest": 0, "longest": 0, "flops": 0.0, "micro_batches": 0})
         row["real"] += sum(lengths)
         row["longest"] += len(lengths) * max(lengths)  # without the rounding up to a multiple of 8
@@ -244,7 +235,7 @@ def bench_padding(root: Path, args) -> tuple[str, dict]:
     micro_batch = {"pair": args.micro_batch_pairs, "text": args.text_micro_batch, "image": args.micro_batch_pairs}
     group_size = args.group_size or int(np.lcm(micro_batch["pair"], micro_batch["text"])) * args.dp_size
     largest = max(micro_batch.values()) * args.dp_size
-    shares = build_blend(spec, num_samples=1, seed=0).modality_weights()
+    shares = modality_shares(load_spec(spec)[0])
     grouped_share = min(shares.get(m, 1.0) for m in TEXT_MODALITIES)  # whole windows only: room for a tail
     blend = build_blend(spec, num_samples=args.padding_micro_steps * largest + int(group_size * args.window / grouped_share),
                         seed=0, cache_dir=root / "cache")

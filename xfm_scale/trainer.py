@@ -155,14 +155,13 @@ class Trainer:
         needed = int(math.ceil(per_step * self.cfg.train.steps * 1.3)) + 64
         d = self.cfg.data
         if d.length_group_size:
+            from xfm_scale.data.blend import modality_shares
             from xfm_scale.data.lengths import TEXT_MODALITIES
             from xfm_scale.data.spec import load_spec
 
-            corpora, _ = load_spec(spec)
-            total = sum(c.weight for c in corpora)
-            shares = [sum(c.weight for c in corpora if c.modality == m) / total for m in TEXT_MODALITIES]
+            shares = modality_shares(load_spec(spec)[0])
             window = d.length_group_size * d.length_group_window
-            needed += max((int(math.ceil(window / share)) for share in shares if share > 0), default=0)
+            needed += max((int(math.ceil(window / shares[m])) for m in TEXT_MODALITIES if m in shares), default=0)
         return needed
 
     def build_loader(self, spec: str | None = None):

@@ -73,12 +73,7 @@ class Blend:
 
     def modality_weights(self) -> dict[str, float]:
         """Normalised spec weight of each modality present (the sum over its corpora)."""
-        total = sum(c.weight for c in self.corpora)
-        out: dict[str, float] = {}
-        for c in self.corpora:
-            if c.weight > 0:
-                out[c.modality] = out.get(c.modality, 0.0) + c.weight / total
-        return out
+        return modality_shares(self.corpora)
 
     def report(self) -> list[dict]:
         """Per corpus: weight (normalised), realized share, samples drawn, epochs implied."""
@@ -88,6 +83,17 @@ class Blend:
                  "realized_share": int(counts[i]) / self.num_samples, "samples_drawn": int(counts[i]),
                  "corpus_samples": c.num_samples, "epochs": int(counts[i]) / c.num_samples}
                 for i, c in enumerate(self.corpora)]
+
+
+def modality_shares(corpora: list[Corpus] | list[CorpusSpec]) -> dict[str, float]:
+    """Normalised weight of each modality with a positive weight (the sum over its corpora), of
+    validated corpora or of a spec's entries as written."""
+    total = sum(c.weight for c in corpora)
+    out: dict[str, float] = {}
+    for c in corpora:
+        if c.weight > 0:
+            out[c.modality] = out.get(c.modality, 0.0) + c.weight / total
+    return out
 
 
 def megatron_blending_helper():

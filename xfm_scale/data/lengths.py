@@ -14,13 +14,13 @@ The reordering is a pure function of the blend and the seed, like the rest of th
 * Each window is sorted by text length (stable, so ties keep blend order) and cut into groups of
   ``group_size`` samples; the groups' order is shuffled, seeded by (seed, modality, window).
 * Micro-batches then read the reordered stream exactly as they read the plain one: the same cursor,
-  every sample once, the same order for any data-parallel size.
+  every sample once, the same order for any data-parallel size. A group size that is a multiple of
+  the global micro-batch (micro-batch x DP size) keeps every micro-batch inside one group; any
+  other size is still correct, and a micro-batch may then straddle two groups.
 * Only whole windows are read: the samples after a stream's last whole window are not used. A
   longer blend of the same spec (a run whose train.steps grew) holds the same whole windows, so a
   saved cursor continues exactly; a partial window would be sorted and shuffled differently once
-  the blend grows. (The trainer sizes the blend with room for that tail.) A group size that is a multiple of
-  the global micro-batch (micro-batch x DP size) keeps every micro-batch inside one group; any
-  other size is still correct, and a micro-batch may then straddle two groups.
+  the blend grows. (The trainer sizes the blend with room for that tail.)
 
 The text length is the byte size of the sample's ``txt`` member, read from the shard indexes (the
 loader's random-access indexes): no shard data is read, decoded or tokenized to group. Bytes track
@@ -116,22 +116,16 @@ class LengthGroupedStreams:
                  for w in range(start // self.window, (stop - 1) // self.window + 1)]
         return np.concatenate(parts)
 
-    def load_text_bytes(self) -> None:
-        """Read (or map from the cache) the text sizes of every grouped corpus now, not at the first window."""
-        for c, corpus in enumerate(self.blend.corpora):
-            if corpus.modality in TEXT_MODALITIES and c not in self._text_bytes:
-                self._text_bytes[c] = corpus_text_bytes(corpus, self.blend.cache_dir)
-
     def text_bytes(self, positions: np.ndarray) -> np.ndarray:
         """Text byte size of the samples at these blend positions."""
         corpus = np.asarray(self.blend.corpus_index[positions])
         sample = np.asarray(self.blend.sample_index[positions])
         sizes = np.zeros(len(positions), dtype=np.int64)
-        for c in np.unique(corpus):
-            if int(c) not in self._text_bytes:
-                self._text_bytes[int(c)] = corpus_text_bytes(self.blend.corpora[c], self.blend.cache_dir)
+        for c in map(int, np.unique(corpus)):
+            if c not in self._text_bytes:
+                self._text_bytes[c] = corpus_text_bytes(self.blend.corpora[c], self.blend.cache_dir)
             here = corpus == c
-            sizes[here] = self._text_bytes[int(c)][sample[here]]
+            sizes[here] = self._text_bytes[c][sample[here]]
         return sizes
 
     def _window(self, modality: str, w: int) -> np.ndarray:

@@ -151,7 +151,7 @@ class _Plan:
 class _Schedule:
     """The modality of every global micro-step, and the per-modality streams of blend positions."""
 
-    def __init__(self, blend: Blend, micro_batch_sizes: dict[str, int], grouped: LengthGroupedStreams | None = None):
+    def __init__(self, blend: Blend, micro_batch_sizes: dict[str, int]):
         # The blend's own streams: memory-mapped from its cache, shared by every rank and worker
         # rather than rebuilt in memory here (8 bytes per blend sample in every rank). Measured,
         # N = 20M, demo spec, mbs 256/96/96: BlendLoader() held 153 MiB (peak 191 MiB) when it built
@@ -168,7 +168,7 @@ class _Schedule:
         length = sum(-(-len(self.streams[m]) // mbs[m]) for m in present) + 1
         choice, _ = blend_corpus_choice(weights, length)
         self.modality = np.array([MODALITIES.index(m) for m in present], dtype=np.int8)[choice]
-        self.grouped = grouped
+        self.grouped: LengthGroupedStreams | None = None  # BlendLoader sets it with length grouping on
 
     def usable_length(self, modality: str) -> int:
         """Samples of a modality's stream the loader may read (with length grouping, whole windows)."""
@@ -225,13 +225,11 @@ class BlendLoader:
         if not 0 <= dp_rank < dp_size:
             raise DataSpecError(f"dp_rank={dp_rank} is not in 0..{dp_size - 1} (dp_size={dp_size})")
         self.blend, self.cfg, self.dp_rank, self.dp_size = blend, cfg, dp_rank, dp_size
-        cfg.validate({m for m in MODALITIES if len(blend.streams[m])})
-        grouped = None
+        self.schedule = _Schedule(blend, cfg.micro_batch_sizes)
+        cfg.validate(self.schedule.present)
         if cfg.length_group_size:
-            grouped = LengthGroupedStreams(blend, cfg.length_group_size, cfg.length_group_window,
-                                           blend.seed if cfg.seed is None else cfg.seed)
-        self.schedule = _Schedule(blend, cfg.micro_batch_sizes, grouped)
-        if grouped is not None:
+            self.schedule.grouped = LengthGroupedStreams(blend, cfg.length_group_size, cfg.length_group_window,
+                                                         blend.seed if cfg.seed is None else cfg.seed)
             self._check_group_size()
         self.bad_samples = BadSampleCounter()
         self._dataset = _MicroBatchDataset(blend, cfg)
@@ -417,7 +415,7 @@ class _MicroBatchDataset(Dataset):
         """(ids [B, L], attention [B, L], masked ids [B, L], labels [B, L]) for the samples' text."""
         tok = self.tokenizer
         ids, special = self._tokens([s[2]["txt"] for s in samples], max_len)
-        length = min(max_len, -(-max(len(x) for x in ids) // 8) * 8)  # pad to a multiple of 8
+        length = padded_text_length([len(x) for x in ids], max_len)
         out = {k: np.full((len(ids), length), v, dtype=np.int64)
                for k, v in (("ids", tok.pad_token_id), ("att", 0), ("masked", tok.pad_token_id),
                             ("labels", IGNORE_INDEX))}
@@ -452,6 +450,12 @@ class _MicroBatchDataset(Dataset):
         return PairBatch(pixel_values_BCHW=pixels, caption_ids_BL=ids, caption_mask_BL=attention,
                          imlm_input_ids_BL=masked, imlm_labels_BL=labels, mim_mask_BP=mim,
                          sample_keys=tuple(s[1] for s in samples))
+
+
+def padded_text_length(lengths: list[int], max_len: int) -> int:
+    """The text length a micro-batch is padded to: its longest text rounded up to a multiple of 8,
+    at most ``max_len``."""
+    return min(max_len, -(-max(lengths) // 8) * 8)
 
 
 _REPLACEMENT_STREAM = 0x5EB1AC  # keeps these draws apart from sample_rngs' (seed, index) stream
