@@ -36,6 +36,7 @@ import yaml
 from PIL import Image
 
 import results  # benchmarks/results.py
+from generated import CAPTION_WORDS, TEXT_WORDS, lognormal_word_texts  # benchmarks/generated.py
 from xfm_scale.batch import IGNORE_INDEX, PairBatch, TextBatch
 from xfm_scale.config import XFMConfig
 from xfm_scale.data.blend import (blend_corpus_choice, build_blend, megatron_blending_helper, modality_shares,
@@ -131,12 +132,6 @@ def bench_blend(num_samples: int) -> str:
             f"{total - chosen:.2f}s); cache write {save:.2f}s")
 
 
-# Word counts of the generated corpus: log-normal (median, sigma). Captions of about 10 words on
-# average (CC3M's reported mean is 10.3), texts of paragraph length with a tail past the 128-token cap.
-CAPTION_WORDS, TEXT_WORDS = (9, 0.45), (40, 0.8)
-DEMO_WORDS = "red green blue yellow purple black circle square triangle diamond left right top bottom".split()
-
-
 def generated_corpus(root: Path, samples: int) -> tuple[Path, Path]:
     """(blend spec, tokenizer folder): text and pair corpora of generated lengths (the pairs' images
     are one tiny PNG: only the captions are read here)."""
@@ -144,14 +139,11 @@ def generated_corpus(root: Path, samples: int) -> tuple[Path, Path]:
     demo = build_demo_data(root / "demo", num_pairs=10, num_images=10, num_text=200, num_eval_pairs=10)
     image = png_bytes(Image.new("RGB", (4, 4)))
 
-    def words(median: float, sigma: float, n: int) -> list[str]:
-        counts = np.clip(np.rint(rng.lognormal(np.log(median), sigma, n)), 1, 400).astype(int)
-        return [" ".join(rng.choice(DEMO_WORDS, c)) for c in counts]
-
-    pairs = write_corpus(({"png": image, "txt": t} for t in words(*CAPTION_WORDS, samples)), out_dir=root / "pairs",
-                         name="pairs", modality="pair", maxcount=10_000).manifest_path
-    texts = write_corpus(({"txt": t} for t in words(*TEXT_WORDS, samples)), out_dir=root / "texts", name="texts",
-                         modality="text", maxcount=10_000).manifest_path
+    captions = lognormal_word_texts(rng, *CAPTION_WORDS, samples)
+    pairs = write_corpus(({"png": image, "txt": t} for t in captions), out_dir=root / "pairs", name="pairs",
+                         modality="pair", maxcount=10_000).manifest_path
+    texts = write_corpus(({"txt": t} for t in lognormal_word_texts(rng, *TEXT_WORDS, samples)),
+                         out_dir=root / "texts", name="texts", modality="text", maxcount=10_000).manifest_path
     spec = root / "spec.yaml"
     spec.write_text(yaml.safe_dump({"corpora": [{"name": "pairs", "modality": "pair", "weight": 0.5, "manifest": str(pairs)},
                                                 {"name": "texts", "modality": "text", "weight": 0.5, "manifest": str(texts)}]}))

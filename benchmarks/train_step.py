@@ -19,13 +19,18 @@ xfm_scale.flops.device_peak_flops; the baseline is credited with the same count,
 heads compute logits at every position rather than at the masked ones), the ratio xfm_scale /
 baseline per case, and how much slower
 each is with the loader in the loop. The data is a generated corpus at the preset's image size
-(the demo world's pairs and images, and ~128-token texts), so text micro-batches are full length.
+(the demo world's pairs and images, and ~128-token texts), so text micro-batches are full length;
+``--text-words MEDIAN SIGMA`` draws the texts' word counts log-normally instead, and
+``--length-group-size N`` turns on length grouping (data.length_group_size): run it with and
+without to time what grouping saves (each row then carries its share of padded text positions).
+``--cases`` times some of the cases only (``base`` on a CPU: ``--cases text``).
 
   DS_ACCELERATOR=cpu python benchmarks/train_step.py --preset tiny          # CPU, every session
   python benchmarks/train_step.py --preset base --record                    # one GPU, bf16
   python benchmarks/train_step.py --preset base --zero-stage 2 --record     # ZeRO-2: no gathers
   python benchmarks/train_step.py --preset base --zero-stage 2 --compile-blocks --record  # + torch.compile
   torchrun --nproc_per_node 8 benchmarks/train_step.py --preset large       # 8 GPUs, DP 8
+  python benchmarks/train_step.py --preset base --text-words 40 0.8 [--length-group-size 1536] --record
 
 ``--record`` appends a dated row to benchmarks/RESULTS.md; ``--json PATH`` writes every figure;
 ``--profile DIR`` then profiles one step per implementation and case (benchmarks/profile_step.py:
@@ -53,6 +58,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 import results  # noqa: E402  (benchmarks/results.py)
+from generated import lognormal_word_texts  # noqa: E402  (benchmarks/generated.py)
 from profile_step import format_table, profile_step  # noqa: E402
 from baseline_xfm import BaselineTrainer  # noqa: E402
 from xfm_scale import parallel, run_config  # noqa: E402
@@ -80,11 +86,17 @@ class Timing:
     process_max_allocated_gb: float | None = None
     """On a GPU: the process's peak allocated memory during these timed steps (GiB). Both
     implementations' weights and optimizer states are resident throughout."""
+    text_positions: int = 0
+    """Text positions (text micro-batches' and pair captions') the model computed, padding included."""
+    real_text_positions: int = 0
+    """Of those, the positions of real tokens."""
 
     def row(self, peak: float) -> dict[str, float]:
         row = {"samples_per_s": self.samples / self.seconds, "tflops": achieved_tflops(self.flops, self.seconds),
                "mfu": mfu(self.flops, self.seconds, peak), "step_s": self.seconds,
                "graphs_compiled_while_timed": self.graphs_compiled}
+        if self.text_positions:
+            row["text_padding"] = 1 - self.real_text_positions / self.text_positions
         if self.process_max_allocated_gb is not None:
             row["process_max_allocated_gb"] = self.process_max_allocated_gb
         return row
@@ -104,14 +116,19 @@ def long_texts(n: int, rng: random.Random) -> list[str]:
     return out
 
 
-def build_corpus(root: Path, image_size: int, num_samples: int) -> dict[str, Path]:
-    """The demo world's pairs and images at ``image_size``, long texts, and one blend spec per case."""
+def build_corpus(root: Path, image_size: int, num_samples: int,
+                 text_words: tuple[float, float] | None = None) -> dict[str, Path]:
+    """The demo world's pairs and images at ``image_size``, texts (long ones, or with log-normal
+    word counts of (median, sigma) ``text_words``), and one blend spec per case."""
+    import numpy as np
+
     from xfm_scale.data import build_demo_data
     from xfm_scale.data.shards import write_corpus
 
     demo = build_demo_data(root, image_size=image_size, num_pairs=num_samples, num_images=num_samples,
                            num_text=200, num_eval_pairs=10)
-    texts = long_texts(num_samples, random.Random(1))
+    texts = (lognormal_word_texts(np.random.default_rng(1), *text_words, num_samples) if text_words
+             else long_texts(num_samples, random.Random(1)))
     text_manifest = write_corpus(({"txt": t} for t in texts), out_dir=root / "long_text", name="long_text",
                                  modality="text", maxcount=2000, source="generated").manifest_path
     manifests = {"demo_pairs": demo.manifests["demo_pairs"], "demo_images": demo.manifests["demo_images"],
@@ -136,7 +153,8 @@ def run_settings(args, data: dict[str, Path], work: Path, dp: int, on_gpu: bool)
                   "compile_blocks": args.compile_blocks,
                   "vocab_from_tokenizer": False},  # keep the preset's vocabulary (e.g. RoBERTa's 50265)
         "data": {"spec": str(data["blend"]), "tokenizer_dir": str(data["tokenizer"]), "cache_dir": str(work / "cache"),
-                 "num_workers": args.workers, "augment": True},
+                 "num_workers": args.workers, "augment": True, "length_group_size": args.length_group_size,
+                 "length_group_window": args.length_group_window},
         "batch": {"micro_batch_size": args.micro_batch, "text_micro_batch_size": args.text_micro_batch,
                   "global_batch_size": args.micro_batch * args.micro_steps * dp},
         "optim": {"warmup_steps": 1},
@@ -185,6 +203,10 @@ def time_steps(step_fns: dict, steps: dict, *, warmup: int, count: int, with_loa
         t.samples += sum(b.size for b in batches) * dp
         t.flops += sum(flops_of(b) for b in batches)
         t.graphs_compiled += counters["stats"]["unique_graphs"] - graphs_before
+        for b in batches:
+            if b.text_mask_BL is not None:
+                t.real_text_positions += int(b.text_mask_BL.sum())
+                t.text_positions += b.text_mask_BL.numel()
         if on_gpu:
             peak_gb = torch.cuda.max_memory_allocated(device) / 2 ** 30
             t.process_max_allocated_gb = max(t.process_max_allocated_gb, peak_gb)
@@ -218,7 +240,7 @@ def benchmark(args) -> dict:
     image_size = XFMConfig.from_preset(args.preset).vision.image_size
     num_samples = max(64, args.micro_batch * args.micro_steps * layout.data_parallel_size * (args.warmup + args.steps + 2))
     if layout.rank == 0:
-        data = build_corpus(work / "data", image_size, min(num_samples, args.max_corpus))
+        data = build_corpus(work / "data", image_size, min(num_samples, args.max_corpus), args.text_words)
         (work / "data" / "ready.json").write_text(json.dumps({k: str(v) for k, v in data.items()}))
     dist.barrier()
     data = {k: Path(v) for k, v in json.loads((work / "data" / "ready.json").read_text()).items()}
@@ -244,7 +266,7 @@ def benchmark(args) -> dict:
         baseline = BaselineTrainer(model_config, cfg.optim, device, bf16=bf16, seed=cfg.train.seed)
         implementations["baseline"] = baseline.train_step
     rows, profiles = [], {}
-    for case in CASES:
+    for case in args.cases:
         for with_loader in (False, True):
             # a loader each, over the same steps: each implementation sees the same micro-batches
             steps = {name: trainer.build_loader(str(data[case])).iter_steps() for name in implementations}
@@ -266,7 +288,8 @@ def benchmark(args) -> dict:
             "zero_stage": trainer.engine.zero_optimization_stage(),
             "activation_checkpointing": args.activation_checkpointing, "compile_blocks": args.compile_blocks,
             "zero3_whole_block_gathers": trainer.engine.zero_optimization_stage() == 3 and not args.per_layer_gathers,
-            "loader_workers": args.workers,
+            "loader_workers": args.workers, "cases": list(args.cases), "text_words": args.text_words,
+            "length_group_size": args.length_group_size, "length_group_window": args.length_group_window,
             "steps": args.steps, "warmup": args.warmup, "rows": rows, "profile": profiles, **summarise(rows)}
 
 
@@ -298,28 +321,36 @@ def summarise(rows: list[dict]) -> dict:
 
 def _format_row(r: dict) -> str:
     memory = f"  process peak {r['process_max_allocated_gb']:.1f} GB" if "process_max_allocated_gb" in r else ""
+    padding = f"  text padding {r['text_padding']:5.1%}" if "text_padding" in r else ""
     compiled = (f"  WARNING: {r['graphs_compiled_while_timed']} graphs compiled while timed (more --warmup)"
                 if r["graphs_compiled_while_timed"] else "")
     return (f"{r['implementation']:>9} {r['case']:>5} {'loader' if r['loader'] else 'memory':>6}: "
-            f"{r['samples_per_s']:9.1f} samples/s  {r['tflops']:8.3f} TFLOP/s  MFU {r['mfu']:6.1%}{memory}{compiled}")
+            f"{r['samples_per_s']:9.1f} samples/s  {r['tflops']:8.3f} TFLOP/s  MFU {r['mfu']:6.1%}{padding}{memory}{compiled}")
 
 
 def record(out: dict) -> None:
     rows = {(r["implementation"], r["case"], r["loader"]): r for r in out["rows"]}
-    blend = rows[("xfm_scale", "blend", False)]
+    cases = out.get("cases", CASES)
+    words = out.get("text_words")
     parts = [f"{out['preset']} preset, {out['precision']}, micro-batch pair/image {out['micro_batch']['pair']} "
              f"text {out['micro_batch']['text']} x {out['micro_steps']} micro-steps, TP {out['tensor_parallel']} "
              f"DP {out['data_parallel']}, ZeRO-{out['zero_stage']}, activation checkpointing {'on' if out['activation_checkpointing'] else 'off'}, "
              f"{'blocks compiled (torch.compile, inductor), ' if out.get('compile_blocks') else ''}"
              f"{'per-layer ZeRO-3 gathers, ' if out['zero_stage'] == 3 and not out.get('zero3_whole_block_gathers') else ''}"
-             f"{out['steps']} timed steps; peak {out['peak_tflops']:.1f} TFLOP/s ({out['peak_source']})",
-             f"xfm_scale blended step: {blend['samples_per_s']:.1f} samples/s, {blend['tflops']:.2f} TFLOP/s, "
-             f"MFU {blend['mfu']:.1%}"]
-    for case in CASES:
+             f"{f'texts of log-normal word counts (median {words[0]:g}, sigma {words[1]:g}), ' if words else ''}"
+             f"{'length grouping {} x window {}, '.format(out['length_group_size'], out['length_group_window']) if out.get('length_group_size') else ''}"
+             f"{out['steps']} timed steps; peak {out['peak_tflops']:.1f} TFLOP/s ({out['peak_source']})"]
+    if "blend" in cases:
+        blend = rows[("xfm_scale", "blend", False)]
+        parts.append(f"xfm_scale blended step: {blend['samples_per_s']:.1f} samples/s, {blend['tflops']:.2f} TFLOP/s, "
+                     f"MFU {blend['mfu']:.1%}")
+    for case in cases:
         r = rows[("xfm_scale", case, False)]
-        per_case = f"{case} MFU {r['mfu']:.1%}"
+        per_case = f"{case} {r['samples_per_s']:.1f} samples/s, MFU {r['mfu']:.1%}"
+        if "text_padding" in r:
+            per_case += f", text padding {r['text_padding']:.1%}"
         if ("baseline", case, False) in rows:
-            per_case += (f", {r['samples_per_s']:.1f} vs baseline {rows[('baseline', case, False)]['samples_per_s']:.1f}"
+            per_case += (f", vs baseline {rows[('baseline', case, False)]['samples_per_s']:.1f}"
                          f" samples/s = {out['ratio_vs_baseline'][case]:.2f}x")
         parts.append(per_case)
     for key, summary in out.get("profile", {}).items():
@@ -331,9 +362,10 @@ def record(out: dict) -> None:
     if late:
         parts.append(f"{late} torch.compile graphs were built inside timed steps (figures too low)")
     slow = out["loader_slowdown"]
-    parts.append("with the loader ({} workers): xfm_scale blend {:+.1%}".format(
-        out["loader_workers"], -slow["xfm_scale/blend"])
-        + (f", baseline blend {-slow['baseline/blend']:+.1%}" if "baseline/blend" in slow else ""))
+    slowed = ["blend"] if "blend" in cases else cases
+    parts.append(f"with the loader ({out['loader_workers']} workers): " + ", ".join(
+        f"{impl} {case} {-slow[f'{impl}/{case}']:+.1%}" for impl in ("xfm_scale", "baseline") for case in slowed
+        if f"{impl}/{case}" in slow))
     results.add_row("benchmarks/train_step.py", "; ".join(parts), PACKAGES)
 
 
@@ -360,6 +392,15 @@ def parse_args(argv=None):
                         "block whole (deepspeed.zero3_gather_whole_blocks: false)")
     p.add_argument("--ds-config", default=None, help="DeepSpeed JSON (default: by device and stage, from ds_configs/)")
     p.add_argument("--no-baseline", action="store_true", help="time xfm_scale only")
+    p.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES),
+                   help="the cases to time (default: all; base on a CPU: text)")
+    p.add_argument("--text-words", nargs=2, type=float, metavar=("MEDIAN", "SIGMA"), default=None,
+                   help="generate texts with log-normal word counts (about one token per word) instead of "
+                        "full-length ones, e.g. 40 0.8 (base) or 10 0.8 (tiny)")
+    p.add_argument("--length-group-size", type=int, default=0,
+                   help="data.length_group_size: group texts and pairs of similar length (0: off); a multiple "
+                        "of the global micro-batch")
+    p.add_argument("--length-group-window", type=int, default=64, help="data.length_group_window")
     p.add_argument("--max-corpus", type=int, default=4000, help="at most this many generated samples per corpus")
     p.add_argument("--work-dir", default=None, help="where the generated data and run files go (default: a temp dir)")
     p.add_argument("--profile", default=None, metavar="DIR",

@@ -43,6 +43,11 @@ class _Batch:
     def size(self) -> int:
         return len(next(v for v in vars(self).values() if isinstance(v, torch.Tensor)))
 
+    @property
+    def text_mask_BL(self) -> torch.Tensor | None:
+        """The real-token mask of the text the encoders read (padding is 0), or None without text."""
+        return None
+
 
 @dataclass
 class TextBatch(_Batch):
@@ -54,6 +59,10 @@ class TextBatch(_Batch):
     """1 for real tokens, 0 for padding, [B, L] long."""
     mlm_labels_BL: torch.Tensor
     """Original id at masked positions, -100 elsewhere, [B, L] long."""
+
+    @property
+    def text_mask_BL(self) -> torch.Tensor:
+        return self.attention_mask_BL
 
 
 @dataclass
@@ -82,6 +91,10 @@ class PairBatch(_Batch):
     """Original id at IMLM-masked positions, -100 elsewhere, [B, L] long."""
     mim_mask_BP: torch.Tensor
     """True for masked patches, [B, P] bool."""
+
+    @property
+    def text_mask_BL(self) -> torch.Tensor:
+        return self.caption_mask_BL
 
 
 Batch = TextBatch | ImageBatch | PairBatch

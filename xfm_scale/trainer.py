@@ -499,14 +499,12 @@ def text_padding(batches: list) -> dict[str, float]:
     """``text_padding/<kind>``: the share of this rank's text positions that are padding, per
     micro-batch kind with text (text, pair). The model computes them (MFU counts them as work):
     data.length_group_size lowers it where texts differ in length."""
-    mask_of_kind = {"text": "attention_mask_BL", "pair": "caption_mask_BL"}
     real: dict[str, int] = defaultdict(int)
     positions: dict[str, int] = defaultdict(int)
     for batch in batches:
-        if batch.modality in mask_of_kind:
-            mask = getattr(batch, mask_of_kind[batch.modality])
-            real[batch.modality] += int(mask.sum())
-            positions[batch.modality] += mask.numel()
+        if batch.text_mask_BL is not None:
+            real[batch.modality] += int(batch.text_mask_BL.sum())
+            positions[batch.modality] += batch.text_mask_BL.numel()
     return {f"text_padding/{m}": 1 - real[m] / positions[m] for m in positions}
 
 
