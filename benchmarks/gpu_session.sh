@@ -14,7 +14,10 @@
 #                    ZeRO-3 by default, `train_step --zero-stage 2` for ZeRO-2 (parameters whole, no gathers),
 #                    `train_step --zero-stage 2 --compile-blocks` with the encoder blocks compiled by inductor;
 #                    add `--profile /tmp/xfm_profile` to profile one step per case after the timing (the time by
-#                    owner lands in the JSON; the blended step's two traces are copied to $OUT for Perfetto)
+#                    owner lands in the JSON; the blended step's two traces are copied to $OUT for Perfetto);
+#                    length grouping's A/B on texts of natural length, one call each:
+#                    `train_step --cases text pair --text-words 40 0.8 [--length-group-size 768]` (768: a
+#                    multiple of both global micro-batches, 96 pairs and 256 texts)
 #        memory      state, step peak and saved activations of base and large, checkpointing off/on
 #        largest     the largest depth-scaled giant that trains one step with ZeRO-3 + CPU offload of the
 #                    optimizer, the bf16 parameters on the GPU (18 B per parameter of host memory); by default
