@@ -8,8 +8,10 @@
 #
 # STAGE: tests       the GPU tests (fused SDPA kernels in bf16, inductor-compiled blocks against eager, bf16 ZeRO-3
 #                    and ZeRO-2 steps on NCCL (ZeRO-2 also with compiled blocks), CPU offload,
-#                    bf16 runs that save, resume and export); pytest options follow, e.g. `tests -k bf16_run`
-#                    to split them over two calls if one would pass 10 minutes
+#                    bf16 runs that save, resume and export); pytest options follow. Together they likely pass
+#                    one call's 10 minutes (inductor compiles, three baseline runs, the cpu_adam build), so split
+#                    them over three calls: `tests -k "fused or inductor"`, `tests -k nccl`,
+#                    `tests -k "offload or bf16_run"`; the whole log lands in $OUT/pytest.log
 #        train_step  base preset against the baseline, bf16, loader in the loop and not (benchmarks/train_step.py);
 #                    ZeRO-3 by default, `train_step --zero-stage 2` for ZeRO-2 (parameters whole, no gathers),
 #                    `train_step --zero-stage 2 --compile-blocks` with the encoder blocks compiled by inductor;
@@ -36,13 +38,22 @@ mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}" DS_ACCELERATOR=cuda PYTHONWARNINGS=ignore
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+# The GPU image has its own torch (not this checkout's venv's): every stage prints what it ran with.
+python3 -c 'import importlib.metadata as m; print(", ".join(f"{p} {m.version(p)}" for p in ("torch", "deepspeed",
+  "megatron-core", "transformers", "timm", "webdataset")))'
+# A failing stage still copies its log and RESULTS.md to $OUT, then exits with the stage's status.
+status=0
 case "$stage" in
-  tests) python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py "$@" 2>&1 | tail -30 ;;
+  tests) python3 -m pytest -q -p no:cacheprovider --tb=short -rfE tests/test_gpu.py "$@" > "$out/pytest.log" 2>&1 \
+           || status=$?
+         tail -60 "$out/pytest.log" ;;
   train_step) python3 benchmarks/train_step.py --preset base --micro-batch 96 --text-micro-batch 256 \
-                --json "$out/train_step_base.json" --record "$@" ;;
-  memory) python3 benchmarks/memory.py --presets base large --micro-batch 32 --json "$out/memory.json" --record ;;
+                --json "$out/train_step_base.json" --record "$@" 2>&1 | tee "$out/train_step.log" || status=$? ;;
+  memory) python3 benchmarks/memory.py --presets base large --micro-batch 32 --timeout 240 --json "$out/memory.json" \
+            --record "$@" 2>&1 | tee "$out/memory.log" || status=$? ;;
   largest) python3 benchmarks/memory.py --largest --offload cpu --min-scale 1.75 --max-scale 1.75 --scale-step 0.05 \
-             --micro-batch 2 --timeout 540 --json "$out/largest.json" --record "$@" ;;
+             --micro-batch 2 --timeout 450 --json "$out/largest.json" --record "$@" 2>&1 | tee "$out/largest.log" \
+             || status=$? ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac
 cp benchmarks/RESULTS.md "$out/RESULTS.md"
@@ -50,3 +61,4 @@ cp benchmarks/RESULTS.md "$out/RESULTS.md"
 for trace in /tmp/xfm_profile/{xfm_scale,baseline}_blend_rank0.json.gz; do
   [ -f "$trace" ] && cp "$trace" "$out/" || true
 done
+exit "$status"

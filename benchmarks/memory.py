@@ -241,6 +241,7 @@ def run_probe(probe: Probe) -> dict:
               "peak_gb": (torch.cuda.max_memory_allocated(device) if on_gpu else _host_peak_bytes()) / GIB,
               "host_peak_gb": _host_peak_bytes() / GIB, "host_state_gb": host_state / GIB,
               "host_peak_bytes_per_param": _host_peak_bytes() / params, **pinned_after_build,
+              "pinned_exact_size": parallel.pinned_allocations_exact(),
               **_pinned_host_memory(on_gpu, "pinned"),
               "device": "gpu" if on_gpu else "cpu",
               "optimizer": type(getattr(engine.optimizer, "optimizer", engine.optimizer)).__name__,
@@ -542,8 +543,12 @@ def record(out: dict) -> None:
         best = out["probes"].get(str(out["largest_scale"]), {})
         host = (f"; host peak {best['host_peak_gb']:.1f} GB = {best['host_peak_bytes_per_param']:.1f} B per parameter"
                 f"{_offloaded_text(best)}{_pinned_text(best)}" if best.get("ok") else "")
-        pinning = ("exact-size pinned" if out["exact_pinned"] else "pinned (torch's rounding)") if out["pin_memory"] \
-            else "pageable"
+        pinning = "pageable"
+        if out["pin_memory"]:  # what the probe's torch did, which the request does not decide alone
+            exact = best.get("pinned_exact_size", out["exact_pinned"])
+            pinning = "exact-size pinned" if exact else "pinned (torch's rounding)"
+            if out["exact_pinned"] and not exact:
+                pinning += " though exact sizes were asked for: this torch lacks the setting"
         pinning = f"bf16, {pinning} host memory"
         if best.get("device") == "cpu":
             pinning = f"{'bf16' if out.get('bf16') else 'fp32'} on the CPU, nothing pinned"

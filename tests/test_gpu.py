@@ -62,7 +62,10 @@ def _grads(model) -> dict[str, torch.Tensor]:
 @pytest.fixture
 def fresh_dynamo():
     torch._dynamo.reset()
-    yield
+    # past its recompile limit dynamo would quietly run a block eagerly (which draws dropout masks
+    # otherwise than inductor's kernels): make that an error, as tests/model/test_compile.py does
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        yield
     torch._dynamo.reset()
 
 

@@ -51,10 +51,13 @@ def report() -> dict[str, str]:
     return asdict(choice())
 
 
-def LayerNorm(dim: int, eps: float) -> torch.nn.Module:  # noqa: N802 - a class-like factory
-    """LayerNorm with ``weight``/``bias`` parameters (same state-dict names either way)."""
+def LayerNorm(dim: int, eps: float, dtype: torch.dtype) -> torch.nn.Module:  # noqa: N802 - a class-like factory
+    """LayerNorm with ``weight``/``bias`` parameters (same state-dict names either way) in ``dtype``,
+    the model's parameter dtype: on CUDA torch's LayerNorm refuses fp32 weights with a bf16 input
+    (the CPU kernel accepts them), so a bf16 model built outside DeepSpeed, which casts every
+    parameter, needs its norms in bf16 too."""
     if choice().layer_norm.startswith("apex"):
         from apex.normalization import FusedLayerNorm
 
-        return FusedLayerNorm(dim, eps=eps)
-    return torch.nn.LayerNorm(dim, eps=eps)
+        return FusedLayerNorm(dim, eps=eps).to(dtype)
+    return torch.nn.LayerNorm(dim, eps=eps, dtype=dtype)

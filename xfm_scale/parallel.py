@@ -338,6 +338,13 @@ def exact_pinned_allocations(threshold_mb: int = PINNED_ROUND_THRESHOLD_MB) -> b
     return True
 
 
+def pinned_allocations_exact() -> bool:
+    """Whether torch's pinned host allocator gives large blocks at their exact size in this process
+    (:func:`exact_pinned_allocations` ran and took), read back from torch itself."""
+    get = getattr(torch._C, "_accelerator_getAllocatorSettings", None)
+    return get is not None and "pinned_max_round_threshold_mb" in get()
+
+
 def _unpinned_partitions(ds_config: dict) -> dict:
     """The config ``zero.Init`` builds the model under: parameter partitions in pageable memory.
 

@@ -36,6 +36,19 @@ def test_public_api_shapes():
     torch.testing.assert_close(tokens[:, 0], expected_pooled)
 
 
+def test_a_bf16_model_holds_every_parameter_in_bf16():
+    """Built outside DeepSpeed (which casts every parameter), a bf16 model's LayerNorms are bf16 too:
+    CUDA's LayerNorm refuses fp32 weights with a bf16 input, which the CPU kernel accepts; the GPU
+    tests build their models so. Its losses are finite on every micro-batch kind."""
+    cfg = tiny_config()
+    cfg.params_dtype = "bfloat16"
+    model = build_model(cfg)
+    assert {n: p.dtype for n, p in model.named_parameters() if p.dtype != torch.bfloat16} == {}
+    for batch in batches(cfg):
+        out = model(batch.to(dtype=torch.bfloat16))
+        assert out.losses and torch.isfinite(out.total.float()), batch.modality
+
+
 def test_stop_gradient_on_language_encoder_gets_only_mlm_and_itc():
     cfg = tiny_config()
     model = build_model(cfg)

@@ -14,15 +14,15 @@ from xfm_scale.model.layers import MLP, CrossAttention, SelfAttention, padding_m
 class FusionBlock(nn.Module):
     def __init__(self, cfg: FusionEncoderConfig, image_width: int, mp_config, std: float):
         super().__init__()
-        D, eps = cfg.hidden_size, cfg.layer_norm_eps
+        D, eps, dtype = cfg.hidden_size, cfg.layer_norm_eps, mp_config.params_dtype
         self.self_attn = SelfAttention(D, cfg.num_heads, bias="qkv", dropout=cfg.attention_dropout,
                                        config=mp_config, std=std)
-        self.self_norm = kernels.LayerNorm(D, eps)
+        self.self_norm = kernels.LayerNorm(D, eps, dtype)
         self.cross_attn = CrossAttention(D, image_width, cfg.num_heads, dropout=cfg.attention_dropout,
                                          config=mp_config, std=std)
-        self.cross_norm = kernels.LayerNorm(D, eps)
+        self.cross_norm = kernels.LayerNorm(D, eps, dtype)
         self.mlp = MLP(D, cfg.ffn_hidden_size, config=mp_config, std=std)
-        self.mlp_norm = kernels.LayerNorm(D, eps)
+        self.mlp_norm = kernels.LayerNorm(D, eps, dtype)
         self.dropout = nn.Dropout(cfg.hidden_dropout)
 
     def forward(self, x_BLD: torch.Tensor, mask_B11L: torch.Tensor, image_UMC: torch.Tensor,
@@ -38,7 +38,7 @@ class FusionEncoder(nn.Module):
         self.cfg = cfg
         # The vision encoder returns timm's un-normalised patch tokens (see vision.py); this norm
         # plays the role of the reference's final `norm` on the tokens the fusion attends to.
-        self.image_norm = kernels.LayerNorm(image_width, 1e-6)
+        self.image_norm = kernels.LayerNorm(image_width, 1e-6, mp_config.params_dtype)
         self.blocks = nn.ModuleList(FusionBlock(cfg, image_width, mp_config, std) for _ in range(cfg.num_layers))
 
     def forward(self, text_BLD: torch.Tensor, text_mask_BL: torch.Tensor, image_UMC: torch.Tensor,

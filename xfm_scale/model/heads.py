@@ -26,7 +26,7 @@ class MLMHead(nn.Module):
                  word_embedding: nn.Module, *, detach_decoder: bool, std: float, dtype: torch.dtype):
         super().__init__()
         self.dense = NormalLinear(hidden, hidden, std=std, dtype=dtype)
-        self.layer_norm = kernels.LayerNorm(hidden, eps)
+        self.layer_norm = kernels.LayerNorm(hidden, eps, dtype)
         local = padded_vocab // tp_size()
         self.bias = mark_tensor_parallel(nn.Parameter(torch.zeros(local, dtype=dtype)), partition_dim=0)
         self.detach_decoder = detach_decoder

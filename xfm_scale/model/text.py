@@ -27,7 +27,7 @@ class TextEmbeddings(nn.Module):
         self.position_embeddings = NormalEmbedding(cfg.max_position_embeddings, cfg.hidden_size,
                                                    std=std, dtype=dtype, padding_idx=pad_idx)
         self.token_type_embeddings = NormalEmbedding(cfg.type_vocab_size, cfg.hidden_size, std=std, dtype=dtype)
-        self.norm = kernels.LayerNorm(cfg.hidden_size, cfg.layer_norm_eps)
+        self.norm = kernels.LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, dtype)
         self.dropout = nn.Dropout(cfg.hidden_dropout)
 
     def position_ids(self, input_ids_BL: torch.Tensor) -> torch.Tensor:
@@ -51,9 +51,9 @@ class PostLNBlock(nn.Module):
         super().__init__()
         self.attn = SelfAttention(cfg.hidden_size, cfg.num_heads, bias="qkv", dropout=cfg.attention_dropout,
                                   config=mp_config, std=std)
-        self.attn_norm = kernels.LayerNorm(cfg.hidden_size, cfg.layer_norm_eps)
+        self.attn_norm = kernels.LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, mp_config.params_dtype)
         self.mlp = MLP(cfg.hidden_size, cfg.ffn_hidden_size, config=mp_config, std=std)
-        self.mlp_norm = kernels.LayerNorm(cfg.hidden_size, cfg.layer_norm_eps)
+        self.mlp_norm = kernels.LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, mp_config.params_dtype)
         self.dropout = nn.Dropout(cfg.hidden_dropout)
 
     def forward(self, x_BLD: torch.Tensor, mask_B11L: torch.Tensor) -> torch.Tensor:

@@ -72,12 +72,12 @@ class PreLNBlock(nn.Module):
         dtype = mp_config.params_dtype
         # BEiT rescales the residual output projections by depth (its fix_init_weight).
         out_std = std / math.sqrt(2.0 * (layer_id + 1))
-        self.norm1 = kernels.LayerNorm(cfg.hidden_size, cfg.layer_norm_eps)
+        self.norm1 = kernels.LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, dtype)
         self.attn = SelfAttention(cfg.hidden_size, cfg.num_heads, bias="qv", dropout=cfg.attention_dropout,
                                   config=mp_config, std=std, out_std=out_std)
         self.rel_pos = RelativePositionBias(cfg.grid_size, cfg.num_heads, dtype)
         self.gamma_1 = layer_scale_init(cfg.hidden_size, cfg.layer_scale_init, dtype)
-        self.norm2 = kernels.LayerNorm(cfg.hidden_size, cfg.layer_norm_eps)
+        self.norm2 = kernels.LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, dtype)
         self.mlp = MLP(cfg.hidden_size, cfg.ffn_hidden_size, config=mp_config, std=std, out_std=out_std)
         self.gamma_2 = layer_scale_init(cfg.hidden_size, cfg.layer_scale_init, dtype)
         self.drop_path = DropPath(drop_path) if cfg.drop_path_rate > 0 else nn.Identity()
@@ -111,7 +111,7 @@ class VisionEncoder(nn.Module):
         nn.init.trunc_normal_(self.mask_token, std=std)
         rates = [cfg.drop_path_rate * i / max(cfg.num_layers - 1, 1) for i in range(cfg.num_layers)]
         self.blocks = nn.ModuleList(PreLNBlock(cfg, i, rates[i], mp_config, std) for i in range(cfg.num_layers))
-        self.fc_norm = kernels.LayerNorm(cfg.hidden_size, cfg.layer_norm_eps)
+        self.fc_norm = kernels.LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, dtype)
 
     def forward(self, pixels_BCHW: torch.Tensor, mim_mask_BP: torch.Tensor | None = None) -> torch.Tensor:
         """Tokens [B, 1+P, D]: pooled vector at 0, patch tokens after. Masked patches (MIM) are
