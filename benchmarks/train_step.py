@@ -62,6 +62,7 @@ from generated import lognormal_word_texts  # noqa: E402  (benchmarks/generated.
 from profile_step import format_table, profile_step  # noqa: E402
 from baseline_xfm import BaselineTrainer  # noqa: E402
 from xfm_scale import parallel, run_config  # noqa: E402
+from xfm_scale.batch import text_positions  # noqa: E402
 from xfm_scale.config import XFMConfig  # noqa: E402
 from xfm_scale.flops import achieved_tflops, device_peak_flops, micro_batch_flops, mfu  # noqa: E402
 
@@ -203,10 +204,9 @@ def time_steps(step_fns: dict, steps: dict, *, warmup: int, count: int, with_loa
         t.samples += sum(b.size for b in batches) * dp
         t.flops += sum(flops_of(b) for b in batches)
         t.graphs_compiled += counters["stats"]["unique_graphs"] - graphs_before
-        for b in batches:
-            if b.text_mask_BL is not None:
-                t.real_text_positions += int(b.text_mask_BL.sum())
-                t.text_positions += b.text_mask_BL.numel()
+        for real, positions in text_positions(batches).values():
+            t.real_text_positions += real
+            t.text_positions += positions
         if on_gpu:
             peak_gb = torch.cuda.max_memory_allocated(device) / 2 ** 30
             t.process_max_allocated_gb = max(t.process_max_allocated_gb, peak_gb)

@@ -98,3 +98,14 @@ class PairBatch(_Batch):
 
 
 Batch = TextBatch | ImageBatch | PairBatch
+
+
+def text_positions(batches: list[Batch]) -> dict[str, tuple[int, int]]:
+    """Per micro-batch kind with text (text, pair): (real tokens, text positions padding included)
+    over ``batches``, the positions the encoders compute."""
+    counts: dict[str, tuple[int, int]] = {}
+    for batch in batches:
+        if batch.text_mask_BL is not None:
+            real, positions = counts.get(batch.modality, (0, 0))
+            counts[batch.modality] = (real + int(batch.text_mask_BL.sum()), positions + batch.text_mask_BL.numel())
+    return counts

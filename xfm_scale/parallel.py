@@ -299,6 +299,7 @@ def build_engine(model_config, optim_cfg, ds_config: dict, total_steps: int, com
 # allocator rounds every one up to a power of two otherwise). Below it the waste is bounded by the
 # size itself, and small blocks are worth caching.
 PINNED_ROUND_THRESHOLD_MB = 16
+PINNED_ROUND_SETTING = "pinned_max_round_threshold_mb"  # torch's allocator setting for it
 
 
 def pins_offloaded_memory(ds_config: dict) -> bool:
@@ -321,16 +322,16 @@ def exact_pinned_allocations(threshold_mb: int = PINNED_ROUND_THRESHOLD_MB) -> b
     does not know the key keeps rounding, with a warning."""
     get = getattr(torch._C, "_accelerator_getAllocatorSettings", None)
     set_ = getattr(torch._C, "_accelerator_setAllocatorSettings", None)
-    key = "pinned_max_round_threshold_mb"
     if get is None or set_ is None:
         warnings.warn(f"torch {torch.__version__} has no allocator settings API: pinned host memory is "
                       f"rounded up to powers of two (offload may use up to twice the host memory it needs)")
         return False
-    current = get()
-    if key in current:
+    if pinned_allocations_exact():
         return True
+    current = get()
     try:
-        set_(f"{current},{key}:{threshold_mb}" if current else f"{key}:{threshold_mb}")
+        setting = f"{PINNED_ROUND_SETTING}:{threshold_mb}"
+        set_(f"{current},{setting}" if current else setting)
     except (ValueError, RuntimeError) as err:
         warnings.warn(f"torch {torch.__version__} cannot limit the rounding of pinned host memory ({err}): "
                       f"offload may use up to twice the host memory it needs")
@@ -342,7 +343,7 @@ def pinned_allocations_exact() -> bool:
     """Whether torch's pinned host allocator gives large blocks at their exact size in this process
     (:func:`exact_pinned_allocations` ran and took), read back from torch itself."""
     get = getattr(torch._C, "_accelerator_getAllocatorSettings", None)
-    return get is not None and "pinned_max_round_threshold_mb" in get()
+    return get is not None and PINNED_ROUND_SETTING in get()
 
 
 def _unpinned_partitions(ds_config: dict) -> dict:

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from xfm_scale import checkpoint, durable, engine_state, kernels, parallel, pretrained
+from xfm_scale.batch import text_positions
 from xfm_scale.config import ConfigError, XFMConfig
 from xfm_scale.flops import FlopCount
 from xfm_scale.run_config import RunConfig
@@ -499,13 +500,7 @@ def text_padding(batches: list) -> dict[str, float]:
     """``text_padding/<kind>``: the share of this rank's text positions that are padding, per
     micro-batch kind with text (text, pair). The model computes them (MFU counts them as work):
     data.length_group_size lowers it where texts differ in length."""
-    real: dict[str, int] = defaultdict(int)
-    positions: dict[str, int] = defaultdict(int)
-    for batch in batches:
-        if batch.text_mask_BL is not None:
-            real[batch.modality] += int(batch.text_mask_BL.sum())
-            positions[batch.modality] += batch.text_mask_BL.numel()
-    return {f"text_padding/{m}": 1 - real[m] / positions[m] for m in positions}
+    return {f"text_padding/{m}": 1 - real / positions for m, (real, positions) in text_positions(batches).items()}
 
 
 def _gather_objects(obj) -> list:
