@@ -31,7 +31,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from xfm_scale import formats
+from xfm_scale.interop import formats
 from xfm_scale.batch import Batch, ImageBatch, PairBatch, TextBatch
 from xfm_scale.config import XFMConfig
 from xfm_scale.model.heads import ContrastiveHead, itm_head
@@ -247,7 +247,7 @@ class BaselineTrainer:
     same learning rates and decay)."""
 
     def __init__(self, config: XFMConfig, optim_cfg, device: torch.device, bf16: bool, seed: int = 0):
-        from xfm_scale import optim
+        from xfm_scale.engine import optim
 
         torch.manual_seed(seed)
         self.model = BaselineXFM(config).to(device)

@@ -47,7 +47,7 @@ from xfm_scale.data.loader import (BlendLoader, LoaderConfig, _MicroBatchDataset
                                    padded_text_length)
 from xfm_scale.data.shards import ShardReader, write_corpus
 from xfm_scale.data.spec import Corpus, load_spec
-from xfm_scale.flops import micro_batch_flops
+from xfm_scale.train.flops import micro_batch_flops
 
 PACKAGES = ("torch", "torchvision", "webdataset", "megatron-core", "numpy", "tokenizers")
 

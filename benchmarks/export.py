@@ -73,12 +73,12 @@ def main() -> None:
     work.mkdir(parents=True)
     folder = make_checkpoint(work, args.preset)
     size_gb = sum(f.stat().st_size for f in folder.iterdir()) / 2**30
-    ours = measured(f"from xfm_scale.export import export_checkpoint\n"
+    ours = measured(f"from xfm_scale.interop.export import export_checkpoint\n"
                     f"export_checkpoint({str(folder)!r}, {str(work / 'export')!r}, progress=False)")
     theirs = measured(f"from deepspeed.utils.zero_to_fp32 import convert_zero_checkpoint_to_fp32_state_dict\n"
                       f"convert_zero_checkpoint_to_fp32_state_dict({str(folder.parent)!r}, {str(work / 'zero_to_fp32')!r}, "
                       f"tag={folder.name!r}, safe_serialization=True)")
-    from xfm_scale.zero_checkpoint import ZeroCheckpoint
+    from xfm_scale.checkpoint.reader import ZeroCheckpoint
 
     ck = ZeroCheckpoint(folder)
     params = sum(ck.full_shape(n).numel() for n in ck.param_names)

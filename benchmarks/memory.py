@@ -3,7 +3,7 @@
 
 Each measurement is a probe in a fresh process (so its peak is its own, and an out-of-memory kill
 ends the probe, not the benchmark). A probe builds the model inside the ZeRO-3 engine
-(xfm_scale.parallel.build_engine), then trains one optimizer step of three micro-batches (text,
+(xfm_scale.distributed.build_engine), then trains one optimizer step of three micro-batches (text,
 image, pair, at the preset's full lengths) and reports:
 
 * the resident state after the engine is built (GPU: allocated; CPU: process RSS);
@@ -31,6 +31,7 @@ ds_configs/cpu_fp32.json; --largest with the shipped offload configs, bf16 switc
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -198,21 +199,25 @@ def run_probe(probe: Probe) -> dict:
     """Build, train one step, measure (in this process)."""
     import torch
 
-    from xfm_scale import parallel
+    from xfm_scale import distributed
     from xfm_scale.config import XFMConfig
+    from xfm_scale.config.run import OptimSection
+    from xfm_scale.engine import memory as engine_memory
+    from xfm_scale.engine.build import build_engine
+    from xfm_scale.engine.checkpoint_io import nvme_swap_ids
+    from xfm_scale.engine.memory import offloaded_state_bytes
     from xfm_scale.model.info import parameter_counts
-    from xfm_scale.run_config import OptimSection
 
-    parallel.initialize(tensor_parallel_size=1)
-    device = parallel.device()
+    distributed.initialize(tensor_parallel_size=1)
+    device = distributed.device()
     on_gpu = device.type == "cuda"
     config = XFMConfig.from_preset(probe.preset, **probe.overrides)
     config.set_activation_checkpointing(probe.activation_checkpointing)
     config.validate(1)
     params = parameter_counts(config)["total"]
     start = time.perf_counter()
-    engine, _, _ = parallel.build_engine(config, OptimSection(warmup_steps=1), ds_config(probe, on_gpu), total_steps=10,
-                                         exact_pinned_host_memory=probe.exact_pinned)
+    engine = build_engine(config, OptimSection(warmup_steps=1), ds_config(probe, on_gpu), total_steps=10,
+                          exact_pinned_host_memory=probe.exact_pinned)
     build_s = time.perf_counter() - start
     host_state = _host_bytes()
     pinned_after_build = _pinned_host_memory(on_gpu, "pinned_after_build")
@@ -221,18 +226,19 @@ def run_probe(probe: Probe) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     batches = synthetic_batches(config, probe.micro_batch)
     start = time.perf_counter()
-    parallel.begin_optimizer_step(engine)
-    saved = forward_allocated = 0
-    for batch in batches:
-        batch = batch.to(device)
+    peaks = {"saved": 0, "forward_allocated": 0}
+
+    @contextlib.contextmanager
+    def measured_forward():
         before = torch.cuda.memory_allocated(device) if on_gpu else 0
         with SavedActivations(engine.module.parameters()) as counter:
-            out = engine(batch)
-        saved = max(saved, counter.bytes)
+            yield
+        peaks["saved"] = max(peaks["saved"], counter.bytes)
         if on_gpu:
-            forward_allocated = max(forward_allocated, torch.cuda.memory_allocated(device) - before)
-        engine.backward(out.total)
-        engine.step()
+            peaks["forward_allocated"] = max(peaks["forward_allocated"], torch.cuda.memory_allocated(device) - before)
+
+    losses = engine.step(batches, device, around_forward=measured_forward)
+    saved, forward_allocated = peaks["saved"], peaks["forward_allocated"]
     if on_gpu:
         torch.cuda.synchronize(device)
     result = {"ok": True, "parameters": params, "build_s": build_s, "step_s": time.perf_counter() - start,
@@ -241,60 +247,17 @@ def run_probe(probe: Probe) -> dict:
               "peak_gb": (torch.cuda.max_memory_allocated(device) if on_gpu else _host_peak_bytes()) / GIB,
               "host_peak_gb": _host_peak_bytes() / GIB, "host_state_gb": host_state / GIB,
               "host_peak_bytes_per_param": _host_peak_bytes() / params, **pinned_after_build,
-              "pinned_exact_size": parallel.pinned_allocations_exact(),
+              "pinned_exact_size": engine_memory.pinned_allocations_exact(),
               **_pinned_host_memory(on_gpu, "pinned"),
               "device": "gpu" if on_gpu else "cpu",
               "optimizer": type(getattr(engine.optimizer, "optimizer", engine.optimizer)).__name__,
-              "optimizer_offloaded": bool(getattr(engine.optimizer, "offload_optimizer", False)),
-              "parameters_offloaded": bool(getattr(engine.optimizer, "offload_param", False)),
+              "optimizer_offloaded": engine.offloads_optimizer,
+              "parameters_offloaded": engine.offloads_parameters,
               "offloaded_state_bytes": offloaded_state_bytes(engine.optimizer) if probe.offload != "none" else {},
-              "optimizer_swapped_sub_groups": sum(i is not None for i in parallel.nvme_swap_ids(engine) or []),
-              "loss": float(out.total)}
-    parallel.shutdown()
+              "optimizer_swapped_sub_groups": sum(i is not None for i in nvme_swap_ids(engine.deepspeed) or []),
+              "loss": float(losses[-1]["total"])}
+    distributed.shutdown()
     return result
-
-
-OFFLOADED_KINDS = ("master weights", "Adam moments", "fp32 gradients", "gradient partitions", "parameters")
-
-
-def offloaded_state_bytes(optimizer) -> dict[str, int]:
-    """Bytes of each kind of state ZeRO-3 offload keeps in host memory, from the buffers of DeepSpeed
-    0.19.8's stage-3 optimizer (private attributes: a diagnostic of this benchmark, not an API), so a
-    host peak can be told apart into what DeepSpeed holds by design and the rest (torch, the
-    allocators, transients):
-
-    * master weights: the fp32 partition of each optimizer sub-group (4 B per parameter);
-    * Adam moments: exp_avg and exp_avg_sq of each (8 B);
-    * fp32 gradients: each sub-group's fp32 gradient buffer, what the CPU Adam reads (4 B);
-    * gradient partitions: the flat buffer the reduced gradients are accumulated in, in the
-      gradient-accumulation dtype (bf16 on GPU: 2 B; fp32 on CPU: 4 B);
-    * parameters: the flat host buffer of the parameters, with offload_param only (bf16: 2 B).
-
-    Only tensors in host memory count (on the CPU accelerator that is all of them; the parameters'
-    device buffer is not among these), each storage once; a sub-group swapped to NVMe holds none."""
-    import torch
-
-    seen: set[int] = set()
-
-    def host_bytes(tensors) -> int:
-        total = 0
-        for t in tensors:
-            if t is None or t.device.type != "cpu":
-                continue
-            storage = t.untyped_storage()
-            if storage.nbytes() and storage.data_ptr() not in seen:
-                seen.add(storage.data_ptr())
-                total += storage.nbytes()
-        return total
-
-    master = list(getattr(optimizer, "fp32_partitioned_groups_flat", []))
-    state = getattr(getattr(optimizer, "optimizer", None), "state", {})
-    moments = [v for p in master for v in state.get(p, {}).values() if torch.is_tensor(v) and v.dim() > 0]
-    flat_parameters = getattr(optimizer, "param_groups_fp16_flat_cpu_memory", []) if getattr(
-        optimizer, "offload_param", False) else []
-    return dict(zip(OFFLOADED_KINDS, (
-        host_bytes(master), host_bytes(moments), host_bytes(p.grad for p in master),
-        host_bytes([getattr(optimizer, "grad_partitions_flat_buffer", None)]), host_bytes(flat_parameters))))
 
 
 def _pinned_host_memory(on_gpu: bool, prefix: str) -> dict:
@@ -391,13 +354,13 @@ def scaled_depths(preset: str, depth_scale: float) -> dict:
 
 def count_parameters(configs: list[tuple[str, dict]]) -> list[int]:
     """Parameters of each (preset, overrides), counted on the meta device in this process."""
-    from xfm_scale import parallel
+    from xfm_scale import distributed
     from xfm_scale.config import XFMConfig
     from xfm_scale.model.info import parameter_counts
 
-    parallel.initialize(tensor_parallel_size=1)
+    distributed.initialize(tensor_parallel_size=1)
     counts = [parameter_counts(XFMConfig.from_preset(preset, **overrides))["total"] for preset, overrides in configs]
-    parallel.shutdown()
+    distributed.shutdown()
     return counts
 
 

@@ -14,8 +14,8 @@ beforehand and kept in memory), it times optimizer steps of:
 on the same micro-batches, at the same batch sizes and precision (bf16 autocast vs DeepSpeed bf16 on
 GPU, fp32 on CPU); without the loader their timed steps take turns, so that a drift in the machine's
 speed reaches both. It reports samples/s, achieved TFLOP/s and MFU (model FLOPs from
-xfm_scale.flops without the activation-checkpointing recompute, over the device peak of
-xfm_scale.flops.device_peak_flops; the baseline is credited with the same count, though its MLM
+xfm_scale.train.flops without the activation-checkpointing recompute, over the device peak of
+xfm_scale.train.flops.device_peak_flops; the baseline is credited with the same count, though its MLM
 heads compute logits at every position rather than at the masked ones), the ratio xfm_scale /
 baseline per case, and how much slower
 each is with the loader in the loop. The data is a generated corpus at the preset's image size
@@ -61,10 +61,11 @@ import results  # noqa: E402  (benchmarks/results.py)
 from generated import lognormal_word_texts  # noqa: E402  (benchmarks/generated.py)
 from profile_step import format_table, profile_step  # noqa: E402
 from baseline_xfm import BaselineTrainer  # noqa: E402
-from xfm_scale import parallel, run_config  # noqa: E402
+from xfm_scale.config import run as run_config  # noqa: E402
+from xfm_scale import distributed
 from xfm_scale.batch import text_positions  # noqa: E402
 from xfm_scale.config import XFMConfig  # noqa: E402
-from xfm_scale.flops import achieved_tflops, device_peak_flops, micro_batch_flops, mfu  # noqa: E402
+from xfm_scale.train.flops import achieved_tflops, device_peak_flops, micro_batch_flops, mfu  # noqa: E402
 
 PACKAGES = ("torch", "deepspeed", "megatron-core", "transformers", "timm")
 CASES = ("text", "image", "pair", "blend")
@@ -232,10 +233,10 @@ def time_steps(step_fns: dict, steps: dict, *, warmup: int, count: int, with_loa
 
 
 def benchmark(args) -> dict:
-    from xfm_scale.trainer import Trainer
+    from xfm_scale.train.trainer import Trainer
 
-    layout = parallel.initialize(args.tensor_parallel_size)
-    on_gpu = parallel.device().type == "cuda"
+    layout = distributed.initialize(args.tensor_parallel_size)
+    on_gpu = distributed.device().type == "cuda"
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="xfm_bench_"))
     image_size = XFMConfig.from_preset(args.preset).vision.image_size
     num_samples = max(64, args.micro_batch * args.micro_steps * layout.data_parallel_size * (args.warmup + args.steps + 2))
@@ -247,7 +248,7 @@ def benchmark(args) -> dict:
     cfg = run_settings(args, data, work, layout.data_parallel_size, on_gpu)
     trainer = Trainer(cfg)
     device, model_config = trainer.device, trainer.model_config
-    bf16 = trainer.engine.bfloat16_enabled()
+    bf16 = trainer.engine.bf16()
     peak, peak_source = device_peak_flops(torch.bfloat16 if bf16 else torch.float32)
     tp, dp = layout.tensor_parallel_size, layout.data_parallel_size
 
@@ -285,9 +286,9 @@ def benchmark(args) -> dict:
             "micro_batch": {"pair": args.micro_batch, "image": args.micro_batch,
                             "text": args.text_micro_batch or args.micro_batch},
             "micro_steps": args.micro_steps, "tensor_parallel": tp, "data_parallel": dp,
-            "zero_stage": trainer.engine.zero_optimization_stage(),
+            "zero_stage": trainer.engine.zero_stage,
             "activation_checkpointing": args.activation_checkpointing, "compile_blocks": args.compile_blocks,
-            "zero3_whole_block_gathers": trainer.engine.zero_optimization_stage() == 3 and not args.per_layer_gathers,
+            "zero3_whole_block_gathers": trainer.engine.zero_stage == 3 and not args.per_layer_gathers,
             "loader_workers": args.workers, "cases": list(args.cases), "text_words": args.text_words,
             "length_group_size": args.length_group_size, "length_group_window": args.length_group_window,
             "steps": args.steps, "warmup": args.warmup, "rows": rows, "profile": profiles, **summarise(rows)}
@@ -428,7 +429,7 @@ def main(argv=None) -> int:
             Path(args.json).write_text(json.dumps(out, indent=1))
         if args.record:
             record(out)
-    parallel.shutdown()
+    distributed.shutdown()
     return 0
 
 

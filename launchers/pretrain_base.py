@@ -4,13 +4,10 @@ recipe (RoBERTa-base + BEiT-v2-B/16 + 12-layer fusion, AdamW 1e-4, warm-up 2,500
 
     deepspeed --hostfile HOSTFILE launchers/pretrain_base.py --set data.spec=... --set data.tokenizer_dir=...
 """
-import os
 import sys
+from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import pretrain_large  # noqa: E402
-
-pretrain_large.DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "base.yaml")
+from xfm_scale.cli.pretrain import main
 
 if __name__ == "__main__":
-    sys.exit(pretrain_large.main())
+    sys.exit(main(default_config=str(Path(__file__).resolve().parent / "configs" / "base.yaml")))

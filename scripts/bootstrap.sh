@@ -16,7 +16,10 @@ if [ ! -f "$venv/.complete" ]; then
   # torch first: deepspeed's setup.py imports it, so the rest installs without build isolation.
   "$venv/bin/python" -m pip install -q "$(grep '^torch==' "$req")" "$(grep '^torchvision==' "$req")" >&2
   "$venv/bin/python" -m pip install -q --no-build-isolation -r "$req" >&2
-  "$venv/bin/python" -m pip install -q --no-deps --no-build-isolation -e "$root" >&2
+  # The project itself is not installed here: this environment is shared by every checkout with the
+  # same requirements.txt, so each checkout puts itself on PYTHONPATH (the Makefile does) and runs
+  # its own code. Users who want the console entry points install it into their own environment
+  # (pip install -e .).
   # DeepSpeed compiles its CPU ops (shared-memory collectives, the offload optimizer's Adam) on
   # first use, about a minute each on 2 cores: build them now, into torch's extension cache.
   # async_io (NVMe offload, a few minutes) only where libaio is installed (.ci/run installs it).

@@ -36,15 +36,13 @@ def train_rank(raw: dict) -> dict:
     """Body for tests/harness.run_ranks: one rank of a real training run."""
     import os
 
-    from xfm_scale import run_config
-    from xfm_scale.trainer import Trainer
+    from xfm_scale.config import run as run_config
+    from xfm_scale.train.trainer import Trainer
 
     cfg = run_config.from_dict(raw, base_dir=os.getcwd())
     trainer = Trainer(cfg)
     final = trainer.run()
-    zero = trainer.engine.optimizer  # what ZeRO offloads (ZeRO-3's flags; ZeRO-2 names its own cpu_offload)
-    offloaded = {"optimizer": bool(getattr(zero, "offload_optimizer", False) or getattr(zero, "cpu_offload", False)),
-                 "parameters": bool(getattr(zero, "offload_param", False))}
+    offloaded = {"optimizer": trainer.engine.offloads_optimizer, "parameters": trainer.engine.offloads_parameters}
     return {"final": final, "layout": trainer.layout, "offloaded": offloaded,
             "length_group_size": trainer.loader.cfg.length_group_size}
 

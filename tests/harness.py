@@ -3,7 +3,7 @@
 Every distributed test uses :func:`run_ranks`. The body is a top-level function (it is pickled by
 reference into each rank process, forked from a server that has the heavy imports done); it
 receives its arguments, reads its rank from
-``torch.distributed`` after it calls ``xfm_scale.parallel.initialize`` (or its own init), and
+``torch.distributed`` after it calls ``xfm_scale.distributed.initialize`` (or its own init), and
 returns a picklable result. The harness collects one result per rank, in rank order, and turns
 a failure on any rank into a test failure carrying that rank's traceback. Nothing is mocked.
 """
@@ -62,7 +62,7 @@ def _load(payload: bytes):
 # interpreter spends ~7 s importing it (megatron-core alone imports torch._dynamo for its fusers),
 # and the suite starts well over a hundred ranks. The server only imports (no threads, no process
 # group, no tensors), so each fork starts clean; environment variables are set in the rank.
-_PRELOAD = ["torch", "deepspeed", "megatron.core", "xfm_scale.parallel", "xfm_scale.trainer"]
+_PRELOAD = ["torch", "deepspeed", "megatron.core", "xfm_scale.distributed", "xfm_scale.train.trainer"]
 
 
 def _context():

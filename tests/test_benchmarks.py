@@ -63,7 +63,7 @@ def test_the_baseline_takes_an_optimizer_step_over_accumulated_micro_batches():
     import torch.distributed as dist
     from baseline_xfm import BaselineTrainer
 
-    from xfm_scale.run_config import OptimSection
+    from xfm_scale.config.run import OptimSection
 
     cfg = tiny_config()
     build_model(cfg)  # a world of one (DDP needs a process group)

@@ -1,4 +1,4 @@
-"""The analytic FLOP count (xfm_scale.flops) against torch's FlopCounterMode on the real model.
+"""The analytic FLOP count (xfm_scale.train.flops) against torch's FlopCounterMode on the real model.
 
 FlopCounterMode counts matmuls, convolutions and the fused attention kernels it knows. On CPU the
 default SDPA kernel for boolean masks is ``_scaled_dot_product_flash_attention_for_cpu``, which it
@@ -17,9 +17,9 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "model"))
 from model_fixtures import batches, tiny_config  # noqa: E402
 
-from xfm_scale import XFMConfig, build_model, parallel  # noqa: E402
+from xfm_scale import XFMConfig, build_model, distributed  # noqa: E402
 from xfm_scale.batch import IGNORE_INDEX, PairBatch  # noqa: E402
-from xfm_scale.flops import (FlopCount, achieved_tflops, device_peak_flops, gpu_peak_flops,  # noqa: E402
+from xfm_scale.train.flops import (FlopCount, achieved_tflops, device_peak_flops, gpu_peak_flops,  # noqa: E402
                              micro_batch_flop_breakdown, micro_batch_flops, mfu)
 from xfm_scale.model import hooks  # noqa: E402
 
@@ -30,7 +30,7 @@ TOLERANCE = 0.005  # they agree exactly today; the brief asks for 2%, we hold 0.
 
 @pytest.fixture(scope="module", autouse=True)
 def world_of_one():
-    parallel.initialize(tensor_parallel_size=1, seed=5)  # installs DeepSpeed's (non-reentrant) checkpoint
+    distributed.initialize(tensor_parallel_size=1, seed=5)  # installs DeepSpeed's (non-reentrant) checkpoint
     yield
 
 

@@ -72,7 +72,8 @@ def fresh_dynamo():
 def test_inductor_compiled_blocks_match_eager_in_bf16(fresh_dynamo):
     """Inductor's generated kernels (model.compile_blocks) against the eager blocks, bf16, dropout
     off: every objective's loss, and the gradients, agree to bf16 precision."""
-    from xfm_scale import build_model, parallel
+    from xfm_scale import build_model
+    from xfm_scale import distributed
 
     cfg = tiny_config()
     cfg.params_dtype = "bfloat16"
@@ -84,7 +85,7 @@ def test_inductor_compiled_blocks_match_eager_in_bf16(fresh_dynamo):
         batch = batch.to("cuda", dtype=torch.bfloat16)
         outputs = []
         for model in (eager, compiled):
-            parallel.seed_everything(index)  # the same ITM hard negatives (drawn from the generator)
+            distributed.seed_everything(index)  # the same ITM hard negatives (drawn from the generator)
             outputs.append(model(batch))
         expected, got = outputs
         for name, loss in expected.losses.items():
@@ -102,7 +103,8 @@ def test_inductor_compiled_blocks_match_eager_in_bf16(fresh_dynamo):
 def test_inductor_compiled_blocks_replay_dropout_when_checkpointed(fresh_dynamo):
     """Inductor draws dropout and drop-path masks with its own in-kernel RNG, seeded from the CUDA
     generator: activation checkpointing's recompute must draw the same masks (fp32, exact)."""
-    from xfm_scale import build_model, parallel
+    from xfm_scale import build_model
+    from xfm_scale import distributed
 
     cfg = tiny_config(dropout=True)
     model = build_model(cfg).cuda()
@@ -110,7 +112,7 @@ def test_inductor_compiled_blocks_replay_dropout_when_checkpointed(fresh_dynamo)
 
     def run(checkpointing: bool, seed: int) -> dict[str, torch.Tensor]:
         cfg.set_activation_checkpointing(checkpointing)
-        parallel.seed_everything(seed)  # also the TP-stream tracker attention dropout draws from
+        distributed.seed_everything(seed)  # also the TP-stream tracker attention dropout draws from
         model.zero_grad(set_to_none=True)
         sum(model(b.to("cuda")).total for b in batches(cfg, B=8)).backward()
         return _grads(model)
@@ -175,8 +177,8 @@ def save_resume_export(demo_world, tmp_path: Path, stage: int, deepspeed: dict, 
     returns the files of the step-2 checkpoint. (Written so that a CPU dry run can pass the fp32
     config and a CPU environment.)"""
     from engine_fixtures import run_config_dict, step_losses
-    from xfm_scale.export import export_checkpoint
-    from xfm_scale.zero_checkpoint import ZeroCheckpoint, resolve_checkpoint
+    from xfm_scale.interop.export import export_checkpoint
+    from xfm_scale.checkpoint.reader import ZeroCheckpoint, resolve_checkpoint
 
     raw = run_config_dict(demo_world, tmp_path / "run", steps=4, micro_batch=4, global_batch=8, save_every=2)
     raw["deepspeed"] = deepspeed

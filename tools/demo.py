@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 
 def free_port() -> int:
@@ -103,7 +102,7 @@ def main(argv=None) -> int:
 
 def export(run_dir: Path, out: Path) -> int:
     """The merged weights of the last checkpoint, as downstream users load them (README "Export")."""
-    from xfm_scale.export import export_checkpoint
+    from xfm_scale.interop.export import export_checkpoint
 
     start = time.time()
     folders = export_checkpoint(run_dir / "checkpoints", out, progress=False)

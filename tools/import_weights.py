@@ -1,46 +1,8 @@
 #!/usr/bin/env python
-"""Import pretrained encoders into an xfm weights folder a pre-training run starts from.
-
-    python tools/import_weights.py --text roberta-base/ --vision beitv2_base/ --preset base --out init/xfm
-
---text: a transformers BERT or RoBERTa folder (save_pretrained layout; its config decides layers,
-width, heads and vocabulary). --vision: a timm BEiT-v2 folder (config.json + model.safetensors, e.g.
-timm's save_for_hf or OUT/vision_encoder of tools/export_weights.py) or a weights file of
---vision-arch. The fusion encoder and heads come from --preset. Start a run from it with the run
-config key ``model.init_from: init/xfm`` (the weights are TP-sharded and ZeRO-3-partitioned at the
-run's layout), or skip this tool and name the folders in the run config directly
-(``model.init_text_from``, ``model.init_vision_from``). Exit code 2: bad input (the message says).
-"""
-import argparse
-import os
+"""Thin wrapper: the tool is xfm_scale.cli.import_weights (console entry point xfm-import-weights)."""
 import sys
 
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
-
-
-def main(argv=None) -> int:
-    from xfm_scale import PRESETS, ConfigError, formats
-    from xfm_scale.pretrained import import_encoders
-
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--text", default=None, help="transformers BERT/RoBERTa folder")
-    parser.add_argument("--vision", default=None, help="timm BEiT-v2 folder or weights file")
-    parser.add_argument("--vision-arch", default=formats.TIMM_ARCHITECTURE, help="timm architecture of a --vision file")
-    parser.add_argument("--preset", default="base", help=f"fusion encoder / heads from this preset ({', '.join(PRESETS)})")
-    parser.add_argument("--out", required=True, help="the xfm weights folder to write")
-    args = parser.parse_args(argv)
-    try:
-        folder = import_encoders(args.out, preset=args.preset, text=args.text, vision=args.vision,
-                                 vision_architecture=args.vision_arch)
-    except (ConfigError, OSError) as err:
-        # ConfigError: a source that is not a complete BERT/RoBERTa or BEiT-v2 checkpoint (timm's and
-        # transformers' load failures are turned into it, naming the file); OSError: unreadable input
-        # or an --out that cannot be written
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(folder)
-    return 0
-
+from xfm_scale.cli.import_weights import main
 
 if __name__ == "__main__":
     sys.exit(main())

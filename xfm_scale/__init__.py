@@ -18,9 +18,9 @@ def build_model(config: XFMConfig):
     world with TP=1 when no parallel state exists yet)."""
     from megatron.core import parallel_state as ps
 
-    from xfm_scale import parallel
+    from xfm_scale import distributed
     from xfm_scale.model.xfm import XFM
 
     if not ps.model_parallel_is_initialized():
-        parallel.initialize(tensor_parallel_size=1)
+        distributed.initialize(tensor_parallel_size=1)
     return XFM(config)

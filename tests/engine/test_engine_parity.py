@@ -84,7 +84,7 @@ def resumed_and_full(demo_world, tmp_path_factory):
 def test_resume_restores_model_data_cursor_and_step_exactly(resumed_and_full):
     """The first loss after the resume (step 8: weights after step 7's update, the cursor's next
     batch) equals the uninterrupted run's, and the run completes with its checkpoints."""
-    from xfm_scale import checkpoint
+    from xfm_scale.checkpoint import writer as checkpoint
 
     expected, resumed = step_losses(resumed_and_full / "full"), step_losses(resumed_and_full / "resumed")
     assert sorted(resumed) == list(range(1, STEPS + 1))
@@ -99,7 +99,7 @@ def test_resume_restores_model_data_cursor_and_step_exactly(resumed_and_full):
 def test_every_step_after_resume_equals_uninterrupted(resumed_and_full):
     """Steps 9..14 after the resume equal the uninterrupted run's. The blend has steps that leave
     the vision and fusion encoders untouched, so this fails if ZeRO-3 steps them with the previous
-    step's gradient (see parallel.begin_optimizer_step)."""
+    step's gradient (see grads.clear_stale_gradients)."""
     expected, resumed = step_losses(resumed_and_full / "full"), step_losses(resumed_and_full / "resumed")
     for step in range(STOP + 2, STEPS + 1):
         assert abs(resumed[step] - expected[step]) <= 1e-6 * abs(expected[step]), (step, resumed[step], expected[step])
@@ -113,9 +113,9 @@ def counting_train_rank(raw: dict) -> dict:
     from deepspeed.utils import z3_leaf_module
     from torch._dynamo.utils import counters
 
-    from xfm_scale import run_config
+    from xfm_scale.config import run as run_config
     from xfm_scale.model import hooks
-    from xfm_scale.trainer import Trainer
+    from xfm_scale.train.trainer import Trainer
 
     trainer = Trainer(run_config.from_dict(raw, base_dir=os.getcwd()))
     installed, calls = hooks.HOOKS.checkpoint, [0]
@@ -150,7 +150,7 @@ def test_checkpointed_and_compiled_blocks_in_the_engine_equal_plain(demo_world, 
     without checkpointing (the recompute replays the dropout masks), through ZeRO-3's gradient
     reduction. Without checkpointing ZeRO-3 gathers each block whole (z3 leaf modules), with it
     per layer, and with each encoder's first block checkpointed both at once: the same losses
-    (parallel.gather_blocks_whole); with the text detach off (text blocks per layer, as they run
+    (engine_build.gather_blocks_whole); with the text detach off (text blocks per layer, as they run
     twice) the same against its checkpointed run. And the same again with the blocks
     compiled (model.compile_blocks) in a ZeRO-2 engine: the aot_eager backend runs dynamo's tracing
     and AOTAutograd's compiled backward (what inductor builds on) in seconds and draws random

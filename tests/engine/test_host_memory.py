@@ -1,4 +1,4 @@
-"""Pinned host memory for offload (xfm_scale.parallel.exact_pinned_allocations): the allocator
+"""Pinned host memory for offload (xfm_scale.distributed.exact_pinned_allocations): the allocator
 setting is applied exactly when a DeepSpeed config pins offloaded state, and a user's own value
 wins. What it saves is GPU-only (benchmarks/memory.py --largest measures it); here the wiring."""
 import json
@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from harness import tool_env
-from xfm_scale.parallel import pins_offloaded_memory
+from xfm_scale.engine.memory import pins_offloaded_memory, unpinned_partitions
 
 pytestmark = pytest.mark.unit
 
@@ -27,10 +27,10 @@ def test_pinned_offload_is_recognised_from_the_deepspeed_config(zero, pins):
 
 SETTINGS = """
 import json, torch
-from xfm_scale import parallel
+from xfm_scale.engine import memory as engine_memory
 before = torch._C._accelerator_getAllocatorSettings()
-applied = parallel.exact_pinned_allocations()
-parallel.release_cached_pinned_memory()
+applied = engine_memory.exact_pinned_allocations()
+engine_memory.release_cached_pinned_memory()
 print(json.dumps({"before": before, "after": torch._C._accelerator_getAllocatorSettings(), "applied": applied}))
 """
 
@@ -58,13 +58,12 @@ def test_the_model_is_built_with_pageable_partitions_and_the_engine_keeps_the_pi
     """zero.Init gets a copy with offload_param unpinned (its per-parameter partitions are freed
     once copied into the optimizer's flat pinned buffer); the config itself is not changed, and an
     NVMe offload, which swaps through pinned buffers, keeps its setting."""
-    from xfm_scale.parallel import _unpinned_partitions
 
     config = {"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu", "pin_memory": True},
                                     "offload_optimizer": {"device": "cpu", "pin_memory": True}}}
-    built = _unpinned_partitions(config)
+    built = unpinned_partitions(config)
     assert built["zero_optimization"]["offload_param"]["pin_memory"] is False
     assert built["zero_optimization"]["offload_optimizer"]["pin_memory"] is True
     assert config["zero_optimization"]["offload_param"]["pin_memory"] is True
     nvme = {"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme", "pin_memory": True}}}
-    assert _unpinned_partitions(nvme) == nvme
+    assert unpinned_partitions(nvme) == nvme

@@ -45,7 +45,7 @@ def test_check_accepts_a_good_launch(good, tmp_path):
 
 @pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "ds_configs").glob("*.json")))
 def test_every_shipped_deepspeed_config_passes_the_checks(good, name):
-    from xfm_scale import run_config
+    from xfm_scale.config import run as run_config
 
     config = run_config.from_dict({**good, "deepspeed": {"config": str(ROOT / "ds_configs" / name)}})
     config.validate(world_size=2)
@@ -273,11 +273,11 @@ def shm_rank():
     import torch
 
     os.environ["LOCAL_SIZE"] = os.environ["WORLD_SIZE"]
-    from xfm_scale import parallel
+    from xfm_scale import distributed
 
-    layout = parallel.initialize(1)
+    layout = distributed.initialize(1)
     backend_has_shm = getattr(ds_comm.comm.cdb, "shm_comm_op", None) is not None
-    left = [parallel.deepspeed_shm_segment(r).exists() for r in range(layout.world_size)]
+    left = [distributed.deepspeed_shm_segment(r).exists() for r in range(layout.world_size)]
     summed = torch.full((8,), float(layout.rank + 1))
     ds_comm.inference_all_reduce(summed)
     return backend_has_shm, left, summed
@@ -298,10 +298,11 @@ def output_folder_rank(root: str, shared: bool, wait_s: float):
     a folder of its own, as nodes whose train.output_dir is node-local storage would."""
     import torch.distributed as dist
 
-    from xfm_scale import checkpoint, parallel
+    from xfm_scale.checkpoint import writer as checkpoint
+    from xfm_scale import distributed
     from xfm_scale.config import ConfigError
 
-    parallel.initialize(1)
+    distributed.initialize(1)
     rank = dist.get_rank()
     folder = Path(root) / ("shared" if shared else f"node{rank}")
     folder.mkdir(parents=True, exist_ok=True)

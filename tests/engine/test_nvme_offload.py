@@ -62,7 +62,7 @@ def runs(demo_world, tmp_path_factory):
 
 
 def checkpoint_of(run: Path, step: int) -> Path:
-    from xfm_scale.checkpoint import tag_for
+    from xfm_scale.checkpoint.writer import tag_for
 
     return run / "checkpoints" / tag_for(step)
 
@@ -70,7 +70,7 @@ def checkpoint_of(run: Path, step: int) -> Path:
 def assert_first_sub_group_swapped(folder: Path, tp: int, dp: int) -> None:
     """Each rank's first sub-group (the encoders' weights) has its fp32 weights and both Adam
     moments in swap files only: its partition in the optimizer file is empty."""
-    from xfm_scale.zero_checkpoint import load_trusted
+    from xfm_scale.checkpoint.reader import load_trusted
 
     for rank in range(tp * dp):
         swapped = sorted(p.name.split("-")[0] for p in (folder / "offloaded_tensors" / f"rank{rank:02d}").iterdir())
@@ -99,8 +99,8 @@ def test_nvme_checkpoint_reads_and_exports_as_the_cpu_offload_one(runs, demo_wor
     import torch
     from safetensors.torch import load_file
 
-    from xfm_scale.export import export_checkpoint
-    from xfm_scale.zero_checkpoint import ZeroCheckpoint
+    from xfm_scale.interop.export import export_checkpoint
+    from xfm_scale.checkpoint.reader import ZeroCheckpoint
 
     for step in (STOP, STEPS):
         nvme, cpu = ZeroCheckpoint(checkpoint_of(runs / "nvme", step)), ZeroCheckpoint(checkpoint_of(runs / "cpu", step))
@@ -119,8 +119,9 @@ def test_nvme_checkpoint_reads_and_exports_as_the_cpu_offload_one(runs, demo_wor
 def resave_rank(raw: dict, resave_dir: str) -> dict:
     """Build the run (resuming its latest checkpoint at this layout) and save the loaded state to
     ``resave_dir`` before any step."""
-    from xfm_scale import checkpoint, run_config
-    from xfm_scale.trainer import Trainer
+    from xfm_scale.checkpoint import writer as checkpoint
+    from xfm_scale.config import run as run_config
+    from xfm_scale.train.trainer import Trainer
 
     trainer = Trainer(run_config.from_dict(raw, base_dir=os.getcwd()))
     checkpoint.save(trainer.engine, resave_dir, trainer.step, trainer.client_state(), keep_last=1)
@@ -141,7 +142,7 @@ def test_resume_from_and_into_nvme_at_another_layout_or_the_same(runs, demo_worl
     count, lr and data cursor."""
     import torch
 
-    from xfm_scale.zero_checkpoint import STATE_KEYS, ZeroCheckpoint
+    from xfm_scale.checkpoint.reader import STATE_KEYS, ZeroCheckpoint
 
     shutil.copytree(runs / source, tmp_path / "run")
     (tmp_path / "run" / "final_metrics.json").unlink(missing_ok=True)
@@ -165,8 +166,9 @@ def test_resume_from_and_into_nvme_at_another_layout_or_the_same(runs, demo_worl
 def damaged_swap_file_rank(raw: dict, folder: str) -> list[list[str]]:
     """Save a fresh NVMe run, then cut the swap file DeepSpeed copied into the checkpoint short,
     then remove it: what the check that runs before a save is published says each time."""
-    from xfm_scale import checkpoint, run_config
-    from xfm_scale.trainer import Trainer
+    from xfm_scale.checkpoint import writer as checkpoint
+    from xfm_scale.config import run as run_config
+    from xfm_scale.train.trainer import Trainer
 
     trainer = Trainer(run_config.from_dict(raw, base_dir=os.getcwd()))
     tag_folder = checkpoint.save(trainer.engine, folder, 0, trainer.client_state(), keep_last=1)

@@ -13,7 +13,7 @@ import yaml
 
 from engine_fixtures import run_config_dict
 from harness import tool_env
-from xfm_scale.sweep import load_sweep, run_sweep
+from xfm_scale.launch.sweep import load_sweep, run_sweep
 
 pytestmark = pytest.mark.dist
 ROOT = Path(__file__).resolve().parents[2]

@@ -13,7 +13,7 @@ MODEL_OVERRIDES = {"objectives.itm_negative_group": 2}  # ITM negatives independ
 def fixed_pair_batch(raw: dict, image_size: int, grid: int):
     """The same 8-pair batch on every rank and in every layout: held-out pairs, fixed IMLM and MIM masks."""
     from xfm_scale.data import load_pair_eval_set, load_tokenizer
-    from xfm_scale.evaluation import mask_captions
+    from xfm_scale.train.evaluation import mask_captions
 
     pairs = load_pair_eval_set(raw["data"]["eval_manifest"], raw["data"]["tokenizer_dir"], image_size=image_size,
                                mim_grid=grid, caption_max_len=16)
@@ -50,7 +50,7 @@ def probe(trainer, raw: dict) -> dict:
     random inputs, from the live engine."""
     import torch.distributed as dist
 
-    from xfm_scale import parallel
+    from xfm_scale import distributed
 
     cfg = trainer.model_config
     batch = fixed_pair_batch(raw, cfg.vision.image_size, cfg.vision.grid_size)
@@ -58,7 +58,7 @@ def probe(trainer, raw: dict) -> dict:
     per = FIXED_BATCH // dp
     local = rows(batch, d * per, (d + 1) * per)
     trainer.engine.eval()
-    parallel.seed_everything(99)
+    distributed.seed_everything(99)
     with torch.no_grad():
         out = trainer.engine(local)
         names = sorted(out.losses)
@@ -96,8 +96,8 @@ def parallel_dp_group():
 
 def train_then_probe(raw: dict) -> dict:
     """Build (or resume) the run, train to train.steps, then probe the live engine."""
-    from xfm_scale import run_config
-    from xfm_scale.trainer import Trainer
+    from xfm_scale.config import run as run_config
+    from xfm_scale.train.trainer import Trainer
 
     trainer = Trainer(run_config.from_dict(raw, base_dir=os.getcwd()))
     resumed_at = trainer.step
@@ -107,8 +107,8 @@ def train_then_probe(raw: dict) -> dict:
 
 def build_then_probe(raw: dict) -> dict:
     """Build the run (resuming or starting from init weights) and probe it before any step."""
-    from xfm_scale import run_config
-    from xfm_scale.trainer import Trainer
+    from xfm_scale.config import run as run_config
+    from xfm_scale.train.trainer import Trainer
 
     trainer = Trainer(run_config.from_dict(raw, base_dir=os.getcwd()))
     return {**probe(trainer, raw), "resumed_at": trainer.step}
@@ -117,8 +117,9 @@ def build_then_probe(raw: dict) -> dict:
 def build_resave_probe(raw: dict, resave_dir: str) -> dict:
     """Build the run (resuming its latest checkpoint, here possibly at another layout), write the
     loaded state to ``resave_dir`` as a new checkpoint, and probe it before any step."""
-    from xfm_scale import checkpoint, run_config
-    from xfm_scale.trainer import Trainer
+    from xfm_scale.checkpoint import writer as checkpoint
+    from xfm_scale.config import run as run_config
+    from xfm_scale.train.trainer import Trainer
 
     trainer = Trainer(run_config.from_dict(raw, base_dir=os.getcwd()))
     checkpoint.save(trainer.engine, resave_dir, trainer.step, trainer.client_state(), keep_last=1)

@@ -35,7 +35,7 @@ def bf16_run(demo_world, output_dir: Path, stage: int) -> dict:
 def runs(request, demo_world, tmp_path_factory):
     """An uninterrupted bf16 run of STEPS, probed live at the end and exported; the same run stopped
     after STOP and relaunched; and a bf16 engine at the same layout built from the export."""
-    from xfm_scale.export import export_checkpoint
+    from xfm_scale.interop.export import export_checkpoint
 
     stage = request.param
     root = tmp_path_factory.mktemp(f"bf16_zero{stage}")
@@ -85,7 +85,7 @@ def test_the_export_of_a_bf16_run_computes_what_the_live_model_computed(runs):
 
 
 def test_the_bf16_checkpoint_reader_sees_the_master_weights_of_the_last_step(runs):
-    from xfm_scale.zero_checkpoint import ZeroCheckpoint, resolve_checkpoint
+    from xfm_scale.checkpoint.reader import ZeroCheckpoint, resolve_checkpoint
 
     ck = ZeroCheckpoint(resolve_checkpoint(runs["root"] / "full" / "checkpoints"))
     assert (ck.stage, ck.step, ck.tp, ck.dp) == (runs["stage"], STEPS, TP, DP)

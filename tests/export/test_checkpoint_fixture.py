@@ -22,8 +22,10 @@ def load_step_probe(raw: dict, checkpoints: str) -> dict:
     takes one optimizer step on it, and is probed again."""
     from export_fixtures import FIXED_BATCH, fixed_pair_batch, probe, rows
 
-    from xfm_scale import checkpoint, parallel, run_config
-    from xfm_scale.trainer import Trainer
+    from xfm_scale.checkpoint import writer as checkpoint
+    from xfm_scale import distributed
+    from xfm_scale.config import run as run_config
+    from xfm_scale.train.trainer import Trainer
 
     trainer = Trainer(run_config.from_dict(raw, base_dir=os.getcwd()))
     client = checkpoint.load(trainer.engine, checkpoints, EXPECTED["saved_step"])
@@ -32,15 +34,12 @@ def load_step_probe(raw: dict, checkpoints: str) -> dict:
     batch = fixed_pair_batch(raw, cfg.vision.image_size, cfg.vision.grid_size)
     per = FIXED_BATCH // trainer.layout.data_parallel_size
     d = trainer.layout.data_parallel_rank
-    parallel.seed_everything(7)
+    distributed.seed_everything(7)
     trainer.engine.train()
-    parallel.begin_optimizer_step(trainer.engine)
-    out = trainer.engine(rows(batch, d * per, (d + 1) * per))
-    trainer.engine.backward(out.total)
-    trainer.engine.step()
+    trainer.engine.step([rows(batch, d * per, (d + 1) * per)])
     after = probe(trainer, raw)
     return {"step": client["step"], "before": before["losses"], "after": after["losses"],
-            "lr": trainer.scheduler.get_last_lr()[0]}
+            "lr": trainer.engine.scheduler.get_last_lr()[0]}
 
 
 def fixture_run_config(demo_world, output_dir: Path) -> dict:
@@ -72,7 +71,7 @@ def test_a_checkpoint_from_before_the_redesign_loads_and_trains_as_it_did(demo_w
 def test_a_checkpoint_from_before_the_redesign_exports_the_same_tensors(tmp_path):
     from safetensors.torch import load_file
 
-    from xfm_scale.export import export_checkpoint
+    from xfm_scale.interop.export import export_checkpoint
 
     checkpoints = tmp_path / "checkpoints"
     shutil.copytree(FIXTURE / "checkpoints", checkpoints)

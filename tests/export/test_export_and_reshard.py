@@ -38,7 +38,7 @@ def run_dict(demo_world, output_dir: Path, tp: int) -> dict:
 @pytest.fixture(scope="module")
 def original(demo_world, tmp_path_factory):
     """A TP=2 x DP=2 run of 5 steps (checkpoints at 3 and 5), probed live at the end, and its export."""
-    from xfm_scale.export import export_checkpoint
+    from xfm_scale.interop.export import export_checkpoint
 
     root = tmp_path_factory.mktemp("export")
     raw = run_dict(demo_world, root / "run", tp=2)
@@ -127,8 +127,8 @@ def test_xfm_export_loaded_at_tp1_gives_the_same_losses_and_outputs(original, tm
 def test_bf16_export_and_the_xfm_folder_hold_every_parameter(original, tmp_path):
     from safetensors import safe_open
 
-    from xfm_scale.export import export_checkpoint
-    from xfm_scale.zero_checkpoint import ZeroCheckpoint, resolve_checkpoint
+    from xfm_scale.interop.export import export_checkpoint
+    from xfm_scale.checkpoint.reader import ZeroCheckpoint, resolve_checkpoint
 
     export_checkpoint(original["root"] / "run" / "checkpoints", tmp_path, dtype="bf16", progress=False)
     ck = ZeroCheckpoint(resolve_checkpoint(original["root"] / "run" / "checkpoints"))
@@ -161,7 +161,7 @@ def resume_and_resave(source: dict, original_at_3: dict, folder: Path, tp: int, 
     """Resume ``source``'s step-3 checkpoint at (tp, dp) (and ZeRO ``stage``), check the fixed-batch
     loss and text output against the ZeRO-3 original's at step 3, and re-save the loaded state.
     Returns (saved, resaved) checkpoints."""
-    from xfm_scale.zero_checkpoint import ZeroCheckpoint
+    from xfm_scale.checkpoint.reader import ZeroCheckpoint
 
     raw = copy.deepcopy(source["raw"])
     raw["train"]["output_dir"] = str(stopped_at_3(source, folder / "run"))
@@ -178,7 +178,7 @@ def resume_and_resave(source: dict, original_at_3: dict, folder: Path, tp: int, 
 
 def assert_same_state(resaved, saved) -> None:
     """Tensor for tensor (fp32 weights, both Adam moments), step count, scheduler, lr, data cursor."""
-    from xfm_scale.zero_checkpoint import STATE_KEYS
+    from xfm_scale.checkpoint.reader import STATE_KEYS
 
     assert sorted(resaved.param_names) == sorted(saved.param_names)
     for name in saved.param_names:
@@ -236,9 +236,9 @@ def test_zero2_trains_like_zero3_and_its_checkpoints_hold_the_same_state(origina
     """Every step's loss (the two after the relaunch too), the final model, and both checkpoints (fp32
     weights, Adam moments, step, learning rates, data cursor) as read by ZeroCheckpoint equal the
     uninterrupted ZeRO-3 run's. The blend has steps that leave encoders untouched: this fails if
-    offloaded ZeRO-2 steps them with an old gradient (see parallel.begin_optimizer_step)."""
+    offloaded ZeRO-2 steps them with an old gradient (see grads.clear_stale_gradients)."""
     from engine_fixtures import step_losses
-    from xfm_scale.zero_checkpoint import STATE_KEYS, ZeroCheckpoint
+    from xfm_scale.checkpoint.reader import STATE_KEYS, ZeroCheckpoint
 
     want, got = step_losses(original["root"] / "run"), step_losses(zero2["root"] / "run")
     assert sorted(got) == sorted(want) == list(range(1, STEPS + 1))
@@ -265,7 +265,7 @@ def test_zero2_trains_like_zero3_and_its_checkpoints_hold_the_same_state(origina
 def test_zero2_export_loads_in_transformers_and_matches_the_live_model(zero2, tmp_path):
     from transformers import AutoModel
 
-    from xfm_scale.export import export_checkpoint
+    from xfm_scale.interop.export import export_checkpoint
 
     export_checkpoint(zero2["root"] / "run" / "checkpoints", tmp_path, progress=False)
     folder = tmp_path / "text_encoder"

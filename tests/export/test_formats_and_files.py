@@ -55,9 +55,9 @@ def test_mlm_head_imports_and_exports_as_transformers_masked_lm(flavour, tmp_pat
     import transformers
     from safetensors.torch import save_file
 
-    from xfm_scale import formats
-    from xfm_scale.engine_state import fit_vocab_rows
-    from xfm_scale.pretrained import read_hf_text
+    from xfm_scale.interop import formats
+    from xfm_scale.model.tp_layout import fit_vocab_rows
+    from xfm_scale.interop.pretrained import read_hf_text
 
     source = hf_masked_lm(flavour)
     source.save_pretrained(tmp_path / "source")
@@ -86,7 +86,7 @@ def test_mlm_head_imports_and_exports_as_transformers_masked_lm(flavour, tmp_pat
 
 
 def test_import_of_a_bare_encoder_gives_no_mlm_head(tmp_path):
-    from xfm_scale.pretrained import read_hf_text
+    from xfm_scale.interop.pretrained import read_hf_text
 
     hf_masked_lm("roberta").roberta.save_pretrained(tmp_path / "bare")
     _, read = read_hf_text(tmp_path / "bare")
@@ -103,7 +103,7 @@ def edited_config(folder: Path, **changes) -> Path:
 def test_import_refuses_weights_the_files_lack_or_hold_at_another_shape(tmp_path):
     """transformers initialises what the files lack at random and carries on; the import names it."""
     from xfm_scale.config import ConfigError
-    from xfm_scale.pretrained import read_hf_text
+    from xfm_scale.interop.pretrained import read_hf_text
 
     hf_masked_lm("roberta", layers=2).save_pretrained(tmp_path / "two")
     three = edited_config(tmp_path / "two", num_hidden_layers=3)
@@ -143,7 +143,7 @@ def small_vision(**changes):
 def test_timm_rebuilds_the_mlp_width_exactly_and_the_export_refuses_what_timm_cannot_build():
     from timm.models.beit import Beit
 
-    from xfm_scale import formats
+    from xfm_scale.interop import formats
     from xfm_scale.config import ConfigError
 
     cfg = small_vision(ffn_hidden_size=120)  # 120 / 88 * 88 = 119.99999999999999: timm would build 119
@@ -156,7 +156,7 @@ def test_a_timm_model_without_layer_scale_imports_unscaled():
     """No gammas in timm = gammas of 1.0 in ours (not BEiT-v2's 0.1 pre-training init)."""
     from timm.models.beit import Beit
 
-    from xfm_scale import formats
+    from xfm_scale.interop import formats
 
     plain = Beit(**{**formats.vision_model_args(small_vision()), "init_values": None}).eval()
     cfg = formats.vision_config_from_timm_model(plain)
@@ -174,7 +174,7 @@ def test_a_timm_model_without_layer_scale_imports_unscaled():
 def synthetic_checkpoint(root: Path, step: int, values: torch.Tensor, model_changes: dict | None = None) -> Path:
     """A ZeRO-3 tag folder of TP=1 x DP=1 as our trainer writes it, holding one parameter
     (``itm_head.weight``, 2 x 3) so that every export target can be written in a second."""
-    from xfm_scale.checkpoint import COMPLETE, tag_for
+    from xfm_scale.checkpoint.writer import COMPLETE, tag_for
     from xfm_scale.config import XFMConfig
 
     model = XFMConfig.from_preset("tiny").to_dict()
@@ -208,7 +208,7 @@ def test_unreadable_nvme_offloaded_checkpoint_is_refused_before_anything_is_writ
     client state (this synthetic checkpoint, or one an older xfm_scale saved), nothing says which
     file holds which partition: export says what to do instead, with exit code 2. The readable case
     is tests/engine/test_nvme_offload.py."""
-    from xfm_scale.zero_checkpoint import CheckpointError, ZeroCheckpoint
+    from xfm_scale.checkpoint.reader import CheckpointError, ZeroCheckpoint
 
     folder = synthetic_checkpoint(tmp_path / "checkpoints", 3, torch.empty(0))
     (folder / "offloaded_tensors" / "rank0").mkdir(parents=True)
@@ -230,7 +230,7 @@ def test_a_failed_export_leaves_the_previous_one_as_it_was(tmp_path, tokenizer):
     from safetensors import safe_open
 
     from xfm_scale.config import ConfigError
-    from xfm_scale.export import export_checkpoint
+    from xfm_scale.interop.export import export_checkpoint
 
     first = synthetic_checkpoint(tmp_path / "a", 3, torch.arange(6.0))
     export_checkpoint(first, tmp_path / "out", tokenizer_dir=tokenizer, progress=False)
@@ -255,7 +255,7 @@ def test_a_failed_export_leaves_the_previous_one_as_it_was(tmp_path, tokenizer):
 def test_streaming_writer_syncs_the_file_before_the_rename_and_the_folder_after(tmp_path, monkeypatch):
     import os
 
-    from xfm_scale import safetensors_stream
+    from xfm_scale.interop import safetensors_stream
 
     events = []
     real_fsync, real_replace = os.fsync, os.replace

@@ -12,15 +12,14 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
 
 
 def _install() -> None:
     import torch
 
-    from xfm_scale import checkpoint
+    from xfm_scale.checkpoint import writer as checkpoint
     from xfm_scale.model.xfm import XFM
-    from xfm_scale.trainer import Trainer
+    from xfm_scale.train.trainer import Trainer
 
     state = {"step": 0}
     train_step = Trainer.train_step
@@ -52,14 +51,14 @@ def _install() -> None:
                 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes then fail with EFBIG, like ENOSPC
                 resource.setrlimit(resource.RLIMIT_FSIZE, (0, resource.RLIM_INFINITY))
             if kill_at and step == kill_at:
-                engine_save = engine.save_checkpoint
+                engine_save = engine.deepspeed.save_checkpoint
 
                 def save_then_die(*a, **k):
                     engine_save(*a, **k)
                     if int(os.environ["RANK"]) == 1:
                         os.kill(os.getpid(), signal.SIGKILL)
 
-                engine.save_checkpoint = save_then_die
+                engine.deepspeed.save_checkpoint = save_then_die
             return save(engine, ckpt_dir, step, client_state, keep_last)
 
         checkpoint.save = faulty_save

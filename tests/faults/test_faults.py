@@ -58,7 +58,7 @@ def run(config: Path, ledger: dict, timeout: float = 300, **fault_env: str) -> t
 
 def final_state(run_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """(data cursor, fp32 weights) of a run's last complete checkpoint."""
-    from xfm_scale.zero_checkpoint import ZeroCheckpoint, resolve_checkpoint
+    from xfm_scale.checkpoint.reader import ZeroCheckpoint, resolve_checkpoint
 
     ck = ZeroCheckpoint(resolve_checkpoint(run_dir / "checkpoints"))
     return ck.meta["data_cursor"], dict(ck.tensors())
@@ -66,8 +66,8 @@ def final_state(run_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
 
 def count_lost_checkpoints(run_dir: Path, ledger: dict) -> list[int]:
     """Every complete checkpoint must still read (all partitions); returns their steps."""
-    from xfm_scale import checkpoint
-    from xfm_scale.zero_checkpoint import ZeroCheckpoint
+    from xfm_scale.checkpoint import writer as checkpoint
+    from xfm_scale.checkpoint.reader import ZeroCheckpoint
 
     steps = checkpoint.complete_steps(run_dir / "checkpoints")
     for step in steps:
@@ -176,7 +176,7 @@ def test_non_finite_steps_are_skipped_and_too_many_in_a_row_stop_with_a_diagnosi
     skipped = {r["step"]: r["skipped_steps"] for r in records if "skipped_steps" in r}
     assert skipped == {1: 1.0, 2: 0.0, 3: 1.0, 4: 1.0}
     # the skipped steps left weights (and Adam state) untouched: checkpoint 4 equals checkpoint 2
-    from xfm_scale.zero_checkpoint import ZeroCheckpoint
+    from xfm_scale.checkpoint.reader import ZeroCheckpoint
 
     at2, at4 = (ZeroCheckpoint(tmp_path / "run" / "checkpoints" / f"step{s:08d}") for s in (2, 4))
     for name in at2.param_names:

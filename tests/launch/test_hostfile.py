@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from deepspeed.launcher import runner as ds_runner
 
-from xfm_scale import launch
-from xfm_scale.launch import (Host, LaunchError, LaunchPlan, check_launch, parse_hostfile, resources_from,
+from xfm_scale.launch import hostfile as launch
+from xfm_scale.launch.hostfile import (Host, LaunchError, LaunchPlan, check_launch, parse_hostfile, resources_from,
                               world_size_from, world_size_of_command)
 
 pytestmark = pytest.mark.unit

@@ -16,8 +16,8 @@ import pytest
 import yaml
 
 from harness import tool_env
-from xfm_scale.launch import parse_hostfile
-from xfm_scale.sweep import (SweepBusy, command_for, expand, format_value, launch_problem, load_sweep, run_name,
+from xfm_scale.launch.hostfile import parse_hostfile
+from xfm_scale.launch.sweep import (SweepBusy, command_for, expand, format_value, launch_problem, load_sweep, run_name,
                              run_sweep)
 
 pytestmark = pytest.mark.unit

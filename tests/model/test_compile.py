@@ -11,7 +11,8 @@ import torch._dynamo
 from torch._dynamo.utils import counters
 
 from model_fixtures import batches, relative_error, tiny_config
-from xfm_scale import build_model, parallel
+from xfm_scale import build_model
+from xfm_scale import distributed
 from xfm_scale.model.layers import padding_mask
 
 pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("world_of_one")]
@@ -64,7 +65,7 @@ def test_one_graph_serves_every_vision_block_despite_per_layer_drop_path():
 
 
 def _losses_and_grads(model, cfg, seed: int):
-    parallel.seed_everything(seed)
+    distributed.seed_everything(seed)
     model.zero_grad(set_to_none=True)
     outs = [model(b) for b in batches(cfg, seed=2)]
     sum(o.total for o in outs).backward()
@@ -103,7 +104,7 @@ def test_compiled_blocks_give_eager_losses_and_gradients():
 
 
 def test_run_config_refuses_an_unknown_compile_backend_and_tensor_parallelism(demo_world, tmp_path):
-    from xfm_scale import run_config
+    from xfm_scale.config import run as run_config
     from xfm_scale.config import ConfigError
 
     raw = {"model": {"compile_blocks": True, "compile_backend": "inductr"},

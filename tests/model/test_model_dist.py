@@ -32,11 +32,11 @@ def _grads(model) -> dict[str, torch.Tensor]:
 def tp_parity_rank(tp: int, weights_path: str):
     """Build the tiny model at TP=tp holding the full weights in ``weights_path`` (written by the
     TP=1 run if absent); return outputs and this rank's gradient shards."""
-    from xfm_scale import parallel
+    from xfm_scale import distributed
     from xfm_scale.model import tp_layout
     from xfm_scale.model.xfm import XFM
 
-    layout = parallel.initialize(tensor_parallel_size=tp, seed=21)
+    layout = distributed.initialize(tensor_parallel_size=tp, seed=21)
     cfg = tiny_config()
     model = XFM(cfg)
     specs = tp_layout.model_partition_specs(model)
@@ -100,11 +100,11 @@ def test_tp2_equals_tp1_outputs_losses_and_gradients(tmp_path):
 def checkpointing_rank(tp: int):
     """Gradients of all three micro-batch kinds with dropout and drop-path on, with and without
     per-layer activation checkpointing through DeepSpeed's checkpoint, from the same seed."""
-    from xfm_scale import parallel
+    from xfm_scale import distributed
     from xfm_scale.model import hooks
     from xfm_scale.model.xfm import XFM
 
-    parallel.initialize(tensor_parallel_size=tp, seed=5)
+    distributed.initialize(tensor_parallel_size=tp, seed=5)
     cfg = tiny_config(dropout=True)
     model = XFM(cfg)
     assert hooks.HOOKS.name == "deepspeed"
@@ -119,7 +119,7 @@ def checkpointing_rank(tp: int):
 
     def run(checkpointing: bool, seed: int):
         cfg.set_activation_checkpointing(checkpointing)
-        parallel.seed_everything(seed)
+        distributed.seed_everything(seed)
         model.zero_grad(set_to_none=True)
         losses = [model(b) for b in batches(cfg, seed=2)]
         sum(o.total for o in losses).backward()

@@ -253,7 +253,7 @@ def test_itm_negatives_do_not_depend_on_the_micro_batch_split():
 
 
 def test_run_config_overrides_refine_activation_checkpointing_per_encoder():
-    from xfm_scale import run_config
+    from xfm_scale.config import run as run_config
 
     cfg = run_config.from_dict({
         "model": {"preset": "tiny", "activation_checkpointing": True,
@@ -265,7 +265,7 @@ def test_run_config_overrides_refine_activation_checkpointing_per_encoder():
 
 
 def test_deepspeed_overrides_change_keys_not_whole_sections(demo_world, tmp_path):
-    from xfm_scale import run_config
+    from xfm_scale.config import run as run_config
 
     raw = {"data": {"spec": str(demo_world.spec), "tokenizer_dir": str(demo_world.tokenizer_dir)},
            "batch": {"micro_batch_size": 4, "global_batch_size": 8}, "train": {"steps": 1}}
@@ -279,7 +279,7 @@ def test_relative_paths_on_the_command_line_are_read_from_the_current_directory(
     """In the file: from the file's folder; given by --set (or a sweep): from where the user is."""
     import shutil
 
-    from xfm_scale import run_config
+    from xfm_scale.config import run as run_config
 
     config_dir, cwd = tmp_path / "configs", tmp_path / "work"
     for folder in (config_dir, cwd):

@@ -34,7 +34,7 @@ import tarfile
 import zlib
 from bisect import bisect_right
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -44,7 +44,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..batch import IGNORE_INDEX, MODALITIES, Batch, ImageBatch, PairBatch, TextBatch
-from ..masking import IMLM_MASKING, MLM_MASKING, BlockMaskGenerator, mask_tokens
+from .captions import CAPTION_MAX_WORDS, EmptyCaption, pre_caption
+from .masking import IMLM_MASKING, MLM_MASKING, TOKEN_MASKING_SCHEMES, BlockMaskGenerator, mask_tokens
 from .blend import Blend, blend_corpus_choice
 from .lengths import TEXT_MODALITIES, LengthGroupedStreams
 from .shards import DataSpecError, ShardReader, image_ext, load_index
@@ -89,6 +90,18 @@ class LoaderConfig:
     """Seed of augmentation and masks; ``None``: the blend's seed."""
     max_caption_chars: int = 2000
     """A pair's caption longer than this (characters) is skipped as bad."""
+    caption_cleaning: bool = False
+    """Clean every pair caption with X-FM's ``pre_caption`` (xfm_scale.data.captions: lower-case,
+    punctuation and ``-``/``/`` to spaces, whitespace collapsed, cut to ``caption_max_words``
+    words) before tokenising; a caption left empty is an ``empty_caption`` bad sample. False: the
+    caption as stored (surrounding whitespace stripped). Text samples are never cleaned (the
+    reference does not clean them either)."""
+    caption_max_words: int = CAPTION_MAX_WORDS
+    """Words kept by caption cleaning (X-FM: 30)."""
+    mlm_masking: str = "xfm_scale"
+    """Scheme of the MLM and IMLM masks (xfm_scale.data.masking.TokenMaskingConfig.scheme):
+    ``xfm_scale`` (masks counted over the non-special tokens, ``<s>``/``</s>`` never masked) or
+    ``reference`` (X-FM's: counted over the whole sequence, only ``<s>`` protected)."""
     max_bad_in_a_row: int = 100
     """Give up (with an error naming the corpus) after this many consecutive bad replacements."""
     length_group_size: int = 0
@@ -113,6 +126,10 @@ class LoaderConfig:
                                 "and length_group_window >= 1")
         if self.micro_steps_per_step <= 0:
             raise DataSpecError(f"micro_steps_per_step={self.micro_steps_per_step}; give a positive count")
+        if self.mlm_masking not in TOKEN_MASKING_SCHEMES:
+            raise DataSpecError(f"data.mlm_masking={self.mlm_masking!r}: use one of {', '.join(TOKEN_MASKING_SCHEMES)}")
+        if self.caption_max_words < 1:
+            raise DataSpecError(f"caption_max_words={self.caption_max_words}; give a positive count")
         if modalities & {"text", "pair"} and not (self.tokenizer_dir and Path(self.tokenizer_dir).is_dir()):
             raise DataSpecError(f"tokenizer_dir={self.tokenizer_dir!r} is not a folder; give a local tokenizer "
                                 "folder (e.g. a roberta-base download, or the demo's tokenizer)")
@@ -380,7 +397,9 @@ class _MicroBatchDataset(Dataset):
                 key, members = None, "missing_shard"
             except (EOFError, OSError, tarfile.TarError):  # cut short, or unreadable storage
                 key, members = None, "truncated_shard"
-            decoded = members if isinstance(members, str) else decode_sample(members, modality, self.cfg.max_caption_chars)
+            decoded = members if isinstance(members, str) else decode_sample(
+                members, modality, self.cfg.max_caption_chars, caption_cleaning=self.cfg.caption_cleaning,
+                caption_max_words=self.cfg.caption_max_words)
             if not isinstance(decoded, str):
                 return global_index, f"{corpus.name}/{key}", decoded
             bad.append((corpus.name, decoded))
@@ -436,7 +455,8 @@ class _MicroBatchDataset(Dataset):
         return torch.stack(pixels), torch.stack(masks)
 
     def _text_batch(self, samples) -> TextBatch:
-        _, attention, masked, labels = self._masked_text(samples, self.cfg.text_max_len, MLM_MASKING)
+        masking = replace(MLM_MASKING, scheme=self.cfg.mlm_masking)
+        _, attention, masked, labels = self._masked_text(samples, self.cfg.text_max_len, masking)
         return TextBatch(input_ids_BL=masked, attention_mask_BL=attention, mlm_labels_BL=labels,
                          sample_keys=tuple(s[1] for s in samples))
 
@@ -446,7 +466,8 @@ class _MicroBatchDataset(Dataset):
 
     def _pair_batch(self, samples) -> PairBatch:
         pixels, mim = self._pixels_and_mim(samples)
-        ids, attention, masked, labels = self._masked_text(samples, self.cfg.caption_max_len, IMLM_MASKING)
+        masking = replace(IMLM_MASKING, scheme=self.cfg.mlm_masking)
+        ids, attention, masked, labels = self._masked_text(samples, self.cfg.caption_max_len, masking)
         return PairBatch(pixel_values_BCHW=pixels, caption_ids_BL=ids, caption_mask_BL=attention,
                          imlm_input_ids_BL=masked, imlm_labels_BL=labels, mim_mask_BP=mim,
                          sample_keys=tuple(s[1] for s in samples))
@@ -476,9 +497,12 @@ def replacement_sample(seed: int, global_index: int, attempt: int, corpus_size: 
     return int(rng.integers(corpus_size))
 
 
-def decode_sample(members: dict[str, bytes], modality: str, max_caption_chars: int = 2000) -> dict | str:
+def decode_sample(members: dict[str, bytes], modality: str, max_caption_chars: int = 2000, *,
+                  caption_cleaning: bool = False, caption_max_words: int = CAPTION_MAX_WORDS) -> dict | str:
     """Decoded members (``txt``: str, ``image``: RGB PIL image) or the reason the sample is bad.
-    A caption longer than ``max_caption_chars`` is bad (corrupt or mislabeled text, not a caption)."""
+    A caption longer than ``max_caption_chars`` is bad (corrupt or mislabeled text, not a caption).
+    ``caption_cleaning``: a pair's caption passes through X-FM's ``pre_caption`` (after the length
+    check, which looks at the stored caption); one with no words left is ``empty_caption``."""
     out = {}
     if modality in ("text", "pair"):
         if "txt" not in members:
@@ -491,6 +515,11 @@ def decode_sample(members: dict[str, bytes], modality: str, max_caption_chars: i
             return "empty_caption" if modality == "pair" else "empty_text"
         if modality == "pair" and len(text) > max_caption_chars:
             return "overlong_caption"
+        if modality == "pair" and caption_cleaning:
+            try:
+                text = pre_caption(text, caption_max_words)
+            except EmptyCaption:
+                return "empty_caption"
         out["txt"] = text
     if modality in ("image", "pair"):
         ext = image_ext(members)
@@ -516,11 +545,13 @@ def load_tokenizer(tokenizer_dir: str | Path):
 
 
 def load_pair_eval_set(manifest: str | Path, tokenizer_dir: str | Path, *, image_size: int, mim_grid: int,
-                       caption_max_len: int = 30) -> PairBatch:
+                       caption_max_len: int = 30, caption_cleaning: bool = False,
+                       caption_max_words: int = CAPTION_MAX_WORDS) -> PairBatch:
     """A whole held-out pair corpus as one PairBatch (retrieval evaluation).
 
     Deterministic resize + centre crop, no masking: ``imlm_*`` equal the clean caption with no
-    labels, and ``mim_mask_BP`` is all False.
+    labels, and ``mim_mask_BP`` is all False. ``caption_cleaning``: captions cleaned as in
+    training (:class:`LoaderConfig`), so that evaluation sees the same caption form.
     """
     from .spec import CorpusSpec, validate
 
@@ -533,7 +564,8 @@ def load_pair_eval_set(manifest: str | Path, tokenizer_dir: str | Path, *, image
     for shard in corpus.shards:
         index = load_index(shard)
         for key, spans in zip(index["keys"], index["members"]):
-            decoded = decode_sample({e: reader.read(shard, tuple(s)) for e, s in spans.items()}, "pair")
+            decoded = decode_sample({e: reader.read(shard, tuple(s)) for e, s in spans.items()}, "pair",
+                                    caption_cleaning=caption_cleaning, caption_max_words=caption_max_words)
             if isinstance(decoded, str):
                 raise DataSpecError(f"eval set {manifest}: sample {key} is bad ({decoded}); rebuild it")
             keys.append(f"{corpus.name}/{key}")

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import braceexpand
 
-from ..yaml_files import read_yaml
+from ..config.yaml_files import read_yaml
 from .shards import (MANIFEST_SUFFIX, MODALITIES, SHARD_HINT, DataSpecError, detect_modality,
                      first_sample_members, load_index, read_manifest)
 

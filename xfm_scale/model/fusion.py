@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from xfm_scale import kernels
+from xfm_scale.model import kernels
 from xfm_scale.config import FusionEncoderConfig
 from xfm_scale.model.layers import MLP, CrossAttention, SelfAttention, padding_mask, run_blocks
 

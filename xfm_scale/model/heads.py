@@ -8,9 +8,9 @@ import torch.nn.functional as F
 from megatron.core import tensor_parallel as tp
 from torch import nn
 
-from xfm_scale import kernels
+from xfm_scale.model import kernels
 from xfm_scale.batch import IGNORE_INDEX
-from xfm_scale.model.layers import NormalLinear, mark_tensor_parallel, tp_rank, tp_size
+from xfm_scale.model.layers import NormalLinear, data_parallel_group, mark_tensor_parallel, tp_rank, tp_size
 
 
 class MLMHead(nn.Module):
@@ -80,8 +80,6 @@ def global_token_mean(per_token_M: torch.Tensor) -> torch.Tensor:
     after the engine averages gradients over DP ranks, that is the mean over every masked token of
     the global batch, whatever the split of tokens between ranks (a per-rank mean would weight a
     rank's tokens by 1/its count)."""
-    from xfm_scale.model.xfm import data_parallel_group
-
     count = torch.tensor([float(per_token_M.numel())], device=per_token_M.device)
     group, world = data_parallel_group(), 1
     if group is not None:

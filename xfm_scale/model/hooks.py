@@ -1,6 +1,6 @@
 """The two runtime services model code needs from the parallel runtime, injected, not imported.
 
-Model code must not import DeepSpeed (one module, :mod:`xfm_scale.parallel`, wires it). Two things
+Model code must not import DeepSpeed (one module, :mod:`xfm_scale.distributed`, wires it). Two things
 the layers need depend on that runtime:
 
 * ``checkpoint(fn, *args)``: per-layer activation checkpointing. The parallel module installs

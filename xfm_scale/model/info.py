@@ -14,7 +14,7 @@ def _count(module: nn.Module) -> int:
 
 
 def parameter_counts(config: XFMConfig) -> dict:
-    """Counts at TP=1 (full shapes). Needs megatron parallel state (``parallel.initialize``)."""
+    """Counts at TP=1 (full shapes). Needs megatron parallel state (``distributed.initialize``)."""
     from xfm_scale.model.xfm import XFM
 
     with torch.device("meta"):

@@ -20,6 +20,7 @@ from megatron.core import tensor_parallel as tp
 from megatron.core.model_parallel_config import ModelParallelConfig
 from torch import nn
 
+from xfm_scale.engine.megatron_compat import RowParallelLinear
 from xfm_scale.model.hooks import HOOKS
 
 
@@ -38,6 +39,14 @@ def tp_rank() -> int:
     return ps.get_tensor_model_parallel_rank() if ps.model_parallel_is_initialized() else 0
 
 
+def data_parallel_group():
+    """The group ITC gathers over (and the trainer averages losses over); None in a single
+    data-parallel replica."""
+    if ps.model_parallel_is_initialized() and ps.get_data_parallel_world_size() > 1:
+        return ps.get_data_parallel_group()
+    return None
+
+
 def normal_init(std: float) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda weight: nn.init.normal_(weight, mean=0.0, std=std)
 
@@ -53,21 +62,6 @@ def column(in_features: int, out_features: int, *, bias: bool, stride: int, conf
            std: float) -> tp.ColumnParallelLinear:
     return tp.ColumnParallelLinear(in_features, out_features, config=config, init_method=normal_init(std),
                                    bias=bias, gather_output=False, stride=stride)
-
-
-class RowParallelLinear(tp.RowParallelLinear):
-    """megatron-core's RowParallelLinear, handing its own TP group to the matmul.
-
-    megatron-core 0.16.1's ``RowParallelLinear.forward`` passes ``tp_group=None`` to its matmul
-    function, which then looks the group up again and, on global rank 0, calls ``warnings.warn``
-    on every call. torch.compile cannot trace that call, so it broke a compiled block's graph at
-    every row-parallel layer. The group it looks up is the one this layer already holds, so the
-    result is the same."""
-
-    def _forward_impl(self, input, weight, *args, **kwargs):
-        if kwargs.get("tp_group") is None:
-            kwargs["tp_group"] = self.tp_group
-        return super()._forward_impl(input, weight, *args, **kwargs)
 
 
 def row(in_features: int, out_features: int, *, config: ModelParallelConfig, std: float) -> RowParallelLinear:

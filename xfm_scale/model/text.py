@@ -9,7 +9,7 @@ import torch
 from megatron.core import tensor_parallel as tp
 from torch import nn
 
-from xfm_scale import kernels
+from xfm_scale.model import kernels
 from xfm_scale.config import TextEncoderConfig, TransformerConfig
 from xfm_scale.model.layers import MLP, NormalEmbedding, SelfAttention, normal_init, padding_mask, run_blocks
 

@@ -8,6 +8,9 @@ Used by the TP parity tests now, and by export/import and resharding.
 """
 from __future__ import annotations
 
+import re
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -46,3 +49,18 @@ def merge_state_dicts(specs: dict[str, tuple[int, int] | None],
     """The full state dict from every TP rank's (in TP-rank order)."""
     return {name: (merge([sd[name] for sd in per_rank], *specs[name]) if specs.get(name) else t)
             for name, t in per_rank[0].items()}
+
+
+Source = Callable[[str, str], "torch.Tensor | None"]
+"""(parameter name, state key: fp32 | exp_avg | exp_avg_sq) -> the full tensor, or None to keep."""
+VOCAB_PARAMETERS = re.compile(r"(word_embeddings\.weight|mlm_head\.bias)$")
+"""Parameters with one row per vocabulary entry, padded to a multiple of 128 x TP."""
+
+
+def fit_vocab_rows(name: str, tensor: torch.Tensor, rows: int) -> torch.Tensor:
+    """Pad (with zeros) or cut the padding rows of a vocabulary parameter to ``rows``."""
+    if tensor.shape[0] == rows or not VOCAB_PARAMETERS.search(name):
+        return tensor
+    if tensor.shape[0] > rows:
+        return tensor[:rows]
+    return torch.cat([tensor, tensor.new_zeros(rows - tensor.shape[0], *tensor.shape[1:])])

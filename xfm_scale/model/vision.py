@@ -16,7 +16,7 @@ import torch
 from timm.models.beit import gen_relative_position_index
 from torch import nn
 
-from xfm_scale import kernels
+from xfm_scale.model import kernels
 from xfm_scale.config import VisionEncoderConfig
 from xfm_scale.model.layers import MLP, SelfAttention, layer_scale_init, mark_tensor_parallel, run_blocks, tp_size
 

@@ -1,7 +1,7 @@
 """X-FM: language, vision and fusion encoders with every pre-training head and loss.
 
 One forward per micro-batch kind (batch.py): text -> MLM; image -> MIM; pair -> ITC, ITM, IMLM,
-MIM. The method: ../shared/design/xfm-method.md. This module knows megatron's layers and parallel
+MIM. The method: docs/method.md. This module knows megatron's layers and parallel
 state (to find the data-parallel group for ITC) but nothing of DeepSpeed.
 Legend: B batch, L caption tokens, N image tokens (1+P), D width, E ITC width.
 """
@@ -11,14 +11,13 @@ import contextlib
 
 import torch
 import torch.nn.functional as F
-from megatron.core import parallel_state as ps
 from torch import nn
 
 from xfm_scale.batch import Batch, ImageBatch, PairBatch, TextBatch
 from xfm_scale.config import XFMConfig
 from xfm_scale.model.fusion import FusionEncoder
 from xfm_scale.model.heads import ContrastiveHead, MLMHead, itm_head
-from xfm_scale.model.layers import megatron_config, tp_size
+from xfm_scale.model.layers import data_parallel_group, megatron_config, tp_size
 from xfm_scale.model.losses import contrastive_loss, mim_loss, sample_hard_negatives
 from xfm_scale.model.text import TextEncoder
 from xfm_scale.model.vision import VisionEncoder
@@ -51,13 +50,6 @@ class XFMOutput(dict):
         if not self.losses:
             return torch.zeros(())
         return torch.stack(list(self.losses.values())).sum()
-
-
-def data_parallel_group():
-    """The group ITC gathers over; None in a single data-parallel replica."""
-    if ps.model_parallel_is_initialized() and ps.get_data_parallel_world_size() > 1:
-        return ps.get_data_parallel_group()
-    return None
 
 
 class XFM(nn.Module):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,8 +15,12 @@ from typing import Any, Literal
 
 import yaml
 
-from xfm_scale.config import ConfigError, XFMConfig
-from xfm_scale.yaml_files import read_yaml
+from xfm_scale import runfolder
+from xfm_scale.config import deepspeed_json, paths
+from xfm_scale.config.errors import ConfigError
+from xfm_scale.config.model import XFMConfig
+from xfm_scale.config.overrides import coerce, set_dotted
+from xfm_scale.config.yaml_files import read_yaml
 
 
 @dataclass(kw_only=True)
@@ -91,6 +94,21 @@ class DataSection:
     length_group_window: int = 64
     """Groups per window of length_group_size x length_group_window samples, sorted by length
     and cut into groups whose order is shuffled: larger windows give closer lengths."""
+    caption_cleaning: bool = False
+    """Clean every pair caption (training and held-out) as X-FM's ``pre_caption`` does
+    (xfm_scale.data.captions): lower-case; the punctuation ``,.'!?"()*#:;~`` and ``-``, ``/``
+    become spaces; whitespace runs collapse; cut to 30 words. A caption left empty is skipped as
+    an ``empty_caption`` bad sample. The reference cleans (launchers/configs/base.yaml: true);
+    false (default): captions as stored (surrounding whitespace stripped), so existing configs
+    and the demo read the text they were made with."""
+    mlm_masking: Literal["reference", "xfm_scale"] = "xfm_scale"
+    """How MLM (text) and IMLM (caption) masks are counted and placed
+    (xfm_scale.data.masking.TokenMaskingConfig.scheme). ``reference`` (X-FM's, base.yaml): the
+    number of masked tokens is round(prob x the whole sequence length, ``<s>`` and ``</s>``
+    included), and any position but ``<s>`` may be masked, ``</s>`` too. ``xfm_scale`` (default):
+    counted over the text's own tokens and special tokens never masked, so ``prob`` is the share
+    of real tokens predicted and no target is the end-of-text marker (whose position the
+    attention mask already gives away)."""
 
 
 @dataclass(kw_only=True)
@@ -133,6 +151,21 @@ class OptimSection:
     """Final learning rate as a fraction of the peak."""
     grad_clip: float = 1.0
     """Global gradient-norm clipping (TP-correct: DeepSpeed's norm with the mpu)."""
+    lr_x2: Literal["reference", "new_modules"] = "new_modules"
+    """Which parameters train at lr x new_param_lr_scale (xfm_scale.engine.optim.param_groups).
+    ``reference`` (X-FM's, base.yaml): only the ITC projections and temperature (``itc``) and the
+    ITM head (``itm_head``); the fusion encoder, both MLM heads and the encoders train at the base
+    lr (``pretrained_modules`` is then not used). ``new_modules`` (default): every top-level
+    module not in ``pretrained_modules``, so the fusion encoder and its MLM head too. Fixed for a
+    run: resuming with another value would give the saved optimizer groups other parameters."""
+    no_decay_rule: Literal["reference", "xfm_scale"] = "xfm_scale"
+    """Which parameters get no weight decay. ``reference`` (X-FM's, base.yaml): those whose name
+    contains ``bias`` or a norm's ``norm.weight``/``norm.bias`` (so biases, LayerNorms and the
+    relative-position bias tables), decaying the cls and mask tokens, layer-scale gammas, the
+    temperature and the LayerNorm weight inside the ITM head (named ``itm_head.1``). ``xfm_scale``
+    (default): every 1-D parameter (biases, norm weights, gammas) plus the cls/mask tokens, the
+    bias tables and the temperature (timm's BEiT ``no_weight_decay`` list). Fixed for a run, as
+    ``lr_x2`` is."""
 
 
 @dataclass(kw_only=True)
@@ -185,7 +218,7 @@ class DeepSpeedSection:
     exact_pinned_host_memory: bool = True
     """With offload to pinned host memory: large pinned allocations at their exact size rather than
     torch's next power of two, and the pinned blocks ZeRO-3 frees while building the engine returned
-    to the OS (xfm_scale.parallel.exact_pinned_allocations). False: torch's defaults."""
+    to the OS (xfm_scale.engine.memory.exact_pinned_allocations). False: torch's defaults."""
     zero3_gather_whole_blocks: bool = True
     """ZeRO-3: gather each encoder block that is not activation-checkpointed in one all-gather
     (DeepSpeed z3 leaf modules) rather than one per layer inside it: fewer, larger collectives and
@@ -224,15 +257,7 @@ class RunConfig:
 
     def _deepspeed_json(self) -> dict[str, Any]:
         """deepspeed.config with deepspeed.overrides applied."""
-        with open(self.deepspeed.config) as f:
-            try:
-                ds = json.load(f)
-            except json.JSONDecodeError as err:
-                raise ConfigError(f"deepspeed.config: {self.deepspeed.config} is not valid JSON ({err})") from None
-        ds.pop("_comment", None)
-        for dotted, value in self.deepspeed.overrides.items():
-            _set_dotted(ds, dotted, value, merge=True)
-        return ds
+        return deepspeed_json.read(self.deepspeed.config, self.deepspeed.overrides)
 
     def _check_compile(self, zero_stage: int) -> None:
         if self.parallel.tensor_parallel_size > 1:
@@ -263,6 +288,17 @@ class RunConfig:
                 ("data.length_group_size", 0), ("data.length_group_window", 1),
                 ("data.eval_max_pairs", 1), ("optim.lr", 0), ("optim.warmup_steps", 0), ("optim.grad_clip", 0))
 
+    # (key, allowed values): Literal fields, checked before the ranks start
+    _CHOICES = (("optim.schedule", ("linear", "cosine")), ("optim.lr_x2", ("reference", "new_modules")),
+                ("optim.no_decay_rule", ("reference", "xfm_scale")), ("data.mlm_masking", ("reference", "xfm_scale")))
+
+    def _check_choices(self) -> None:
+        for key, allowed in self._CHOICES:
+            section, name = key.split(".")
+            value = getattr(getattr(self, section), name)
+            if value not in allowed:
+                raise ConfigError(f"{key}={value!r}: use {' or '.join(repr(a) for a in allowed)}")
+
     def _check_ranges(self) -> None:
         for key, lowest in self._MINIMUM:
             section, name = key.split(".")
@@ -274,25 +310,6 @@ class RunConfig:
             raise ConfigError(f"batch.text_micro_batch_size={text_mbs} must be >= 1 (or null: micro_batch_size)")
         if not 0 <= self.data.max_bad_sample_rate <= 1:
             raise ConfigError(f"data.max_bad_sample_rate={self.data.max_bad_sample_rate} must be in [0, 1]")
-
-    def _check_nvme_offload(self, zero: dict, stage: int) -> None:
-        """NVMe offload of the optimizer as xfm_scale supports it: ZeRO-3's default swapper."""
-        optimizer = zero.get("offload_optimizer") or {}
-        if optimizer.get("device") != "nvme":
-            return
-        if stage != 3:
-            # DeepSpeed's ZeRO-2 offloads the optimizer to the CPU only: it would build the CPU
-            # optimizer and leave the drive unused (and on a GPU assert at the first step)
-            raise ConfigError(f"zero_optimization.offload_optimizer.device=nvme with zero_optimization.stage={stage} "
-                              f"in {self.deepspeed.config}: NVMe offload needs ZeRO stage 3; use "
-                              "ds_configs/zero3_nvme_template.json, or offload_optimizer.device=cpu")
-        for option in ("pipeline_read", "pipeline_write"):
-            if optimizer.get(option):
-                # xfm_scale corrects DeepSpeed 0.19.8's gradient swapping for its default swapper
-                # (parallel._complete_swapped_gradients); the pipelined one prefetches the next
-                # sub-group's gradients before that correction can run
-                raise ConfigError(f"zero_optimization.offload_optimizer.{option}=true in {self.deepspeed.config}: "
-                                  "not supported (its swapped gradients would be wrong); set it to false")
 
     def check_itm_groups(self, group: int) -> None:
         """ITM draws each pair's hard negatives from the other pairs of its micro-batch (or of its
@@ -324,9 +341,7 @@ class RunConfig:
         if not m.init_from:
             return True, None
         if self.train.resume:
-            from xfm_scale import checkpoint  # imports torch: only for a run from exported weights
-
-            if checkpoint.latest_complete(Path(self.train.output_dir) / "checkpoints") is not None:
+            if runfolder.RunFolder(Path(self.train.output_dir)).latest_complete() is not None:
                 return False, None
         return True, XFMConfig.from_xfm_folder(m.init_from)
 
@@ -368,30 +383,10 @@ class RunConfig:
         self._check_ranges()
         corpora = self._check_data_spec() if check_data else []
         ds = self._deepspeed_json()
-        zero = ds.get("zero_optimization", {})
-        stage = zero.get("stage", 0)
-        for option in ("round_robin_gradients", "elastic_checkpoint"):
-            if zero.get(option):
-                # both change how ZeRO-2 lays out or saves its partitions in ways DeepSpeed's saved
-                # fragment map (which our reader, export and resharding use) does not describe
-                raise ConfigError(f"zero_optimization.{option}=true in {self.deepspeed.config}: not supported (export "
-                                  "and resume at another layout could not read its checkpoints); set it to false")
-        if ds.get("checkpoint", {}).get("use_node_local_storage"):
-            # DeepSpeed then saves per node under local ranks (files and NVMe swap folders named by
-            # local rank): one output folder that every node sees is what resume, export and the
-            # reader of NVMe swap files (named by global rank) rely on
-            raise ConfigError(f"checkpoint.use_node_local_storage=true in {self.deepspeed.config}: not supported "
-                              "(checkpoints go to train.output_dir, which every node must see); set it to false")
-        self._check_nvme_offload(zero, stage)
-        if stage not in (2, 3):
-            # checkpoints, export and resharding read ZeRO-2 and ZeRO-3 partitions (xfm_scale.zero_checkpoint)
-            raise ConfigError(f"zero_optimization.stage={stage} in {self.deepspeed.config} (with deepspeed.overrides): "
-                              "xfm_scale trains with ZeRO stage 3 (any model size) or 2 (the model fits on every "
-                              "rank; faster); use a ds_configs/zero3_* or zero2_* config")
+        deepspeed_json.check(ds, self.deepspeed.config)
         if self.model.compile_blocks:
-            self._check_compile(stage)
-        if self.optim.schedule not in ("linear", "cosine"):
-            raise ConfigError(f"optim.schedule={self.optim.schedule!r}: use 'linear' or 'cosine'")
+            self._check_compile(deepspeed_json.zero_stage(ds))
+        self._check_choices()
         tp = self.parallel.tensor_parallel_size
         known, base = self._starting_model_config()
         model_config = self.model_config(base)
@@ -412,24 +407,6 @@ class RunConfig:
 # ---- loading --------------------------------------------------------------------------------------
 _SECTIONS = {"model": ModelSection, "data": DataSection, "batch": BatchSection, "optim": OptimSection,
              "train": TrainSection, "parallel": ParallelSection, "deepspeed": DeepSpeedSection}
-_PATH_KEYS = {("data", "spec"), ("data", "tokenizer_dir"), ("data", "eval_manifest"), ("data", "cache_dir"),
-              ("train", "output_dir"), ("model", "init_from"), ("model", "init_text_from"),
-              ("model", "init_vision_from")}
-_REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-def _set_dotted(tree: dict, dotted: str, value: Any, merge: bool = False) -> None:
-    """Set ``a.b.c`` in a nested dict. With ``merge`` (DeepSpeed overrides) a dict value is merged
-    key by key into a dict already there, so ``{zero_optimization: {stage: 2}}`` changes the stage
-    and keeps the section's other keys, as ``zero_optimization.stage: 2`` does."""
-    *parents, leaf = dotted.split(".")
-    for part in parents:
-        tree = tree.setdefault(part, {})
-    if merge and isinstance(value, dict) and isinstance(tree.get(leaf), dict):
-        for key, inner in value.items():
-            _set_dotted(tree[leaf], key, inner, merge=True)
-    else:
-        tree[leaf] = value
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
@@ -456,32 +433,7 @@ def _build_section(name: str, cls, values: Any):
     missing = [k for k in required if k not in values]
     if missing:
         raise ConfigError(f"missing required key(s) {', '.join(f'{name}.{k}' for k in missing)} in the run config")
-    return cls(**{k: _coerce(name, k, v, str(fields[k].type)) for k, v in values.items()})
-
-
-def _coerce(section: str, key: str, value: Any, annotation: str) -> Any:
-    """YAML 1.1 reads ``2e-4`` (no dot) as a string; numbers are coerced by the field's type."""
-    if isinstance(value, str) and annotation.split(" |")[0] in ("float", "int"):
-        try:
-            return float(value) if annotation.startswith("float") else int(value)
-        except ValueError:
-            raise ConfigError(f"{section}.{key}={value!r} is not a number") from None
-    if annotation.startswith("tuple") and isinstance(value, (list, tuple)):
-        return tuple(float(v) for v in value)
-    return value
-
-
-def _resolve(path: str | None, base: Path, key: tuple[str, str]) -> str | None:
-    if path is None or os.path.isabs(path):
-        return path
-    # Outputs and caches are relative to where the run is launched; inputs to the config's folder,
-    # falling back to the repository (so configs can name ds_configs/... like the README does).
-    if key in {("train", "output_dir"), ("data", "cache_dir")}:
-        return os.path.abspath(path)
-    for root in (base, _REPO_ROOT):
-        if (root / path).exists():
-            return str((root / path).resolve())
-    return str((base / path).resolve())
+    return cls(**{k: coerce(f"{name}.{k}", v, str(fields[k].type)) for k, v in values.items()})
 
 
 def from_dict(raw: dict[str, Any], base_dir: str | Path = ".", overrides: dict[str, Any] | None = None) -> RunConfig:
@@ -494,7 +446,7 @@ def from_dict(raw: dict[str, Any], base_dir: str | Path = ".", overrides: dict[s
         if section in ("model", "deepspeed") and rest and rest[0] == "overrides" and len(rest) > 1:
             raw.setdefault(section, {}).setdefault("overrides", {})[".".join(rest[1:])] = value
         else:
-            _set_dotted(raw, dotted, value)
+            set_dotted(raw, dotted, value)
     unknown = sorted(set(raw) - set(_SECTIONS))
     if unknown:
         raise ConfigError(f"unknown section(s) {', '.join(unknown)}; sections: {', '.join(_SECTIONS)}")
@@ -505,12 +457,12 @@ def from_dict(raw: dict[str, Any], base_dir: str | Path = ".", overrides: dict[s
     # (--set, a sweep's values) from the current directory, as a shell user expects.
     base, here = Path(base_dir).resolve(), Path.cwd()
     from_command_line = {tuple(dotted.split(".", 1)) for dotted in (overrides or {})}
-    for section, key in (*_PATH_KEYS, ("deepspeed", "config")):
+    for section, key in paths.PATH_KEYS:
         if section in raw and key in raw[section]:
             root = here if (section, key) in from_command_line else base
-            raw[section][key] = _resolve(raw[section][key], root, (section, key))
+            raw[section][key] = paths.resolve(raw[section][key], root, (section, key))
     if "config" not in raw.get("deepspeed", {}):
-        raw.setdefault("deepspeed", {})["config"] = str(_REPO_ROOT / DeepSpeedSection().config)
+        raw.setdefault("deepspeed", {})["config"] = str(paths.REPOSITORY / DeepSpeedSection().config)
     return RunConfig(**{name: _build_section(name, cls, raw[name]) for name, cls in _SECTIONS.items() if name in raw})
 
 

@@ -18,12 +18,21 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from xfm_scale import checkpoint, durable, engine_state, kernels, parallel, pretrained
+from xfm_scale import distributed, durable
 from xfm_scale.batch import text_positions
+from xfm_scale.checkpoint import writer as checkpoint
+from xfm_scale.checkpoint.reader import ZeroCheckpoint
 from xfm_scale.config import ConfigError, XFMConfig
-from xfm_scale.flops import FlopCount
-from xfm_scale.run_config import RunConfig
-from xfm_scale.zero_checkpoint import ZeroCheckpoint
+from xfm_scale.config.run import RunConfig
+from xfm_scale.engine import checkpoint_io, full_state
+from xfm_scale.engine.build import build_engine
+from xfm_scale.interop import pretrained
+from xfm_scale.model import kernels
+from xfm_scale.model.layers import data_parallel_group
+from xfm_scale.model.tp_layout import Source
+from xfm_scale.runfolder import RunFolder
+from xfm_scale.train.flops import FlopCount, achieved_tflops, device_peak_flops, micro_batch_flops, mfu
+from xfm_scale.train.progress import Progress
 
 log = logging.getLogger("xfm_scale.trainer")
 
@@ -37,12 +46,13 @@ class MetricsWriter:
     """Rank 0 only: metrics.jsonl (one object per logged step) and TensorBoard events."""
 
     def __init__(self, output_dir: Path, tensorboard: bool):
-        self.jsonl = open(output_dir / "metrics.jsonl", "a")
+        folder = RunFolder(output_dir)
+        self.jsonl = open(folder.metrics, "a")
         self.tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(output_dir / "tb"))
+            self.tb = SummaryWriter(str(folder.tensorboard))
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
@@ -60,36 +70,37 @@ class MetricsWriter:
 class Trainer:
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
-        self.layout = parallel.initialize(cfg.parallel.tensor_parallel_size, seed=cfg.train.seed,
+        self.layout = distributed.initialize(cfg.parallel.tensor_parallel_size, seed=cfg.train.seed,
                                           timeout_s=cfg.train.collective_timeout_s)
         # The data spec is not checked again here: the entry point checked it before the ranks
         # started, and build_loader below opens the corpora with the same checks and errors.
         cfg.validate(self.layout.world_size, check_data=False)
         self.is_main = self.layout.rank == 0
-        self.global_ranks = parallel.global_rank_table(self.layout)
+        self.global_ranks = distributed.global_rank_table(self.layout)
         self.output_dir = Path(cfg.train.output_dir)
-        self.ckpt_dir = self.output_dir / "checkpoints"
+        self.folder = RunFolder(self.output_dir)
+        self.ckpt_dir = self.folder.checkpoints
         if self.is_main:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-            durable.write_atomically(self.output_dir / "run_config.json", json.dumps(cfg.to_dict(), indent=2))
-        checkpoint.check_visible_to_every_rank(self.output_dir / "run_config.json", "train.output_dir")
-        self.device = parallel.device()
+            durable.write_atomically(self.folder.config_snapshot, json.dumps(cfg.to_dict(), indent=2))
+        checkpoint.check_visible_to_every_rank(self.folder.config_snapshot, "train.output_dir")
+        self.device = distributed.device()
         self.micro_steps = cfg.micro_steps_per_step(self.layout.data_parallel_size)
         self.resume_step = checkpoint.agreed_latest_complete(self.ckpt_dir) if cfg.train.resume else None
         self.last_saved_step = self.resume_step  # kept here: a shared folder's listing may lag
         # read once: its model config builds the model, its layout decides how it is loaded
-        self.resume_checkpoint = (ZeroCheckpoint(self.ckpt_dir / checkpoint.tag_for(self.resume_step))
+        self.resume_checkpoint = (ZeroCheckpoint(self.folder.checkpoint(self.resume_step))
                                   if self.resume_step is not None else None)
         self.tokenizer, self.model_config, init_source = self._model_config()
         self.loader = self.build_loader()
         ds_config = cfg.deepspeed_config(self.layout.data_parallel_size)
-        self.engine, self.optimizer, self.scheduler = parallel.build_engine(
+        self.engine = build_engine(
             self.model_config, cfg.optim, ds_config, cfg.train.steps,
             compile_backend=cfg.model.compile_backend if cfg.model.compile_blocks else None,
             gather_whole_blocks=cfg.deepspeed.zero3_gather_whole_blocks,
             exact_pinned_host_memory=cfg.deepspeed.exact_pinned_host_memory)
         if init_source is not None:
-            given = engine_state.load_full_state(self.engine, init_source)
+            given = full_state.load_full_state(self.engine.deepspeed, init_source)
             if self.is_main:
                 log.info("started from pretrained weights: %d parameter tensors loaded", given)
         self.eval_data = self._eval_data()
@@ -125,7 +136,7 @@ class Trainer:
         config.validate(self.layout.tensor_parallel_size)
         return tokenizer, config, source
 
-    def _initial_weights(self) -> tuple[XFMConfig | None, engine_state.Source | None]:
+    def _initial_weights(self) -> tuple[XFMConfig | None, Source | None]:
         """model.init_from / init_text_from / init_vision_from, for a run that does not resume."""
         m = self.cfg.model
         if self.resume_step is not None or not (m.init_from or m.init_text_from or m.init_vision_from):
@@ -190,6 +201,7 @@ class Trainer:
             text_max_len=obj.text_max_length, caption_max_len=obj.caption_max_length,
             augment=d.augment, num_workers=d.num_workers, seed=d.seed,
             length_group_size=d.length_group_size, length_group_window=d.length_group_window,
+            caption_cleaning=d.caption_cleaning, mlm_masking=d.mlm_masking,
             pin_memory=self.device.type == "cuda")
         loader = BlendLoader(blend, loader_cfg, dp_rank=self.layout.data_parallel_rank,
                              dp_size=self.layout.data_parallel_size)
@@ -200,14 +212,15 @@ class Trainer:
 
     def _eval_data(self):
         from xfm_scale.data import load_pair_eval_set
-        from xfm_scale.evaluation import mask_captions
+        from xfm_scale.train.evaluation import mask_captions
 
         if not self.cfg.data.eval_manifest:
             return None
         vision = self.model_config.vision
         pairs = load_pair_eval_set(self.cfg.data.eval_manifest, self.cfg.data.tokenizer_dir,
                                    image_size=vision.image_size, mim_grid=vision.grid_size,
-                                   caption_max_len=self.model_config.objectives.caption_max_length)
+                                   caption_max_len=self.model_config.objectives.caption_max_length,
+                                   caption_cleaning=self.cfg.data.caption_cleaning)
         n = self.cfg.data.eval_max_pairs
         if pairs.size > n:
             pairs = dataclasses.replace(pairs, sample_keys=pairs.sample_keys[:n], **{
@@ -222,8 +235,8 @@ class Trainer:
             return 0
         saved = (ck.tp, ck.dp, ck.stage)
         here = (self.layout.tensor_parallel_size, self.layout.data_parallel_size,
-                self.engine.zero_optimization_stage())
-        if saved == here and parallel.all_ranks_agree(self._same_nvme_swapping(ck)):
+                self.engine.zero_stage)
+        if saved == here and distributed.all_ranks_agree(self._same_nvme_swapping(ck)):
             client = checkpoint.load(self.engine, self.ckpt_dir, self.resume_step)
         else:
             client = self._load_resharded(ck)
@@ -241,17 +254,16 @@ class Trainer:
         saved = ck.nvme_swap_ids(self.layout.tensor_parallel_rank)
         if ck.nvme_offloaded and saved is None:
             return True  # saved before the ids were recorded: only DeepSpeed's load reads it
-        return saved == parallel.nvme_swap_ids(self.engine)
+        return saved == checkpoint_io.nvme_swap_ids(self.engine.deepspeed)
 
     def _load_resharded(self, ck: ZeroCheckpoint) -> dict:
         """A checkpoint saved at another (TP, DP), ZeRO stage or NVMe swapping: merge every tensor and
         re-partition it here."""
-        engine_state.load_full_state(self.engine, ck.full, optimizer_state=True,
-                                     step_count=ck.optimizer_step_count(), param_groups=ck.param_groups())
-        if self.scheduler is not None:
-            self.scheduler.load_state_dict(ck.meta["lr_scheduler"])
-        for counter in ("global_steps", "global_samples", "skipped_steps"):
-            setattr(self.engine, counter, ck.meta[counter])
+        full_state.load_full_state(self.engine.deepspeed, ck.full, optimizer_state=True,
+                                   step_count=ck.optimizer_step_count(), param_groups=ck.param_groups())
+        if self.engine.scheduler is not None:
+            self.engine.scheduler.load_state_dict(ck.meta["lr_scheduler"])
+        checkpoint_io.set_step_counters(self.engine.deepspeed, ck.meta)
         return ck.meta
 
     def _log_setup(self, ds_config: dict) -> None:
@@ -260,7 +272,7 @@ class Trainer:
         n_params = sum(getattr(p, "ds_numel", p.numel()) for p in self.engine.module.parameters())
         log.info("layout: %s", self.layout)
         log.info("model: %.2fM parameters per TP rank; kernels: %s; optimizer: %s", n_params / 1e6,
-                 kernels.report(), getattr(self.optimizer, "xfm_implementation", type(self.optimizer).__name__))
+                 kernels.report(), self.engine.optimizer_implementation)
         log.info("batch: global %d, %d micro-steps per step, ZeRO stage %s", self.cfg.batch.global_batch_size,
                  self.micro_steps, ds_config.get("zero_optimization", {}).get("stage"))
         if self.cfg.model.compile_blocks:
@@ -269,11 +281,9 @@ class Trainer:
 
     # ---- the loop -----------------------------------------------------------------------------------
     def run(self) -> dict[str, float]:
-        from tqdm import tqdm
-
         total = self.cfg.train.steps
-        bar = tqdm(total=total, initial=self.step, disable=not (self.is_main and self.cfg.train.progress_bar),
-                   desc="pretrain", dynamic_ncols=True)
+        self.progress = Progress(total, self.step, enabled=self.is_main and self.cfg.train.progress_bar,
+                                 every=self.cfg.train.log_every)
         steps = self.loader.iter_steps()
         while self.step < total:
             try:
@@ -284,16 +294,16 @@ class Trainer:
             self.step += 1
             self._accumulate(stats)
             self._check_health(stats)
-            bar.update(1)
-            bar.set_postfix(loss=f"{stats['loss/total']:.3f}")
+            self.progress.update(self.step, {k.split("/")[-1]: v for k, v in stats.items()
+                                             if k.startswith("loss_by_kind/")})
             if self.step % self.cfg.train.log_every == 0 or self.step == total:
                 self.log()
             self.maybe_eval()
             self.maybe_save()
             if self.step == self.cfg.train.stop_at_step and self.step < total:
-                bar.close()
+                self.progress.close()
                 return self.pause()
-        bar.close()
+        self.progress.close()
         return self.finish()
 
     def pause(self) -> dict[str, float]:
@@ -309,30 +319,28 @@ class Trainer:
         """One optimizer step: forward/backward every micro-batch, the engine steps at the boundary."""
         # Dropout, drop-path and ITM sampling streams are a function of (seed, step): a resumed run
         # draws exactly what an uninterrupted one would, with no RNG state to carry.
-        parallel.seed_everything(self.cfg.train.seed * 1_000_003 + self.step)
+        distributed.seed_everything(self.cfg.train.seed * 1_000_003 + self.step)
         self.engine.train()
-        parallel.begin_optimizer_step(self.engine)
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
         sync()
         start = time.perf_counter()
+        skipped_before = self.engine.skipped_steps
+        outputs = self.engine.step(batches, self.device)
         # Loss sums and finiteness flags stay on the device; one copy to the host after the last
         # micro-batch (a .item()/.cpu() per loss would wait for the GPU at every micro-batch).
         sums: dict[str, torch.Tensor] = {}  # key -> (sum, count)
         finite: list[tuple[str, torch.Tensor]] = []  # ("objective on the kind micro-batch #i", flag)
         samples: dict[str, int] = defaultdict(int)
-        skipped_before = self.engine.skipped_steps
-        for index, batch in enumerate(batches):
-            out = self.engine(batch.to(self.device, non_blocking=True))
-            self.engine.backward(out.total)
-            # At the step's last micro-batch DeepSpeed skips the update (and counts it) when the
-            # global gradient norm is not finite; nothing non-finite reaches weights or Adam state.
-            self.engine.step()
-            for name, value in [*out.losses.items(), ("total", out.total)]:
-                value = value.detach().float()
+        for index, (batch, losses) in enumerate(zip(batches, outputs)):
+            for name, value in losses.items():
+                value = value.float()
                 key = f"loss/{name}"
                 sums[key] = sums.get(key, 0) + torch.stack([value, torch.ones_like(value)])
                 if name != "total":
                     finite.append((f"{name} on the {batch.modality} micro-batch #{index}", torch.isfinite(value)))
+                else:  # steps differ in modality: the total per micro-batch kind is what can be compared
+                    kind = f"loss_by_kind/{batch.modality}"
+                    sums[kind] = sums.get(kind, 0) + torch.stack([value, torch.ones_like(value)])
             samples[batch.modality] += batch.size * self.layout.data_parallel_size
         flags = torch.stack([flag for _, flag in finite]).cpu().tolist() if finite else []
         self.nonfinite = [where for (where, _), ok in zip(finite, flags) if not ok]
@@ -345,7 +353,7 @@ class Trainer:
         stats["skipped_steps"] = float(self.engine.skipped_steps - skipped_before)
         self.samples_read += sum(samples.values())
         stats["step_seconds"] = seconds
-        stats["lr"] = self.scheduler.get_last_lr()[0] if self.scheduler else self.cfg.optim.lr
+        stats["lr"] = self.engine.scheduler.get_last_lr()[0] if self.engine.scheduler else self.cfg.optim.lr
         stats.update(self._flops_stats(flops, seconds))
         stats.update(text_padding(batches))
         return stats
@@ -355,7 +363,7 @@ class Trainer:
         self.bad_samples_read = self._bad_sample_total()
         if stats["skipped_steps"]:
             self.skipped_in_a_row += 1
-            where = sorted({w for ws in _gather_objects(self.nonfinite) for w in ws})
+            where = sorted({w for ws in distributed.gather_objects(self.nonfinite) for w in ws})
             diagnosis = ("non-finite " + ", ".join(where)) if where else "a non-finite gradient norm with finite losses"
             if self.is_main:
                 log.warning("step %d skipped (%d in a row): %s", self.step, self.skipped_in_a_row, diagnosis)
@@ -370,7 +378,7 @@ class Trainer:
         read = self.samples_read + bad
         if read >= d.bad_sample_grace and bad > d.max_bad_sample_rate * read:
             counts: dict[str, int] = defaultdict(int)
-            for part in _gather_objects(self.loader.bad_samples.as_dict()):
+            for part in distributed.gather_objects(self.loader.bad_samples.as_dict()):
                 for key, n in part.items():
                     counts[key] += n // self.layout.tensor_parallel_size  # TP ranks read the same samples
             self._stop(f"{bad} of {read} samples read were bad ({bad / read:.1%} > data.max_bad_sample_rate="
@@ -388,8 +396,8 @@ class Trainer:
     def _reduce_losses(self, sums: dict[str, torch.Tensor]) -> dict[str, float]:
         """Mean over micro-steps, averaged over data-parallel ranks (TP ranks hold equal values)."""
         keys = sorted(sums)
-        packed = torch.stack([sums[k] for k in keys]).to(parallel.collective_device())
-        group = parallel_dp_group()
+        packed = torch.stack([sums[k] for k in keys]).to(distributed.collective_device())
+        group = data_parallel_group()
         if group is not None:
             dist.all_reduce(packed, group=group)
             packed[:, 0] /= dist.get_world_size(group)
@@ -398,8 +406,6 @@ class Trainer:
         return {k: (packed[i, 0] / packed[i, 1]).item() for i, k in enumerate(keys)}
 
     def _flops(self, batch) -> FlopCount:
-        from xfm_scale.flops import micro_batch_flops
-
         # FLOPs of this rank's micro-batch (recompute included when checkpointing); under TP each
         # rank does 1/TP of them.
         count = micro_batch_flops(self.model_config, batch, data_parallel_size=self.layout.data_parallel_size)
@@ -408,9 +414,7 @@ class Trainer:
     def _flops_stats(self, flops: FlopCount, seconds: float) -> dict[str, float]:
         """MFU counts the model's FLOPs (forward + backward, the ITC similarity every rank repeats
         once); HFU what the hardware did (also the repeats and the checkpointing recompute)."""
-        from xfm_scale.flops import achieved_tflops, device_peak_flops, mfu
-
-        dtype = torch.bfloat16 if self.engine.bfloat16_enabled() else torch.float32
+        dtype = torch.bfloat16 if self.engine.bf16() else torch.float32
         peak, _ = device_peak_flops(dtype)
         return {"tflops_per_rank": achieved_tflops(flops.model, seconds), "mfu": mfu(flops.model, seconds, peak),
                 "hfu": mfu(flops.total, seconds, peak)}
@@ -439,9 +443,7 @@ class Trainer:
         return {"memory/rss_gb": psutil.Process().memory_info().rss / 2**30}
 
     def _bad_sample_total(self) -> int:
-        count = torch.tensor([float(self.loader.bad_samples.total())], device=parallel.collective_device())
-        dist.all_reduce(count)
-        return int(count.item()) // self.layout.tensor_parallel_size
+        return int(distributed.sum_over_ranks(self.loader.bad_samples.total())) // self.layout.tensor_parallel_size
 
     def maybe_eval(self, force: bool = False) -> None:
         every = self.cfg.train.eval_every
@@ -449,13 +451,13 @@ class Trainer:
             return
         if self.last_eval.get("step") == self.step:
             return
-        from xfm_scale.evaluation import evaluate
+        from xfm_scale.train.evaluation import evaluate
 
         pairs, masked, labels = self.eval_data
         self.engine.eval()
         metrics = evaluate(self.engine.module, pairs, masked, labels, micro_batch=self.cfg.batch.micro_batch_size,
                            dp_rank=self.layout.data_parallel_rank, dp_size=self.layout.data_parallel_size,
-                           group=parallel_dp_group(), device=self.device)
+                           group=data_parallel_group(), device=self.device)
         self.engine.train()
         self.last_eval = {**metrics, "step": self.step}
         if self.is_main:
@@ -468,8 +470,10 @@ class Trainer:
             return
         if self.last_saved_step == self.step:
             return
-        checkpoint.save(self.engine, self.ckpt_dir, self.step, self.client_state(), self.cfg.train.keep_last)
+        folder = checkpoint.save(self.engine, self.ckpt_dir, self.step, self.client_state(), self.cfg.train.keep_last)
         self.last_saved_step = self.step
+        if self.is_main:
+            self._say(f"checkpoint saved: {folder}")
 
     def client_state(self) -> dict:
         """What a checkpoint carries besides DeepSpeed's own state (see xfm_scale/checkpoint.py)."""
@@ -478,7 +482,7 @@ class Trainer:
                 "layout": {"tensor_parallel_size": self.layout.tensor_parallel_size,
                            "data_parallel_size": self.layout.data_parallel_size,
                            "global_ranks": self.global_ranks},
-                "nvme_swap_ids": parallel.nvme_swap_ids(self.engine),
+                "nvme_swap_ids": checkpoint_io.nvme_swap_ids(self.engine.deepspeed),
                 "universal_checkpoint_info": checkpoint.universal_checkpoint_info(
                     self.engine.module, self.model_config.text.vocab_size,
                     self.model_config.padded_vocab_size(self.layout.tensor_parallel_size))}
@@ -490,10 +494,19 @@ class Trainer:
         self.maybe_save(force=True)
         final = {**self.last_log, **self.last_eval, "step": float(self.step)}
         if self.is_main:
-            durable.write_atomically(self.output_dir / "final_metrics.json", json.dumps(final, indent=2))
+            durable.write_atomically(self.folder.final_metrics, json.dumps(final, indent=2))
             self.writer.close()
+            self._say(f"run finished at step {self.step}: {self.folder.final_metrics}")
         dist.barrier()
         return final
+
+    def _say(self, text: str) -> None:
+        """A line for the person watching (between the bar's redraws), also in the log."""
+        progress = getattr(self, "progress", None)
+        if progress is not None and progress.enabled:
+            progress.message(text)
+        else:
+            log.info("%s", text)
 
 
 def text_padding(batches: list) -> dict[str, float]:
@@ -501,17 +514,3 @@ def text_padding(batches: list) -> dict[str, float]:
     micro-batch kind with text (text, pair). The model computes them (MFU counts them as work):
     data.length_group_size lowers it where texts differ in length."""
     return {f"text_padding/{m}": 1 - real / positions for m, (real, positions) in text_positions(batches).items()}
-
-
-def _gather_objects(obj) -> list:
-    """Every rank's ``obj`` (small: diagnoses and counters, on rare events)."""
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def parallel_dp_group():
-    from megatron.core import parallel_state as ps
-
-    return ps.get_data_parallel_group() if ps.get_data_parallel_world_size() > 1 else None
-

@@ -1,7 +1,7 @@
 """Write full (layout-free) tensors into a live ZeRO-3 or ZeRO-2 engine, at whatever (DP, TP) it runs.
 
 Used to resume a checkpoint at another cluster size or ZeRO stage (weights and Adam moments, from
-:class:`xfm_scale.zero_checkpoint.ZeroCheckpoint`) and to start from pretrained or exported weights
+:class:`xfm_scale.checkpoint.reader.ZeroCheckpoint`) and to start from pretrained or exported weights
 (weights only). Each rank cuts its TP shard (:mod:`xfm_scale.model.tp_layout`), then the part its
 optimizer partition holds, and writes it into the flat fp32 partitions and Adam state:
 
@@ -14,36 +14,28 @@ optimizer partition holds, and writes it into the flat fp32 partitions and Adam 
 This mirrors DeepSpeed's ZeRO-3 universal-checkpoint load
 (``DeepSpeedZeroOptimizer_Stage3.load_hp_checkpoint_state_from_checkpoint_dir_stage3``), which
 partitions over DP only (megatron TP shards would all receive the full tensor) and copies the
-first param group's hyperparameters into every group (ours differ: lr x2 for new parameters). It
-is the only module besides parallel.py that touches ZeRO's internals.
+first param group's hyperparameters into every group (ours differ: lr x2 for new parameters).
+
+Remove when: DeepSpeed's universal load partitions over TP as well and keeps each param group's
+hyperparameters (not in 0.19.8).
 """
 from __future__ import annotations
 
 import logging
 import math
-import re
-from typing import Callable
 
 import torch
 import torch.distributed as dist
 
-from xfm_scale import parallel
+from xfm_scale.engine import internals
+from xfm_scale.engine.checkpoint_io import regather_persistent_parameters
 from xfm_scale.model import tp_layout
+from xfm_scale.model.layers import tp_rank, tp_size
+from xfm_scale.model.tp_layout import Source, fit_vocab_rows
+
+FEATURE = "writing full tensors into a live engine (engine.full_state)"
 
 log = logging.getLogger(__name__)
-Source = Callable[[str, str], "torch.Tensor | None"]
-"""(parameter name, state key: fp32 | exp_avg | exp_avg_sq) -> the full tensor, or None to keep."""
-VOCAB_PARAMETERS = re.compile(r"(word_embeddings\.weight|mlm_head\.bias)$")
-"""Parameters with one row per vocabulary entry, padded to a multiple of 128 x TP."""
-
-
-def fit_vocab_rows(name: str, tensor: torch.Tensor, rows: int) -> torch.Tensor:
-    """Pad (with zeros) or cut the padding rows of a vocabulary parameter to ``rows``."""
-    if tensor.shape[0] == rows or not VOCAB_PARAMETERS.search(name):
-        return tensor
-    if tensor.shape[0] > rows:
-        return tensor[:rows]
-    return torch.cat([tensor, tensor.new_zeros(rows - tensor.shape[0], *tensor.shape[1:])])
 
 
 def _tp_shard(name: str, param, shard_shape: tuple[int, ...], full: torch.Tensor, tp_rank: int,
@@ -77,9 +69,9 @@ def load_full_state(engine, source: Source, *, optimizer_state: bool = False, st
     ``param_groups``: hyperparameters (lr, weight decay, betas...) per param group, in order."""
     zero = engine.optimizer
     keys = ("fp32", "exp_avg", "exp_avg_sq") if optimizer_state else ("fp32",)
-    if hasattr(zero, "fp32_partitioned_groups_flat"):
+    if internals.is_zero3(zero):
         given, partitions = _load_zero3(zero, source, keys)
-    elif hasattr(zero, "single_partition_of_fp32_groups"):
+    elif internals.is_zero2(zero):
         given, partitions = _load_zero2(zero, source, keys)
     else:
         raise ValueError("loading weights needs ZeRO stage 2 or 3 (zero_optimization.stage in the DeepSpeed "
@@ -91,12 +83,6 @@ def load_full_state(engine, source: Source, *, optimizer_state: bool = False, st
         for group, saved in zip(zero.optimizer.param_groups, param_groups, strict=True):
             group.update({k: v for k, v in saved.items() if k != "params"})
     return len(given)
-
-
-def _tp_coordinates() -> tuple[int, int]:
-    from megatron.core import parallel_state as ps
-
-    return ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
 
 
 def _partition_target(zero, partition: torch.Tensor, key: str) -> torch.Tensor:
@@ -112,59 +98,67 @@ def _partition_target(zero, partition: torch.Tensor, key: str) -> torch.Tensor:
 
 def _load_zero3(zero, source: Source, keys: tuple[str, ...]) -> tuple[set[str], list[torch.Tensor]]:
     """ZeRO-3: each rank holds slice d of every parameter, one after another per sub-group."""
-    tp_rank, tp_world = _tp_coordinates()
-    dp_group = zero.dp_process_group
+    tp_rank_, tp_world = tp_rank(), tp_size()
+    dp_group = internals.require(zero, "dp_process_group", FEATURE)
     dp_rank, dp_world = dist.get_rank(group=dp_group), dist.get_world_size(group=dp_group)
     given = set()
-    for group_id, params in enumerate(zero.fp16_groups):
+    swappable = internals.require(zero, "_swappable_optimizer_subgroup", FEATURE)
+    swap_in = internals.require(zero, "_optimizer_states_and_gradient_swap_in", FEATURE)
+    swap_out = internals.require(zero, "_optimizer_states_and_gradient_swap_out", FEATURE)
+    refresh = internals.require(zero, "_reassign_or_swap_out_partitioned_parameters", FEATURE)
+    fp32_partitions = internals.require(zero, "fp32_partitioned_groups_flat", FEATURE)
+    names = internals.require(zero, "param_names", FEATURE)
+    for group_id, params in enumerate(internals.require(zero, "fp16_groups", FEATURE)):
         # A sub-group swapped to NVMe is read into host memory, written, and swapped out again with
         # whatever Adam state it now has (DeepSpeed registers new state tensors at the swap-out).
-        swapped = zero._swappable_optimizer_subgroup(group_id)
+        swapped = swappable(group_id)
         if swapped:
-            zero._optimizer_states_and_gradient_swap_in(group_id)
+            swap_in(group_id)
         for key in keys:
-            target = _partition_target(zero, zero.fp32_partitioned_groups_flat[group_id], key)
+            target = _partition_target(zero, fp32_partitions[group_id], key)
             offset = 0
             for param in params:
-                name = zero.param_names[param]
+                name = names[param]
                 full = source(name, key)
                 if full is not None:
-                    shard = _tp_shard(name, param, tuple(param.ds_shape), full, tp_rank, tp_world)
+                    shard = _tp_shard(name, param, tuple(param.ds_shape), full, tp_rank_, tp_world)
                     target.narrow(0, offset, param.partition_numel()).copy_(_zero3_slice(shard, dp_rank, dp_world))
                     given.add(name)
                 offset += param.partition_numel()
         # The partitions the model computes with, from the fp32 ones (swapped out when the
         # parameters are offloaded to NVMe), as DeepSpeed does after its universal load.
-        zero._reassign_or_swap_out_partitioned_parameters(group_id)
+        refresh(group_id)
         if swapped:
-            zero._optimizer_states_and_gradient_swap_out(group_id)
-    parallel.regather_persistent_parameters(zero)  # small parameters kept whole: from the new partitions
-    return given, list(zero.fp32_partitioned_groups_flat)
+            swap_out(group_id)
+    regather_persistent_parameters(zero)  # small parameters kept whole: from the new partitions
+    return given, list(fp32_partitions)
 
 
 def _load_zero2(zero, source: Source, keys: tuple[str, ...]) -> tuple[set[str], list[torch.Tensor]]:
     """ZeRO-2: parameters are whole on every rank (written directly); the fp32 master weights and
     Adam moments are a DP partition of each group's flat buffer, where DeepSpeed's ``_hp_mapping``
     of a parameter says which fragment of it (lp address) lies where (hp address)."""
-    tp_rank, tp_world = _tp_coordinates()
+    tp_rank_, tp_world = tp_rank(), tp_size()
     given = set()
-    for group_id, params in enumerate(zero.bit16_groups):
+    fp32_partitions = internals.require(zero, "single_partition_of_fp32_groups", FEATURE)
+    names = internals.require(zero, "param_names", FEATURE)
+    for group_id, params in enumerate(internals.require(zero, "bit16_groups", FEATURE)):
         for key in keys:
-            target = _partition_target(zero, zero.single_partition_of_fp32_groups[group_id], key)
+            target = _partition_target(zero, fp32_partitions[group_id], key)
             for param in params:
-                name = zero.param_names[param]
+                name = names[param]
                 full = source(name, key)
                 if full is None:
                     continue
-                shard = _tp_shard(name, param, tuple(param.shape), full, tp_rank, tp_world)
+                shard = _tp_shard(name, param, tuple(param.shape), full, tp_rank_, tp_world)
                 if key == "fp32":
                     param.data.copy_(shard.view_as(param))
-                mapping = param._hp_mapping
+                mapping = internals.require(param, "_hp_mapping", FEATURE)
                 if mapping is not None:  # None: no element of this parameter in this rank's partition
                     lp, hp = mapping.lp_fragment_address, mapping.hp_fragment_address
                     target.narrow(0, hp.start, hp.numel).copy_(shard.reshape(-1).narrow(0, lp.start, lp.numel))
                 given.add(name)
-    return given, list(zero.single_partition_of_fp32_groups)
+    return given, list(fp32_partitions)
 
 
 def _adam_step(optimizer, step_count: int, device: torch.device):

@@ -2,7 +2,7 @@
 
 A preset is a named :class:`XFMConfig`; ``XFMConfig.from_preset(name, **overrides)`` returns a copy
 with dotted-key overrides applied (``{"text.num_layers": 4}``). Validation names what to change.
-The method these encode: ../shared/design/xfm-method.md.
+The method these encode: docs/method.md.
 """
 from __future__ import annotations
 
@@ -14,12 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from xfm_scale.config.errors import ConfigError
+from xfm_scale.config.overrides import set_field
+
 XFM_WEIGHTS = "model.safetensors"
 """The weights file of an xfm weights folder, beside its config.json."""
-
-
-class ConfigError(ValueError):
-    """A configuration error whose message says what to change."""
 
 
 @dataclass(kw_only=True)
@@ -195,17 +194,9 @@ class XFMConfig:
         return config
 
     def apply_overrides(self, overrides: dict[str, Any]) -> None:
+        """Set dotted keys (``vision.drop_path_rate``), each coerced to its field's type."""
         for dotted, value in overrides.items():
-            target, *path = dotted.split(".")
-            obj = self
-            for part in [target, *path][:-1]:
-                if not hasattr(obj, part):
-                    raise ConfigError(f"unknown config key {dotted!r}")
-                obj = getattr(obj, part)
-            leaf = ([target, *path])[-1]
-            if not hasattr(obj, leaf) or not dataclasses.is_dataclass(obj):
-                raise ConfigError(f"unknown config key {dotted!r}")
-            setattr(obj, leaf, value)
+            set_field(self, dotted, value)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -1,7 +1,7 @@
 """Weights a run starts from: an exported xfm folder, a transformers BERT/RoBERTa folder, a timm
 BEiT-v2 checkpoint. Each reader returns the encoder config the weights imply and a
-:data:`xfm_scale.engine_state.Source` of full tensors, which the trainer writes into its
-TP-sharded, ZeRO-3-partitioned model (:func:`xfm_scale.engine_state.load_full_state`) at any layout.
+:data:`xfm_scale.model.tp_layout.Source` of full tensors, which the trainer writes into its
+TP-sharded, ZeRO-3-partitioned model (:func:`xfm_scale.engine.full_state.load_full_state`) at any layout.
 Files are read as safetensors, or with ``weights_only=True`` (no unpickling of code).
 """
 from __future__ import annotations
@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
-from xfm_scale import formats
+from xfm_scale.interop import formats
 from xfm_scale.config import XFM_WEIGHTS, ConfigError, TextEncoderConfig, VisionEncoderConfig, XFMConfig
-from xfm_scale.engine_state import Source
+from xfm_scale.model.tp_layout import Source
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ def write_xfm_folder(out: str | Path, cfg: XFMConfig, tensors: dict[str, torch.T
     """OUT/xfm as the exporter writes it (config.json + model.safetensors), from in-memory tensors."""
     from safetensors.torch import save_file
 
-    from xfm_scale.export import XFM_FORMAT
+    from xfm_scale.interop.export import XFM_FORMAT
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -26,12 +26,12 @@ from typing import Callable, Iterator
 
 import torch
 
-from xfm_scale import formats
+from xfm_scale.interop import formats
 from xfm_scale.config import ConfigError, XFMConfig
-from xfm_scale.engine_state import VOCAB_PARAMETERS
+from xfm_scale.model.tp_layout import VOCAB_PARAMETERS
 from xfm_scale.durable import replace_durably
-from xfm_scale.safetensors_stream import StreamingSafetensorsWriter
-from xfm_scale.zero_checkpoint import ZeroCheckpoint, resolve_checkpoint
+from xfm_scale.interop.safetensors_stream import StreamingSafetensorsWriter
+from xfm_scale.checkpoint.reader import ZeroCheckpoint, resolve_checkpoint
 
 log = logging.getLogger(__name__)
 WEIGHTS = "model.safetensors"

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from xfm_scale.batch import IGNORE_INDEX, PairBatch
-from xfm_scale.masking import IMLM_MASKING, mask_tokens
+from xfm_scale.data.masking import IMLM_MASKING, mask_tokens
 
 
 def recall_at_k(sim_NN: torch.Tensor, ks=(1, 5)) -> dict[int, float]:

@@ -26,18 +26,18 @@ DeepSpeed's files do not say; the swap files are then read like the partitions (
 A save from before these were recorded is refused with the way out.
 
 Why not DeepSpeed's own tools: zero_to_fp32 refuses TP > 1, and its universal checkpoint loader
-partitions over DP only (see ../shared/design/stack-notes.md). This reader streams: the files are
+partitions over DP only (megatron TP shards would each receive the full tensor). This reader streams: the files are
 memory-mapped, and one merged tensor at a time is materialised.
 
 Trust: files are opened with ``weights_only=True``; the only classes allowed besides tensors are
-DeepSpeed's ZeroStageEnum, LossScaler and fragment_address, which its optimizer state holds.
+DeepSpeed's, listed in :mod:`xfm_scale.engine.safe_globals` (imported only when a file is read:
+this module imports without DeepSpeed).
 """
 from __future__ import annotations
 
 import json
 import math
 import re
-from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -46,6 +46,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from xfm_scale import runfolder
+from xfm_scale.engine.safe_globals import load_trusted
 from xfm_scale.model import tp_layout
 
 STATE_KEYS = ("fp32", "exp_avg", "exp_avg_sq")
@@ -59,22 +61,6 @@ NVME_OFFLOADED = "offloaded_tensors"
 
 class CheckpointError(ValueError):
     """A checkpoint folder that cannot be read; the message names the folder and the fix."""
-
-
-@contextmanager
-def _deepspeed_safe_globals():
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address  # ZeRO-2's param_slice_mappings
-
-    with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, fragment_address]):
-        yield
-
-
-def load_trusted(path: str | Path, map_location="cpu"):
-    """torch.load with weights_only=True (and memory-mapped): no arbitrary unpickling."""
-    with _deepspeed_safe_globals():
-        return torch.load(path, map_location=map_location, weights_only=True, mmap=True)
 
 
 @dataclass(frozen=True)
@@ -150,7 +136,7 @@ class ZeroCheckpoint:
 
     def nvme_swap_ids(self, t: int) -> list[str | None] | None:
         """TP rank t's recorded NVMe swap-file id per sub-group (None: not swapped), as
-        :func:`xfm_scale.parallel.nvme_swap_ids` gave it; None when saved without NVMe offload."""
+        :func:`xfm_scale.engine.checkpoint_io.nvme_swap_ids` gave it; None when saved without NVMe offload."""
         return self._model_meta(t).get("nvme_swap_ids")
 
     def require_tensors(self) -> None:
@@ -324,21 +310,19 @@ def missing_partitions(files: dict[tuple[str, int, int], Path], tp: int, dp: int
 def resolve_checkpoint(path: str | Path, tag: str | None = None) -> Path:
     """A tag folder from a tag folder, or from a checkpoints folder (+ ``tag``, default the latest
     complete one). Refuses a folder without COMPLETE.json (a save that did not finish)."""
-    from xfm_scale import checkpoint
-
     path = Path(path)
     if tag is not None:
         path = path / tag
-    elif not (path / checkpoint.COMPLETE).exists() and path.is_dir() and not any(_FILE.match(p.name) for p in path.iterdir()):
-        step = checkpoint.latest_complete(path)
+    elif not (path / runfolder.COMPLETE).exists() and path.is_dir() and not any(_FILE.match(p.name) for p in path.iterdir()):
+        step = runfolder.latest_complete(path)
         if step is None:
             raise CheckpointError(f"{path} holds no complete checkpoint (no stepNNNNNNNN/COMPLETE.json); "
                                   "pass the trainer's OUTPUT/checkpoints folder or one tag folder")
-        path = path / checkpoint.tag_for(step)
+        path = path / runfolder.tag_for(step)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint {path} does not exist; fix --checkpoint/--tag")
-    if not (path / checkpoint.COMPLETE).is_file():
-        raise CheckpointError(f"{path} has no {checkpoint.COMPLETE}: its save did not finish; use an earlier "
+    if not (path / runfolder.COMPLETE).is_file():
+        raise CheckpointError(f"{path} has no {runfolder.COMPLETE}: its save did not finish; use an earlier "
                               "checkpoint")
-    json.loads((path / checkpoint.COMPLETE).read_text())
+    json.loads((path / runfolder.COMPLETE).read_text())
     return path
