@@ -340,6 +340,8 @@ def test_base_yaml_selects_the_reference_recipe():
         (0.9, 0.98), 1e-8, 2500, "linear")
     assert (cfg.optim.min_lr_ratio, cfg.optim.grad_clip) == (0.0, 1.0)
     assert (cfg.batch.micro_batch_size, cfg.batch.text_micro_batch_size) == (96, 256)
+    assert cfg.batch.step_schedule == "per_modality"
+    assert cfg.batch.modality_global_batch_sizes() == {"text": 256 * 32, "image": 96 * 32, "pair": 96 * 32}
     # the defaults existing configs and the demo get stay xfm_scale's
     demo = run_config.load(REPO / "launchers" / "configs" / "demo_tiny.yaml")
     assert (demo.data.caption_cleaning, demo.data.mlm_masking) == (False, "xfm_scale")

@@ -3,6 +3,9 @@
 XFM_FAULT_NAN_STEPS="3,4"     one objective's loss (the first by name) is NaN at these steps (1-based, as logged)
 XFM_FAULT_KILL_IN_SAVE=4      rank 1 SIGKILLs itself after writing its part of checkpoint 4
 XFM_FAULT_DISK_FULL_AT=4      files stop growing (RLIMIT_FSIZE = 0) from the save of step 4 on
+XFM_FAULT_KILL_AT_OPTIMIZER_STEP=8  rank 1 SIGKILLs itself right after its 8th optimizer step of this
+                              process (inside a training step when a step takes several: the
+                              per-modality schedule)
 """
 import os
 import resource
@@ -29,6 +32,20 @@ def _install() -> None:
         return train_step(self, batches)
 
     Trainer.train_step = tracked
+    kill_after = int(os.environ.get("XFM_FAULT_KILL_AT_OPTIMIZER_STEP", "0"))
+    if kill_after:
+        from xfm_scale.engine.build import Engine
+
+        engine_step, taken = Engine.step, [0]
+
+        def step_then_die(self, *args, **kwargs):
+            out = engine_step(self, *args, **kwargs)
+            taken[0] += 1
+            if taken[0] == kill_after and int(os.environ["RANK"]) == 1:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return out
+
+        Engine.step = step_then_die
     nan_steps = {int(s) for s in os.environ.get("XFM_FAULT_NAN_STEPS", "").split(",") if s}
     if nan_steps:
         forward = XFM.forward

@@ -303,3 +303,29 @@ def test_checkpoint_files_are_never_unpickled(demo_world, tmp_path, reference_ru
     assert result.returncode != 0 and not marker.exists()
     ledger["bad inputs tried"] += 1
 
+
+
+def test_a_rank_killed_inside_a_per_modality_iteration_resumes_as_the_uninterrupted_run(demo_world, tmp_path, ledger):
+    """The per-modality schedule (batch.step_schedule: per_modality) takes three optimizer steps per
+    training step (text, image, pair). A rank killed after the second of them in step 3 (its 8th
+    optimizer step) loses that iteration; the relaunch resumes from the step-2 checkpoint and ends
+    with the uninterrupted run's weights and data cursor, bit for bit."""
+    def per_modality(name: str) -> Path:
+        path = write_run(tmp_path, demo_world, name)
+        raw = yaml.safe_load(path.read_text())
+        raw["batch"].update(step_schedule="per_modality", text_global_batch_size=16)
+        path.write_text(yaml.safe_dump(raw))
+        return path
+
+    code, out = run(per_modality("full"), ledger)
+    assert code == 0, out[-3000:]
+    reference = final_state(tmp_path / "full")
+    config = per_modality("run")
+    code, out = run(config, ledger, XFM_FAULT_KILL_AT_OPTIMIZER_STEP="8")
+    assert code != 0 and max(step_losses(tmp_path / "run")) == 2  # killed inside step 3
+    assert count_lost_checkpoints(tmp_path / "run", ledger) == [2]
+    code, out = run(config, ledger)
+    assert code == 0, out[-3000:]
+    assert "resumed from step00000002" in out
+    ledger["kills survived"] += 1
+    assert_equals_reference(tmp_path / "run", reference, ledger)

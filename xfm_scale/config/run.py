@@ -119,11 +119,44 @@ class BatchSection:
     """Per-rank samples in a text micro-batch (default: micro_batch_size; the method uses 256 vs 96)."""
     global_batch_size: int
     """micro_batch_size x micro-steps per optimizer step x data-parallel size (DeepSpeed's
-    train_batch_size). Must be divisible by micro_batch_size x data-parallel size."""
+    train_batch_size). Must be divisible by micro_batch_size x data-parallel size. With
+    ``step_schedule: per_modality``: the samples of one pair step and of one image step."""
+    step_schedule: Literal["mixed", "per_modality"] = "mixed"
+    """How micro-batches form optimizer steps. ``mixed`` (xfm_scale's default): each optimizer
+    step sums global_batch_size / (micro_batch_size x DP) micro-batches, each of one modality, the
+    modalities interleaved in proportion to the blend's weights. ``per_modality`` (the reference
+    X-FM's Pretrain.py loop): a training step (what train.steps counts) is an iteration of one
+    optimizer step per modality the blend holds, in the order text, image, pair, each on its own
+    global batch (text_global_batch_size, global_batch_size) with its own gradients; the lr
+    schedule moves once per iteration (warm-up and decay count iterations; iteration 0 runs at lr
+    0, as the reference's). The blend's weights then only divide each modality among its corpora."""
+    text_global_batch_size: int | None = None
+    """With ``step_schedule: per_modality``: the samples of one text step (the reference: 256 per
+    GPU, against 96 for pairs and images); default global_batch_size. Must be divisible by
+    text_micro_batch_size x data-parallel size."""
 
     def micro_batch_sizes(self) -> dict[str, int]:
         text = self.text_micro_batch_size or self.micro_batch_size
         return {"pair": self.micro_batch_size, "image": self.micro_batch_size, "text": text}
+
+    def modality_global_batch_sizes(self) -> dict[str, int]:
+        """Samples of one optimizer step of each modality (``step_schedule: per_modality``)."""
+        text = self.text_global_batch_size or self.global_batch_size
+        return {"text": text, "image": self.global_batch_size, "pair": self.global_batch_size}
+
+    def micro_steps_per_group(self, data_parallel_size: int) -> dict[str, int]:
+        """Per modality, this rank's micro-batches in one optimizer step (``per_modality``)."""
+        out = {}
+        for modality, size in self.modality_global_batch_sizes().items():
+            per_micro_step = self.micro_batch_sizes()[modality] * data_parallel_size
+            if size % per_micro_step:
+                key = "batch.text_global_batch_size" if modality == "text" else "batch.global_batch_size"
+                micro = "batch.text_micro_batch_size" if modality == "text" else "batch.micro_batch_size"
+                raise ConfigError(f"{key}={size} is not divisible by {micro} ({self.micro_batch_sizes()[modality]}) "
+                                  f"x data-parallel size ({data_parallel_size}) = {per_micro_step}; choose a "
+                                  f"multiple of {per_micro_step}")
+            out[modality] = size // per_micro_step
+        return out
 
 
 @dataclass(kw_only=True)
@@ -281,7 +314,8 @@ class RunConfig:
 
     # (key, smallest allowed value): fields whose bad values would otherwise fail inside the ranks
     # (a zero log_every divides by zero at the first step; a zero TP size in the model check)
-    _MINIMUM = (("batch.micro_batch_size", 1), ("batch.global_batch_size", 1), ("train.steps", 1),
+    _MINIMUM = (("batch.micro_batch_size", 1), ("batch.global_batch_size", 1), ("batch.text_global_batch_size", 1),
+                ("train.steps", 1),
                 ("train.log_every", 1), ("train.eval_every", 0), ("train.save_every", 0), ("train.keep_last", 0),
                 ("train.max_skipped_in_a_row", 1), ("train.collective_timeout_s", 1),
                 ("parallel.tensor_parallel_size", 1), ("data.num_workers", 0), ("data.bad_sample_grace", 0),
@@ -289,7 +323,7 @@ class RunConfig:
                 ("data.eval_max_pairs", 1), ("optim.lr", 0), ("optim.warmup_steps", 0), ("optim.grad_clip", 0))
 
     # (key, allowed values): Literal fields, checked before the ranks start
-    _CHOICES = (("optim.schedule", ("linear", "cosine")), ("optim.lr_x2", ("reference", "new_modules")),
+    _CHOICES = (("optim.schedule", ("linear", "cosine")), ("batch.step_schedule", ("mixed", "per_modality")), ("optim.lr_x2", ("reference", "new_modules")),
                 ("optim.no_decay_rule", ("reference", "xfm_scale")), ("data.mlm_masking", ("reference", "xfm_scale")))
 
     def _check_choices(self) -> None:
@@ -402,6 +436,8 @@ class RunConfig:
                 raise ConfigError(f"parallel.tensor_parallel_size={tp} does not divide the {world_size} "
                                   f"ranks; choose a divisor of {world_size}")
             self.micro_steps_per_step(world_size // tp)
+            if self.batch.step_schedule == "per_modality":
+                self.batch.micro_steps_per_group(world_size // tp)
 
 
 # ---- loading --------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import io
 import logging
+import itertools
 import tarfile
 import zlib
 from bisect import bisect_right
@@ -64,6 +65,11 @@ class LoaderConfig:
     micro_steps_per_step: int = 1
     """Micro-steps per optimizer step (gradient accumulation); global step k = micro-steps
     ``k*A .. k*A + A - 1``."""
+    micro_steps_per_group: dict[str, int] | None = None
+    """The per-modality schedule (run config ``batch.step_schedule: per_modality``): this rank's
+    micro-batches in the optimizer step of each modality; an iteration is one such step per
+    modality of the blend, in the order text, image, pair (``iter_iterations``). None: the mixed
+    schedule of ``micro_steps_per_step``."""
     image_size: int = 224
     """Side of the square pixel tensors."""
     mim_grid: int = 14
@@ -126,6 +132,10 @@ class LoaderConfig:
                                 "and length_group_window >= 1")
         if self.micro_steps_per_step <= 0:
             raise DataSpecError(f"micro_steps_per_step={self.micro_steps_per_step}; give a positive count")
+        for m in modalities if self.micro_steps_per_group is not None else ():
+            if self.micro_steps_per_group.get(m, 0) <= 0:
+                raise DataSpecError(f"the blend has '{m}' samples but micro_steps_per_group[{m!r}] is "
+                                    f"{self.micro_steps_per_group.get(m)!r}; give a positive count")
         if self.mlm_masking not in TOKEN_MASKING_SCHEMES:
             raise DataSpecError(f"data.mlm_masking={self.mlm_masking!r}: use one of {', '.join(TOKEN_MASKING_SCHEMES)}")
         if self.caption_max_words < 1:
@@ -209,6 +219,9 @@ class _PlanSampler(Sampler):
         self.loader, self.cursor = loader, dict(cursor)
 
     def __iter__(self) -> Iterator[_Plan]:
+        if self.loader.cfg.micro_steps_per_group is not None:
+            yield from self._iterations()
+            return
         ld, cfg = self.loader, self.loader.cfg
         t = self.cursor["micro_step"]
         offsets = {m: self.cursor[f"offset_{m}"] for m in MODALITIES}
@@ -222,6 +235,24 @@ class _PlanSampler(Sampler):
             offsets[m] += mbs * ld.dp_size
             t += 1
             yield _Plan(t - 1, m, indices, (t, *(offsets[k] for k in MODALITIES)))
+
+    def _iterations(self) -> Iterator[_Plan]:
+        """The per-modality schedule: per iteration, each modality's micro-batches in turn. The
+        cursor's ``micro_step`` counts whole iterations (the same at any DP size)."""
+        ld = self.loader
+        iteration = self.cursor["micro_step"]
+        offsets = {m: self.cursor[f"offset_{m}"] for m in MODALITIES}
+        order = ld.iteration_order()
+        while ld._iteration_fits(offsets):
+            for m in order:
+                mbs, count = ld.cfg.micro_batch_sizes[m], ld.cfg.micro_steps_per_group[m]
+                for j in range(count):
+                    start = offsets[m] + ld.dp_rank * mbs
+                    indices = ld.schedule.positions(m, start, start + mbs)
+                    offsets[m] += mbs * ld.dp_size
+                    done = m == order[-1] and j == count - 1
+                    yield _Plan(iteration, m, indices, (iteration + done, *(offsets[k] for k in MODALITIES)))
+            iteration += 1
 
     def __len__(self) -> int:  # unknown in general; DataLoader only needs it for len(loader)
         raise TypeError("the number of micro-batches depends on the blend; see BlendLoader.num_steps")
@@ -271,6 +302,15 @@ class BlendLoader:
         """Modalities of the micro-steps of optimizer step ``step`` (same on every rank)."""
         return [self.schedule.modality_at(t) for t in self.micro_steps_of(step)]
 
+    def iteration_order(self) -> list[str]:
+        """The per-modality schedule's step order: the blend's modalities as text, image, pair
+        (the reference's loop: its text step, its image step, then its pair step)."""
+        return [m for m in ("text", "image", "pair") if m in self.schedule.present]
+
+    def _iteration_fits(self, offsets: dict[str, int]) -> bool:
+        return all(offsets[m] + self.cfg.micro_steps_per_group[m] * self.cfg.micro_batch_sizes[m] * self.dp_size
+                   <= self.schedule.usable_length(m) for m in self.iteration_order())
+
     def _step_fits(self, micro_step: int, offsets: dict[str, int]) -> bool:
         if micro_step + self.cfg.micro_steps_per_step > len(self.schedule.modality):
             return False
@@ -280,9 +320,12 @@ class BlendLoader:
 
     @property
     def num_steps(self) -> int:
-        """Optimizer steps the blend can still feed from the current cursor at this DP size."""
+        """Optimizer steps (iterations, in the per-modality schedule) the blend can still feed from
+        the current cursor at this DP size."""
         sampler = _PlanSampler(self, self._cursor)
         micro = sum(1 for _ in sampler)
+        if self.cfg.micro_steps_per_group is not None:
+            return micro // sum(self.cfg.micro_steps_per_group[m] for m in self.iteration_order())
         return micro // self.cfg.micro_steps_per_step
 
     def stream_keys(self, modality: str, start: int = 0, stop: int | None = None) -> list[str]:
@@ -315,6 +358,22 @@ class BlendLoader:
             self._cursor = dict(zip(("micro_step", *(f"offset_{m}" for m in MODALITIES)), cursor_after))
             yield batch
 
+    def iter_iterations(self) -> Iterator[list[list[Batch]]]:
+        """Whole training steps, each a list of optimizer steps, each a list of micro-batches: one
+        step of ``micro_steps_per_step`` mixed micro-batches, or (the per-modality schedule) one
+        step per modality in :meth:`iteration_order`."""
+        if self.cfg.micro_steps_per_group is None:
+            for step in self.iter_steps():
+                yield [step]
+            return
+        sizes = [self.cfg.micro_steps_per_group[m] for m in self.iteration_order()]
+        batches = iter(self)
+        while True:
+            groups = [list(itertools.islice(batches, n)) for n in sizes]
+            if len(groups[-1]) < sizes[-1]:
+                return
+            yield groups
+
     def iter_steps(self) -> Iterator[list[Batch]]:
         """Whole optimizer steps: lists of ``micro_steps_per_step`` micro-batches."""
         step: list[Batch] = []
@@ -332,7 +391,11 @@ class BlendLoader:
         """The cursor: global micro-step, one offset per modality stream, a checksum of the blend's
         sample sequence (its length excluded: a longer blend of the same spec continues it), and
         the length grouping the offsets count in."""
-        return {**self._cursor, "blend_crc": zlib.crc32(self.blend.sequence_id.encode()), **self._length_groups()}
+        return {**self._cursor, "blend_crc": zlib.crc32(self.blend.sequence_id.encode()), **self._length_groups(),
+                "per_modality_steps": int(self.cfg.micro_steps_per_group is not None)}
+
+    def _step_schedule(self) -> str:
+        return "mixed" if self.cfg.micro_steps_per_group is None else "per_modality"
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         if state.get("blend_crc") != zlib.crc32(self.blend.sequence_id.encode()):
@@ -346,6 +409,11 @@ class BlendLoader:
                                 f"length_group_window={saved['length_group_window']}, this run has "
                                 f"{self.cfg.length_group_size}, {self.cfg.length_group_window}; resume with the "
                                 "saved values (0: off)")
+        saved_schedule = "per_modality" if state.get("per_modality_steps", 0) else "mixed"  # older cursors: mixed
+        if saved_schedule != self._step_schedule():
+            # the cursor's micro_step counts micro-steps in one, iterations in the other
+            raise DataSpecError(f"the loader state was saved with batch.step_schedule={saved_schedule}, this run has "
+                                f"{self._step_schedule()}; resume with the saved schedule")
         self._cursor = {k: int(state[k]) for k in ("micro_step", *(f"offset_{m}" for m in MODALITIES))}
 
 

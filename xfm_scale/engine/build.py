@@ -47,10 +47,6 @@ class Engine:
         self.deepspeed.eval()
 
     @property
-    def micro_steps_per_step(self) -> int:
-        return self.deepspeed.gradient_accumulation_steps()
-
-    @property
     def skipped_steps(self) -> int:
         """Optimizer steps DeepSpeed skipped for a non-finite gradient norm, over the run."""
         return self.deepspeed.skipped_steps
@@ -74,21 +70,27 @@ class Engine:
 
     def step(self, micro_batches: list, device: torch.device | None = None,
              around_forward: Callable[[], ContextManager] | None = None) -> list[dict[str, torch.Tensor]]:
-        """One optimizer step: forward and backward of every micro-batch (moved to ``device``), the
-        update at the last one. Returns, per micro-batch, its losses detached (``total`` included).
-        ``around_forward``: a context each forward pass runs in (benchmarks/memory.py measures it).
+        """One optimizer step over ``micro_batches`` (moved to ``device``): the gradient is their
+        mean, the update comes after the last. Returns, per micro-batch, its losses detached
+        (``total`` included). ``around_forward``: a context each forward pass runs in
+        (benchmarks/memory.py measures it).
 
-        Clears the gradients DeepSpeed would otherwise carry over from the previous step
-        (:func:`xfm_scale.engine.grads.clear_stale_gradients`) before the first micro-batch."""
-        if len(micro_batches) != self.micro_steps_per_step:
-            raise ValueError(f"an optimizer step takes {self.micro_steps_per_step} micro-batches (the DeepSpeed "
-                             f"config's gradient_accumulation_steps), got {len(micro_batches)}")
+        The step is whatever the caller passes, not DeepSpeed's fixed gradient_accumulation_steps:
+        the boundary is set for every micro-batch (DeepSpeed's public
+        ``set_gradient_accumulation_boundary``) and each loss is divided by the number of
+        micro-batches, exactly what DeepSpeed's own scaling does when the counts agree, so steps of
+        different sizes (one per modality in the per-modality schedule) are each complete. The
+        gradients DeepSpeed would otherwise carry over from the previous step are cleared first
+        (:func:`xfm_scale.engine.grads.clear_stale_gradients`)."""
+        if not micro_batches:
+            raise ValueError("an optimizer step needs at least one micro-batch")
         grads.clear_stale_gradients(self.deepspeed)
-        losses = []
-        for batch in micro_batches:
+        losses, last = [], len(micro_batches) - 1
+        for index, batch in enumerate(micro_batches):
+            self.deepspeed.set_gradient_accumulation_boundary(index == last)
             with around_forward() if around_forward is not None else contextlib.nullcontext():
                 out = self.deepspeed(batch.to(device, non_blocking=True) if device is not None else batch)
-            self.deepspeed.backward(out.total)
+            self.deepspeed.backward(out.total / len(micro_batches), scale_wrt_gas=False)
             # At the last micro-batch DeepSpeed skips the update (and counts it) when the global
             # gradient norm is not finite; nothing non-finite reaches weights or Adam state.
             self.deepspeed.step()
@@ -98,7 +100,8 @@ class Engine:
 
 
 def build_engine(model_config, optim_cfg, ds_config: dict, total_steps: int, compile_backend: str | None = None,
-                 gather_whole_blocks: bool = True, exact_pinned_host_memory: bool = True) -> Engine:
+                 gather_whole_blocks: bool = True, exact_pinned_host_memory: bool = True,
+                 steps_per_iteration: int | None = None) -> Engine:
     """Build X-FM inside ZeRO-3's partitioned construction and wrap it in a DeepSpeed engine.
 
     * ``zero.Init(data_parallel_group=DP group, mpu=...)``: each TP shard is partitioned over the DP
@@ -114,6 +117,8 @@ def build_engine(model_config, optim_cfg, ds_config: dict, total_steps: int, com
       ZeRO-3's flat pinned buffer, then freed), and freed pinned blocks go back to the OS once the
       engine is built (:mod:`xfm_scale.engine.memory`).
     ``compile_backend``: compile the encoder blocks with this torch.compile backend (None: eager).
+    ``steps_per_iteration``: the per-modality schedule's optimizer steps per iteration (the lr
+    schedule then counts iterations: :func:`xfm_scale.engine.optim.build_scheduler`).
     The installed DeepSpeed and megatron-core are checked against the tested versions first
     (:func:`xfm_scale.engine.versions.check_versions`).
     """
@@ -143,7 +148,7 @@ def build_engine(model_config, optim_cfg, ds_config: dict, total_steps: int, com
     cpu_offload = zero.get("offload_optimizer", {}).get("device", "none") in ("cpu", "nvme")
     optimizer = optim.build_optimizer(optim.param_groups(model, optim_cfg), optim_cfg, cpu_offload)
     implementation = optimizer.xfm_implementation
-    scheduler = optim.build_scheduler(optimizer, total_steps, optim_cfg)
+    scheduler = optim.build_scheduler(optimizer, total_steps, optim_cfg, steps_per_iteration)
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, mpu=mpu)
     if pinned:

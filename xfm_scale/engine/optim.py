@@ -110,5 +110,23 @@ def lr_multiplier(step: int, total_steps: int, cfg: OptimSection) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * decay
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, cfg: OptimSection):
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, total_steps, cfg))
+def iteration_lr_multiplier(iteration: int, total_iterations: int, cfg: OptimSection) -> float:
+    """Factor on the peak lr for every optimizer step of iteration ``iteration`` (0-based) in the
+    per-modality schedule, as the reference's ``create_scheduler`` (a LambdaLR stepped once per
+    iteration): ``k / warmup`` during warm-up, so iteration 0 runs at lr 0, then the decay of
+    :func:`lr_multiplier` (linear to ``min_lr_ratio``; the reference's is 0) over the iterations
+    after warm-up."""
+    if cfg.warmup_steps and iteration < cfg.warmup_steps:
+        return iteration / cfg.warmup_steps
+    return lr_multiplier(max(iteration, cfg.warmup_steps), total_iterations, cfg)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, cfg: OptimSection,
+                    steps_per_iteration: int | None = None):
+    """The LambdaLR DeepSpeed steps after each optimizer step. ``steps_per_iteration`` (the
+    per-modality schedule: optimizer steps per iteration, ``total_steps`` then counts iterations):
+    every step of iteration k gets :func:`iteration_lr_multiplier` of k."""
+    if steps_per_iteration is None:
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, total_steps, cfg))
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: iteration_lr_multiplier(step // steps_per_iteration, total_steps, cfg))

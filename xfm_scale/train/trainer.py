@@ -24,6 +24,9 @@ from xfm_scale.checkpoint import writer as checkpoint
 from xfm_scale.checkpoint.reader import ZeroCheckpoint
 from xfm_scale.config import ConfigError, XFMConfig
 from xfm_scale.config.run import RunConfig
+from xfm_scale.data.blend import modality_shares
+from xfm_scale.data.lengths import TEXT_MODALITIES
+from xfm_scale.data.spec import load_spec
 from xfm_scale.engine import checkpoint_io, full_state
 from xfm_scale.engine.build import build_engine
 from xfm_scale.interop import pretrained
@@ -86,6 +89,10 @@ class Trainer:
         checkpoint.check_visible_to_every_rank(self.folder.config_snapshot, "train.output_dir")
         self.device = distributed.device()
         self.micro_steps = cfg.micro_steps_per_step(self.layout.data_parallel_size)
+        self.per_modality = cfg.batch.step_schedule == "per_modality"
+        # this rank's micro-batches per modality step (the per-modality schedule), else None
+        self.group_micro_steps = (cfg.batch.micro_steps_per_group(self.layout.data_parallel_size)
+                                  if self.per_modality else None)
         self.resume_step = checkpoint.agreed_latest_complete(self.ckpt_dir) if cfg.train.resume else None
         self.last_saved_step = self.resume_step  # kept here: a shared folder's listing may lag
         # read once: its model config builds the model, its layout decides how it is loaded
@@ -98,6 +105,7 @@ class Trainer:
             self.model_config, cfg.optim, ds_config, cfg.train.steps,
             compile_backend=cfg.model.compile_backend if cfg.model.compile_blocks else None,
             gather_whole_blocks=cfg.deepspeed.zero3_gather_whole_blocks,
+            steps_per_iteration=len(self.loader.iteration_order()) if self.per_modality else None,
             exact_pinned_host_memory=cfg.deepspeed.exact_pinned_host_memory)
         if init_source is not None:
             given = full_state.load_full_state(self.engine.deepspeed, init_source)
@@ -159,19 +167,21 @@ class Trainer:
 
     def _num_blend_samples(self, spec: str) -> int:
         """Enough samples for the run whatever the DP size (so a resume at another size builds the
-        same blend): each step uses at most global_batch x (largest / pair micro-batch) samples.
+        same blend): a mixed step uses at most global_batch x (largest / pair micro-batch) samples;
+        a per-modality iteration each modality's global batch, from that modality's share.
         With length grouping, also a window of every grouped stream: the loader reads whole
         windows only (xfm_scale.data.lengths)."""
         sizes = self.cfg.batch.micro_batch_sizes()
-        per_step = self.cfg.batch.global_batch_size * max(sizes.values()) / sizes["pair"]
-        needed = int(math.ceil(per_step * self.cfg.train.steps * 1.3)) + 64
+        shares = modality_shares(load_spec(spec)[0])
+        if self.per_modality:  # every iteration reads each modality's global batch from its stream
+            groups = self.cfg.batch.modality_global_batch_sizes()
+            needed = max(int(math.ceil(groups[m] * self.cfg.train.steps * 1.3 / share))
+                         for m, share in shares.items() if share > 0) + 64
+        else:
+            per_step = self.cfg.batch.global_batch_size * max(sizes.values()) / sizes["pair"]
+            needed = int(math.ceil(per_step * self.cfg.train.steps * 1.3)) + 64
         d = self.cfg.data
         if d.length_group_size:
-            from xfm_scale.data.blend import modality_shares
-            from xfm_scale.data.lengths import TEXT_MODALITIES
-            from xfm_scale.data.spec import load_spec
-
-            shares = modality_shares(load_spec(spec)[0])
             window = d.length_group_size * d.length_group_window
             needed += max((int(math.ceil(window / shares[m])) for m in TEXT_MODALITIES if m in shares), default=0)
         return needed
@@ -196,7 +206,8 @@ class Trainer:
             self.cfg.check_itm_groups(obj.itm_negative_group)
         loader_cfg = LoaderConfig(
             tokenizer_dir=d.tokenizer_dir, micro_batch_sizes=self.cfg.batch.micro_batch_sizes(),
-            micro_steps_per_step=self.micro_steps, image_size=vision.image_size, mim_grid=vision.grid_size,
+            micro_steps_per_step=self.micro_steps, micro_steps_per_group=self.group_micro_steps,
+            image_size=vision.image_size, mim_grid=vision.grid_size,
             mim_num_masked=obj.mim_num_masked, mim_min_block=obj.mim_min_block,
             text_max_len=obj.text_max_length, caption_max_len=obj.caption_max_length,
             augment=d.augment, num_workers=d.num_workers, seed=d.seed,
@@ -273,8 +284,15 @@ class Trainer:
         log.info("layout: %s", self.layout)
         log.info("model: %.2fM parameters per TP rank; kernels: %s; optimizer: %s", n_params / 1e6,
                  kernels.report(), self.engine.optimizer_implementation)
-        log.info("batch: global %d, %d micro-steps per step, ZeRO stage %s", self.cfg.batch.global_batch_size,
-                 self.micro_steps, ds_config.get("zero_optimization", {}).get("stage"))
+        if self.per_modality:
+            sizes = self.cfg.batch.modality_global_batch_sizes()
+            log.info("batch: per-modality steps, each iteration %s; the lr schedule counts iterations; ZeRO stage %s",
+                     ", then ".join(f"{m} (global {sizes[m]}, {self.group_micro_steps[m]} micro-steps)"
+                                    for m in self.loader.iteration_order()),
+                     ds_config.get("zero_optimization", {}).get("stage"))
+        else:
+            log.info("batch: global %d, %d micro-steps per step, ZeRO stage %s", self.cfg.batch.global_batch_size,
+                     self.micro_steps, ds_config.get("zero_optimization", {}).get("stage"))
         if self.cfg.model.compile_blocks:
             log.info("encoder blocks compiled with torch.compile (%s); the first steps include the compilation",
                      self.cfg.model.compile_backend)
@@ -284,7 +302,7 @@ class Trainer:
         total = self.cfg.train.steps
         self.progress = Progress(total, self.step, enabled=self.is_main and self.cfg.train.progress_bar,
                                  every=self.cfg.train.log_every)
-        steps = self.loader.iter_steps()
+        steps = self.loader.iter_iterations()
         while self.step < total:
             try:
                 batches = next(steps)
@@ -315,8 +333,9 @@ class Trainer:
         dist.barrier()
         return {"step": float(self.step)}
 
-    def train_step(self, batches: list) -> dict[str, float]:
-        """One optimizer step: forward/backward every micro-batch, the engine steps at the boundary."""
+    def train_step(self, groups: list[list]) -> dict[str, float]:
+        """One training step: an optimizer step per group of micro-batches (one group in the mixed
+        schedule; one per modality in the per-modality schedule's iteration)."""
         # Dropout, drop-path and ITM sampling streams are a function of (seed, step): a resumed run
         # draws exactly what an uninterrupted one would, with no RNG state to carry.
         distributed.seed_everything(self.cfg.train.seed * 1_000_003 + self.step)
@@ -325,7 +344,8 @@ class Trainer:
         sync()
         start = time.perf_counter()
         skipped_before = self.engine.skipped_steps
-        outputs = self.engine.step(batches, self.device)
+        batches = [batch for group in groups for batch in group]
+        outputs = [losses for group in groups for losses in self.engine.step(group, self.device)]
         # Loss sums and finiteness flags stay on the device; one copy to the host after the last
         # micro-batch (a .item()/.cpu() per loss would wait for the GPU at every micro-batch).
         sums: dict[str, torch.Tensor] = {}  # key -> (sum, count)
