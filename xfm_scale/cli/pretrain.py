@@ -25,6 +25,7 @@ import sys
 import time
 from pathlib import Path
 
+from xfm_scale.quiet import silence_known_noise
 from xfm_scale.runfolder import FINAL_METRICS, RunFolder
 
 
@@ -93,6 +94,7 @@ def main(argv=None, default_config: str | None = None) -> int:
     (launchers/pretrain_base.py passes launchers/configs/base.yaml)."""
     from xfm_scale.config import ConfigError
 
+    silence_known_noise()
     args = parse_args(argv, default_config)
     rank = int(os.environ.get("RANK", "0"))
     try:

@@ -20,7 +20,6 @@ import os
 import random
 import socket
 import sys
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,10 +131,7 @@ def initialize(tensor_parallel_size: int = 1, seed: int = 1234, timeout_s: float
     from megatron.core import parallel_state as ps
 
     _single_process_env()
-    # DeepSpeed 0.19 calls torch.distributed's renamed collectives; torch warns on every rank of
-    # every run, into the progress bar, about code the user cannot change.
-    warnings.filterwarnings("ignore", category=FutureWarning,
-                            message=r"`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated")
+    silence_known_noise()  # also when a rank is started without an entry point (tests)
     if _on_cpu() and "OMP_NUM_THREADS" not in os.environ:
         # DeepSpeed's runner (unlike torchrun) leaves every rank at one thread per core, so N CPU
         # ranks oversubscribe the machine N-fold.
