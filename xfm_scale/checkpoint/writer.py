@@ -175,7 +175,9 @@ def _remove_unfinished(ckpt_dir: Path, below: int) -> None:
 
 def load(engine, ckpt_dir: str | Path, step: int) -> dict:
     """Load model, optimizer and scheduler state of a complete checkpoint; return its client state."""
-    client_state = checkpoint_io.load(engine.deepspeed, str(ckpt_dir), tag_for(step), Path(ckpt_dir) / tag_for(step))
+    tag_folder = Path(ckpt_dir) / tag_for(step)
+    client_state = checkpoint_io.load(engine.deepspeed, str(ckpt_dir), tag_for(step),
+                                      lambda dp, tp: partition_files(tag_folder)[("optim", dp, tp)])
     if client_state is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {tag_for(step)} from {ckpt_dir}")
     return client_state

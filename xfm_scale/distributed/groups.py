@@ -28,6 +28,8 @@ import torch
 
 from xfm_scale.config import ConfigError
 from xfm_scale.model import hooks
+from xfm_scale.model.layers import tp_rank, tp_size
+from xfm_scale.quiet import silence_known_noise
 
 
 @dataclass(frozen=True)
@@ -195,8 +197,8 @@ def current_layout() -> ParallelLayout:
 
     return ParallelLayout(
         rank=torch.distributed.get_rank(), world_size=torch.distributed.get_world_size(),
-        tensor_parallel_size=ps.get_tensor_model_parallel_world_size(),
-        tensor_parallel_rank=ps.get_tensor_model_parallel_rank(),
+        tensor_parallel_size=tp_size(),
+        tensor_parallel_rank=tp_rank(),
         data_parallel_size=ps.get_data_parallel_world_size(),
         data_parallel_rank=ps.get_data_parallel_rank())
 

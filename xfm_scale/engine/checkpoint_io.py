@@ -71,15 +71,19 @@ def set_step_counters(engine, counters: dict) -> None:
         setattr(engine, name, counters[name])
 
 
-def load(engine, save_dir: str, tag: str, tag_folder: Path) -> dict | None:
+OptimizerFile = Callable[[int, int], Path]
+"""(DP rank, TP rank) -> that rank's optimizer-states file in the checkpoint being loaded."""
+
+
+def load(engine, save_dir: str, tag: str, optimizer_file: OptimizerFile) -> dict | None:
     """DeepSpeed's load of model, optimizer and scheduler state, completed where DeepSpeed 0.19.8
-    leaves state out (:func:`restore_unswapped_optimizer_state`); returns the client state, or None
-    when DeepSpeed found nothing to load."""
+    leaves state out (:func:`restore_unswapped_optimizer_state`, which reads this rank's
+    ``optimizer_file``); returns the client state, or None when DeepSpeed found nothing to load."""
     path, client_state = engine.load_checkpoint(save_dir, tag=tag, load_optimizer_states=True,
                                                 load_lr_scheduler_states=True)
     if path is None:
         return None
-    restore_unswapped_optimizer_state(engine, tag_folder)
+    restore_unswapped_optimizer_state(engine, optimizer_file)
     return client_state
 
 
@@ -142,7 +146,7 @@ def swapped_state_files(engine) -> dict[str, int]:
     return files
 
 
-def restore_unswapped_optimizer_state(engine, tag_folder: Path) -> None:
+def restore_unswapped_optimizer_state(engine, optimizer_file: OptimizerFile) -> None:
     """After DeepSpeed's load of a checkpoint saved with the optimizer offloaded to NVMe: restore
     what that load leaves out.
 
@@ -155,14 +159,12 @@ def restore_unswapped_optimizer_state(engine, tag_folder: Path) -> None:
     sub-group's step count, the swapped sub-groups' moments (:func:`_register_swapped_moments`),
     and the unswapped sub-groups' fp32 partition and moments, which then refresh the parameters
     the model computes with."""
-    from xfm_scale.checkpoint.reader import partition_files
-
     zero = engine.optimizer
     if not swaps_to_nvme(zero):
         return
     tp_rank = tp_rank_of_this_process()
-    dp_rank = torch.distributed.get_rank(group=zero.dp_process_group)
-    saved = load_trusted(partition_files(tag_folder)[("optim", dp_rank, tp_rank)])["optimizer_state_dict"]
+    dp_rank = torch.distributed.get_rank(group=internals.require(zero, "dp_process_group", LOAD_FEATURE))
+    saved = load_trusted(optimizer_file(dp_rank, tp_rank))["optimizer_state_dict"]
     saved_states = saved["optimizer_state_dict"]["state"]
     for group, saved_group in zip(zero.optimizer.param_groups, saved["optimizer_state_dict"]["param_groups"],
                                   strict=True):
