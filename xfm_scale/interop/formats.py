@@ -245,14 +245,21 @@ def vision_timm_config(cfg: VisionEncoderConfig) -> dict:
             "global_pool": "avg", "model_args": vision_model_args(cfg), "pretrained_cfg": vision_pretrained_cfg(cfg)}
 
 
-def vision_config_from_timm_model(model) -> VisionEncoderConfig:
-    """Our vision-encoder config from a built timm BEiT(-v2) model (its sizes, read off the modules)."""
+def vision_config_from_timm_model(model, layer_scale_init: float | None = None) -> VisionEncoderConfig:
+    """Our vision-encoder config from a built timm BEiT(-v2) model (its sizes, read off the modules;
+    the model may live on the meta device when ``layer_scale_init`` is given: the pretrained
+    gammas' mean, else the model's own gammas are read)."""
     blocks = list(model.blocks)
     if getattr(model, "pos_embed", None) is not None or getattr(blocks[0].attn, "relative_position_bias_table", None) is None:
         raise ConfigError("the vision encoder imports BEiT-v2 models with per-block relative position bias "
                           "and no absolute position embedding")
+    if not isinstance(getattr(model, "norm", None), torch.nn.Identity):
+        raise ConfigError("the vision encoder imports timm BEiT models with average pooling (global_pool='avg': "
+                          "fc_norm on the mean patch token, no norm after the last block); this one has a final norm")
     hidden = model.embed_dim
     gamma = getattr(blocks[0], "gamma_1", None)
+    if gamma is not None and layer_scale_init is not None:
+        gamma = torch.tensor([layer_scale_init])
     return VisionEncoderConfig(
         num_layers=len(blocks), hidden_size=hidden, num_heads=blocks[0].attn.num_heads,
         ffn_hidden_size=blocks[0].mlp.fc1.out_features, layer_norm_eps=blocks[0].norm1.eps,
@@ -263,3 +270,99 @@ def vision_config_from_timm_model(model) -> VisionEncoderConfig:
         layer_scale_init=float(gamma.detach().mean()) if gamma is not None else 1.0)
 
 
+
+
+# ---- vision encoder <- unilm's BEiT-v2 pre-training checkpoint ---------------------------------------
+# Microsoft unilm's beit2 release (beitv2_base_patch16_224_pt1k.pth: ``{"model": state dict}``) is its
+# VisionTransformerForMaskedImageModelingCLS. Its blocks carry timm's (and ours') names, but:
+# one relative-position table shared by all blocks (rel_pos_bias.*), no per-block ones; a mask
+# token; a final LayerNorm ``norm``, the MIM head ``lm_head`` and the CLS-pretraining head's blocks
+# ``cls_pt_layers`` (pre-training only); no ``fc_norm``.
+UNILM_SHARED_TABLE = "rel_pos_bias.relative_position_bias_table"
+_VISION_BLOCK_KEYS = ("norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.q_bias", "attn.v_bias", "attn.proj.weight",
+                      "attn.proj.bias", "norm2.weight", "norm2.bias", "mlp.fc1.weight", "mlp.fc1.bias",
+                      "mlp.fc2.weight", "mlp.fc2.bias")
+_GAMMAS = ("gamma_1", "gamma_2")
+
+VISION_UNUSED_KEYS: tuple[tuple[str, str, str], ...] = (
+    ("head.weight, head.bias", r"head\.(weight|bias)", "a classifier head: the vision encoder has none"),
+    ("*relative_position_index", r"(.+\.)?relative_position_index",
+     "an index buffer the model computes itself (the same formula in unilm, timm and xfm_scale)"),
+)
+"""Keys a vision source may hold that are not imported, in any layout: (names, pattern, why)."""
+UNILM_UNUSED_KEYS: tuple[tuple[str, str, str], ...] = VISION_UNUSED_KEYS + (
+    ("norm.weight, norm.bias", r"norm\.(weight|bias)",
+     "the pre-training model's final LayerNorm: X-FM discards it, and xfm_scale's encoder (timm's "
+     "average-pooling form) has no norm after the last block"),
+    ("lm_head.*", r"lm_head\.(weight|bias)", "the MIM head over the VQ-KD codebook (pre-training only)"),
+    ("cls_pt_layers.*", r"cls_pt_layers\.\d+\..+", "the CLS-pretraining head's blocks (pre-training only)"),
+    ("cls_pt_norm.*, cls_pt_lm_head.*", r"cls_pt_(norm|lm_head)\.(weight|bias)",
+     "that head's own norm and MIM head, saved when it was trained with shared_lm_head=False (pre-training only)"),
+)
+"""Keys of a unilm BEiT-v2 pre-training checkpoint that are not imported: (names, pattern, why)."""
+VISION_NOT_IN_SOURCE = {
+    "timm": (("mask_token", "timm's Beit has no mask token: it starts new (truncated normal, std init_std) "
+                            "unless the file holds one, which is imported"),),
+    "unilm": (("fc_norm.weight, fc_norm.bias", "the pooled vector's LayerNorm, absent from the pre-training "
+                                              "model: it starts new (weight 1, bias 0), as X-FM's fc_norm does"),),
+}
+"""Vision-encoder parameters a source of each layout may lack, and what they start as."""
+
+
+def unused_vision_key(name: str, layout: str) -> bool:
+    """Whether ``name`` of a ``layout`` ("timm" or "unilm") source is one it may hold and we drop."""
+    allowed = UNILM_UNUSED_KEYS if layout == "unilm" else VISION_UNUSED_KEYS
+    return any(re.fullmatch(pattern, name) for _, pattern, _ in allowed)
+
+
+def relative_table_rows(grid: int) -> int:
+    """Rows of a BEiT relative-position table for a square grid: offsets, then cls->patch, patch->cls, cls->cls."""
+    return (2 * grid - 1) ** 2 + 3
+
+
+def grid_from_table_rows(rows: int) -> int | None:
+    """The grid side a table of ``rows`` rows serves, or None when no square grid has that many."""
+    side = math.isqrt(max(rows - 3, 0))
+    return (side + 1) // 2 if side * side == rows - 3 and side % 2 == 1 else None
+
+
+def unilm_shapes(cfg: VisionEncoderConfig, layer_scale: bool) -> dict[str, tuple[int, ...]]:
+    """Every tensor (name -> shape) of a unilm BEiT-v2 pre-training checkpoint's encoder for ``cfg``
+    (the allow-listed heads and buffers excluded)."""
+    d, f = cfg.hidden_size, cfg.ffn_hidden_size
+    out = {"cls_token": (1, 1, d), "mask_token": (1, 1, d),
+           "patch_embed.proj.weight": (d, cfg.num_channels, cfg.patch_size, cfg.patch_size), "patch_embed.proj.bias": (d,),
+           UNILM_SHARED_TABLE: (relative_table_rows(cfg.grid_size), cfg.num_heads)}
+    block = {"attn.qkv.weight": (3 * d, d), "attn.proj.weight": (d, d), "mlp.fc1.weight": (f, d),
+             "mlp.fc1.bias": (f,), "mlp.fc2.weight": (d, f)}
+    for i in range(cfg.num_layers):
+        for key in _VISION_BLOCK_KEYS + (_GAMMAS if layer_scale else ()):
+            out[f"blocks.{i}.{key}"] = block.get(key, (d,))
+    return out
+
+
+def vision_shapes(cfg: VisionEncoderConfig) -> dict[str, tuple[int, ...]]:
+    """Every vision-encoder parameter of ours (names without ``vision.``) -> its full (TP-merged) shape."""
+    out = unilm_shapes(cfg, layer_scale=True)
+    table = out.pop(UNILM_SHARED_TABLE)
+    for i in range(cfg.num_layers):
+        out[f"blocks.{i}.rel_pos.relative_position_bias_table"] = table
+    out["fc_norm.weight"] = out["fc_norm.bias"] = (cfg.hidden_size,)
+    return out
+
+
+def vision_from_unilm(state: dict[str, torch.Tensor], cfg: VisionEncoderConfig) -> dict[str, torch.Tensor]:
+    """Our vision-encoder state from a unilm BEiT-v2 pre-training state dict already checked against
+    :func:`unilm_shapes`: its shared relative-position table copied into every block (as X-FM's
+    load_pretrained_beit2 does), the mask token kept, gammas of 1.0 when it has no layer scale, the
+    allow-listed keys (:data:`UNILM_UNUSED_KEYS`) dropped; ``fc_norm`` is not given (it starts new)."""
+    out = {}
+    for name, tensor in state.items():
+        if name == UNILM_SHARED_TABLE or unused_vision_key(name, "unilm"):
+            continue
+        out[name] = tensor
+    for i in range(cfg.num_layers):
+        out[f"blocks.{i}.rel_pos.relative_position_bias_table"] = state[UNILM_SHARED_TABLE].clone()
+        for gamma in _GAMMAS:
+            out.setdefault(f"blocks.{i}.{gamma}", torch.ones(cfg.hidden_size, dtype=state["cls_token"].dtype))
+    return out
