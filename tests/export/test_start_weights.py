@@ -304,11 +304,7 @@ def test_base_yaml_passes_check_with_offline_sources(sources, demo_world):
     assert result.stdout.splitlines()[0] == "ok: 8 ranks, TP=1, DP=8, global batch 3072"
 
 
-WIRING = ("needs the lead's wiring (config.paths keeps a hub id, config.run.validate accepts it, check_launch prints "
-          "xfm_scale.interop.pretrained.check_init_sources): remove this mark once wired")
 
-
-@pytest.mark.xfail(strict=True, reason=WIRING)
 def test_base_yaml_as_shipped_passes_check_with_its_sources(sources, demo_world, tmp_path):
     """base.yaml's own init_text_from (the hub id roberta-base, accepted without network) with a
     made-up unilm file for init_vision_from; --check prints what each encoder starts from."""
@@ -322,7 +318,6 @@ def test_base_yaml_as_shipped_passes_check_with_its_sources(sources, demo_world,
         f"vision: {sources['unilm']} ({UNILM_DESCRIPTION})", FUSION_LINE]
 
 
-@pytest.mark.xfail(strict=True, reason=WIRING)
 def test_check_says_where_to_put_the_missing_beit_checkpoint(demo_world, tmp_path):
     result = check(demo_world, env={"HF_HUB_CACHE": str(tmp_path)})
     path = ROOT / "launchers" / "configs" / "pretrained" / "beitv2_base_patch16_224_pt1k.pth"

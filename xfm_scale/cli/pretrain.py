@@ -56,11 +56,16 @@ def load_config(args):
 def check_launch(args, cfg) -> int:
     from xfm_scale.launch.hostfile import check_launch as check_layout, world_size_from
 
+    from xfm_scale.interop.pretrained import check_init_sources
+
     world = world_size_from(hostfile=args.hostfile, num_nodes=args.num_nodes, num_gpus=args.num_gpus)
     check_layout(world, cfg.parallel.tensor_parallel_size, cfg.batch.global_batch_size, cfg.batch.micro_batch_size)
+    sources = check_init_sources(cfg.model)  # first: a missing checkpoint gets its download hint
     cfg.validate(world)
     print(f"ok: {world} ranks, TP={cfg.parallel.tensor_parallel_size}, "
           f"DP={world // cfg.parallel.tensor_parallel_size}, global batch {cfg.batch.global_batch_size}")
+    for line in sources:
+        print(line)
     return 0
 
 
@@ -101,6 +106,9 @@ def main(argv=None, default_config: str | None = None) -> int:
         cfg = load_config(args)
         if args.check:
             return check_launch(args, cfg)
+        from xfm_scale.interop.pretrained import check_init_sources
+
+        check_init_sources(cfg.model)  # a missing pretrained checkpoint: its download hint
         cfg.validate(int(os.environ.get("WORLD_SIZE", "1")))  # before any process group exists
     except (ConfigError, ValueError, FileNotFoundError) as err:
         report_setup_error(err, rank)

@@ -4,6 +4,7 @@ launched, and command-line values where the shell user is."""
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 REPOSITORY = Path(__file__).resolve().parents[2]
@@ -14,6 +15,17 @@ PATH_KEYS = {("data", "spec"), ("data", "tokenizer_dir"), ("data", "eval_manifes
 """(section, key) of every path-valued field."""
 OUTPUT_KEYS = {("train", "output_dir"), ("data", "cache_dir")}
 """Paths the run writes: relative to the current directory."""
+HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
+"""The shape of a Hugging Face hub id (``roberta-base``, ``FacebookAI/roberta-base``)."""
+HUB_ID_KEYS = {("model", "init_text_from")}
+"""Fields that may name a hub model instead of a path."""
+
+
+def is_hub_id(value: str) -> bool:
+    """Whether ``value`` names a hub model rather than a path: no local file or folder of that
+    name, not absolute, not ``./``/``../``/``~``, and shaped like ``name`` or ``org/name``."""
+    return (not os.path.exists(value) and not os.path.isabs(value) and not value.startswith((".", "~"))
+            and HUB_ID.fullmatch(value) is not None)
 
 
 def resolve(path: str | None, base: Path, key: tuple[str, str]) -> str | None:
@@ -26,4 +38,6 @@ def resolve(path: str | None, base: Path, key: tuple[str, str]) -> str | None:
     for root in (base, REPOSITORY):
         if (root / path).exists():
             return str((root / path).resolve())
+    if key in HUB_ID_KEYS and is_hub_id(path):
+        return path  # a hub model, as written
     return str((base / path).resolve())

@@ -54,11 +54,14 @@ class ModelSection:
     tools/import_weights.py): its config.json replaces the preset (overrides still apply) and its
     tensors fill the model at this run's TP/DP. Ignored when resuming from a checkpoint."""
     init_text_from: str | None = None
-    """Start the language encoder from a transformers BERT/RoBERTa folder (its config sets
-    text.*); the tokenizer in data.tokenizer_dir must have its vocabulary size."""
+    """Start the language encoder (and its MLM head) from a transformers BERT/RoBERTa folder or a
+    hub id such as ``roberta-base`` (read from the Hugging Face cache; its config sets text.*);
+    the tokenizer in data.tokenizer_dir must have its vocabulary size. None: from scratch."""
     init_vision_from: str | None = None
-    """Start the vision encoder from a timm BEiT-v2 folder (config.json + model.safetensors) or
-    a beitv2_base_patch16_224 weights file (its sizes set vision.*)."""
+    """Start the vision encoder from Microsoft unilm's BEiT-v2 pre-training checkpoint (``.pth``,
+    mask token included: the reference's beitv2_base_patch16_224_pt1k.pth), a timm BEiT-v2 folder
+    (config.json + model.safetensors) or a timm weights file (their sizes set vision.*); refused
+    when an encoder weight is missing or unexpected. None: from scratch."""
 
 
 @dataclass(kw_only=True)
@@ -412,7 +415,8 @@ class RunConfig:
                               f"path or set it to null to disable evaluation")
         for key in ("model.init_from", "model.init_text_from", "model.init_vision_from"):
             path = getattr(self.model, key.split(".")[1])
-            if path and not os.path.exists(path):
+            hub_id = key == "model.init_text_from" and path and paths.is_hub_id(path)
+            if path and not os.path.exists(path) and not hub_id:
                 raise ConfigError(f"{key}: {path} does not exist; fix the path or remove the key")
         self._check_ranges()
         corpora = self._check_data_spec() if check_data else []

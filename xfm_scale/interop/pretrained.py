@@ -19,7 +19,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from typing import Any
 import torch
 
 from xfm_scale.interop import formats
+from xfm_scale.config.paths import is_hub_id
 from xfm_scale.config import XFM_WEIGHTS, ConfigError, TextEncoderConfig, VisionEncoderConfig, XFMConfig
 from xfm_scale.model.tp_layout import Source
 
@@ -130,20 +130,11 @@ def _first_lines(err: Exception, lines: int = 4) -> str:
 
 
 # ---- what a source is (no weights read) --------------------------------------------------------------
-HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
-"""The shape of a Hugging Face hub id (``roberta-base``, ``FacebookAI/roberta-base``)."""
 UNILM_PT1K = "beitv2_base_patch16_224_pt1k.pth"
 UNILM_PT1K_URL = "https://github.com/addf400/files/releases/download/BEiT-v2/beitv2_base_patch16_224_pt1k.pth"
 """Where Microsoft unilm's BEiT-v2 README (beit2/PRETRAINING.md, model zoo) publishes the 1600-epoch
 ImageNet-1k pre-training checkpoint of BEiT-v2-B/16 that X-FM starts its vision encoder from."""
 _DOWNLOAD_TEXT = "huggingface-cli download {id} --local-dir DIR, or save_pretrained"
-
-
-def is_hub_id(value: str) -> bool:
-    """Whether ``value`` names a hub model rather than a path: no local file or folder of that
-    name, not absolute, not ``./``/``../``/``~``, and shaped like ``name`` or ``org/name``."""
-    return (not os.path.exists(value) and not os.path.isabs(value) and not value.startswith((".", "~"))
-            and HUB_ID.fullmatch(value) is not None)
 
 
 def text_source_kind(value: str) -> str:

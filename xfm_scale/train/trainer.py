@@ -280,6 +280,8 @@ class Trainer:
     def _log_setup(self, ds_config: dict) -> None:
         if not self.is_main:
             return
+        for line in pretrained.describe_starting_points(self.cfg.model, self.resume_step):
+            log.info("starts from: %s", line)
         n_params = sum(getattr(p, "ds_numel", p.numel()) for p in self.engine.module.parameters())
         log.info("layout: %s", self.layout)
         log.info("model: %.2fM parameters per TP rank; kernels: %s; optimizer: %s", n_params / 1e6,
