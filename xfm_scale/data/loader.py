@@ -146,14 +146,37 @@ class LoaderConfig:
         BlockMaskGenerator(grid=self.mim_grid, num_masked=self.mim_num_masked, min_block=self.mim_min_block)
 
 
+@dataclass(frozen=True)
+class BadSample:
+    """One bad sample met at load time."""
+    corpus: str
+    reason: str
+    key: str | None
+    """Its key in the shard; None when the shard could not be read."""
+    shard: str
+    """The shard it is in."""
+
+
+BAD_SAMPLE_EXAMPLES = 3
+"""Keys and shards named per (corpus, reason) in a bad-sample report."""
+
+
 class BadSampleCounter:
-    """Bad samples met at load time, per corpus and reason (e.g. ``cc3m: bad_image=3``)."""
+    """Bad samples met at load time, per corpus and reason (e.g. ``cc3m: bad_image=3``), with the
+    first keys and shards of each since the last :meth:`report`."""
 
     def __init__(self):
         self.counts: Counter[tuple[str, str]] = Counter()
+        self._reported: Counter[tuple[str, str]] = Counter()
+        self._examples: dict[tuple[str, str], tuple[list[str], list[str]]] = {}
 
-    def add(self, corpus: str, reason: str, n: int = 1) -> None:
+    def add(self, corpus: str, reason: str, n: int = 1, *, key: str | None = None, shard: str | None = None) -> None:
         self.counts[(corpus, reason)] += n
+        keys, shards = self._examples.setdefault((corpus, reason), ([], []))
+        if key is not None and key not in keys and len(keys) < BAD_SAMPLE_EXAMPLES:
+            keys.append(key)
+        if shard is not None and shard not in shards and len(shards) < BAD_SAMPLE_EXAMPLES:
+            shards.append(shard)
 
     def total(self) -> int:
         return sum(self.counts.values())
@@ -162,8 +185,49 @@ class BadSampleCounter:
         """Flat ``{"corpus/reason": count}``: what a trainer logs."""
         return {f"{c}/{r}": n for (c, r), n in sorted(self.counts.items())}
 
+    def report(self) -> list[dict]:
+        """The bad samples met since the last call: one dict per (corpus, reason), sorted, with
+        ``corpus``, ``reason``, ``count`` (new since the last call), ``keys`` and ``shards`` (the
+        first :data:`BAD_SAMPLE_EXAMPLES` distinct ones since the last call; a key is the sample's
+        key in its shard). The counts since the start are :meth:`as_dict`."""
+        out = []
+        for (corpus, reason), total in sorted(self.counts.items()):
+            new = total - self._reported[(corpus, reason)]
+            if new:
+                keys, shards = self._examples.get((corpus, reason), ([], []))
+                out.append({"corpus": corpus, "reason": reason, "count": new, "keys": list(keys),
+                            "shards": list(shards)})
+        self._reported = Counter(self.counts)
+        self._examples = {}
+        return out
+
     def __repr__(self) -> str:
         return f"BadSampleCounter({self.as_dict()})"
+
+
+def merge_bad_sample_reports(reports: list[list[dict]]) -> list[dict]:
+    """Several ranks' :meth:`BadSampleCounter.report` lists as one: counts summed per (corpus,
+    reason), the first keys and shards kept. Give one report per data-parallel rank (the
+    tensor-parallel ranks of a replica read the same samples: their reports are copies)."""
+    merged: dict[tuple[str, str], dict] = {}
+    for report in reports:
+        for entry in report:
+            into = merged.setdefault((entry["corpus"], entry["reason"]), {
+                "corpus": entry["corpus"], "reason": entry["reason"], "count": 0, "keys": [], "shards": []})
+            into["count"] += entry["count"]
+            for field_name in ("keys", "shards"):
+                into[field_name] += [x for x in entry[field_name] if x not in into[field_name]]
+                del into[field_name][BAD_SAMPLE_EXAMPLES:]
+    return [merged[k] for k in sorted(merged)]
+
+
+def format_bad_sample_report(report: list[dict]) -> str:
+    """One line for the log: ``corpus/reason=count (first keys ...; shards ...)`` per entry."""
+    return "; ".join(
+        f"{e['corpus']}/{e['reason']}={e['count']}" + (" (" + "; ".join(
+            ([f"first keys {', '.join(e['keys'])}"] if e["keys"] else [])
+            + ([f"shards {', '.join(e['shards'])}"] if e["shards"] else [])) + ")" if e["keys"] or e["shards"] else "")
+        for e in report)
 
 
 @dataclass(frozen=True)
@@ -352,8 +416,8 @@ class BlendLoader:
         for batch, bad, cursor_after in items:
             if cfg.pin_memory and cfg.num_workers == 0:
                 batch = batch.pin_memory()
-            for corpus, reason in bad:
-                self.bad_samples.add(corpus, reason)
+            for b in bad:
+                self.bad_samples.add(b.corpus, b.reason, key=b.key, shard=b.shard)
             # Advance only when the batch reaches the trainer: workers run ahead of it.
             self._cursor = dict(zip(("micro_step", *(f"offset_{m}" for m in MODALITIES)), cursor_after))
             yield batch
@@ -373,6 +437,12 @@ class BlendLoader:
             if len(groups[-1]) < sizes[-1]:
                 return
             yield groups
+
+    def new_bad_samples(self) -> list[dict]:
+        """This rank's bad samples since the last call, per corpus and reason, with the first keys
+        and shards (:meth:`BadSampleCounter.report`); :func:`merge_bad_sample_reports` joins the
+        ranks' reports, :func:`format_bad_sample_report` makes the log line."""
+        return self.bad_samples.report()
 
     def iter_steps(self) -> Iterator[list[Batch]]:
         """Whole optimizer steps: lists of ``micro_steps_per_step`` micro-batches."""
@@ -459,21 +529,26 @@ class _MicroBatchDataset(Dataset):
         corpus = self.blend.corpora[c]
         sample = int(self.blend.sample_index[global_index])
         for attempt in range(self.cfg.max_bad_in_a_row + 1):
+            key = None
             try:
                 key, members = self._read(c, sample)
             except FileNotFoundError:  # a shard that disappeared after the blend was built
-                key, members = None, "missing_shard"
+                members = "missing_shard"
             except (EOFError, OSError, tarfile.TarError):  # cut short, or unreadable storage
-                key, members = None, "truncated_shard"
+                members = "truncated_shard"
             decoded = members if isinstance(members, str) else decode_sample(
                 members, modality, self.cfg.max_caption_chars, caption_cleaning=self.cfg.caption_cleaning,
                 caption_max_words=self.cfg.caption_max_words)
             if not isinstance(decoded, str):
                 return global_index, f"{corpus.name}/{key}", decoded
-            bad.append((corpus.name, decoded))
+            bad.append(BadSample(corpus.name, decoded, key, self._shard(c, sample)))
             sample = replacement_sample(self.seed, global_index, attempt, corpus.num_samples)
         raise RuntimeError(f"corpus '{corpus.name}': more than {self.cfg.max_bad_in_a_row} "
                            f"bad samples in a row (last: {decoded}); check its shards with tools/make_shards.py")
+
+    def _shard(self, c: int, sample: int) -> str:
+        """The shard holding sample ``sample`` of corpus ``c``."""
+        return self.blend.corpora[c].shards[bisect_right(self.corpus_starts[c], sample) - 1]
 
     def _locate(self, c: int, sample: int) -> tuple[str, dict[str, list[int]], str]:
         """(key, member spans, shard path) of sample ``sample`` of corpus ``c``."""

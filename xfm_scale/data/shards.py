@@ -45,6 +45,8 @@ class DataSpecError(ValueError):
 class Skip:
     """A source record that cannot become a sample; ``reason`` is counted, never dropped silently."""
     reason: str
+    detail: str = field(default="", compare=False)
+    """Which record, for the message (``photos/17.jpg``, ``pairs.jsonl:12``); not part of equality."""
 
 
 @dataclass(kw_only=True)
@@ -56,6 +58,26 @@ class WriteResult:
     """Samples written."""
     skipped: dict[str, int] = field(default_factory=dict)
     """Source records skipped, per reason."""
+    skipped_examples: dict[str, list[str]] = field(default_factory=dict)
+    """The first few skipped records of each reason, named (their distinct :attr:`Skip.detail`)."""
+
+
+SKIPPED_EXAMPLES = 5
+"""Skipped records named per reason in a manifest and in make_shards' report."""
+
+
+class SkipCounter:
+    """Skipped records per reason, with the first :data:`SKIPPED_EXAMPLES` distinct ones of each named."""
+
+    def __init__(self):
+        self.counts: Counter[str] = Counter()
+        self.examples: dict[str, list[str]] = {}
+
+    def add(self, skip: Skip) -> None:
+        self.counts[skip.reason] += 1
+        named = self.examples.setdefault(skip.reason, [])
+        if skip.detail and len(named) < SKIPPED_EXAMPLES and skip.detail not in named:
+            named.append(skip.detail)
 
 
 # ----------------------------------------------------------------------------- writing
@@ -74,13 +96,13 @@ def write_corpus(records: Iterable[dict | Skip], *, out_dir: str | Path, name: s
     out_dir.mkdir(parents=True, exist_ok=True)
     for old in own_files(out_dir, name):  # a rewrite must not leave stale shards behind
         old.unlink()
-    skipped: Counter[str] = Counter()
+    skipped = SkipCounter()
     count = 0
     pattern = str(out_dir / f"{name}-%06d.tar")
     with wds.ShardWriter(pattern, maxcount=maxcount, maxsize=maxsize, verbose=0) as writer:
         for record in records:
             if isinstance(record, Skip):
-                skipped[record.reason] += 1
+                skipped.add(record)
                 continue
             writer.write({"__key__": f"{count:09d}", **record})
             count += 1
@@ -93,11 +115,13 @@ def write_corpus(records: Iterable[dict | Skip], *, out_dir: str | Path, name: s
         write_index(shard, index)
         entries.append({"name": shard.name, "samples": len(index["keys"]),
                         "bytes": shard.stat().st_size, "sha256": sha256_file(shard)})
+    examples = {reason: named for reason, named in sorted(skipped.examples.items()) if named}
     manifest = {"name": name, "modality": modality, "num_samples": count, "shards": entries,
-                "skipped": dict(sorted(skipped.items())), "source": source}
+                "skipped": dict(sorted(skipped.counts.items())), "skipped_examples": examples, "source": source}
     manifest_path = out_dir / f"{name}{MANIFEST_SUFFIX}"
     manifest_path.write_text(json.dumps(manifest, indent=1))
-    return WriteResult(manifest_path=manifest_path, num_samples=count, skipped=dict(skipped))
+    return WriteResult(manifest_path=manifest_path, num_samples=count, skipped=dict(skipped.counts),
+                       skipped_examples=examples)
 
 
 def shard_name_pattern(name: str) -> re.Pattern:
@@ -196,18 +220,23 @@ def build_index(shard: str | Path) -> dict:
     return {"version": INDEX_VERSION, "bytes": os.path.getsize(shard), "keys": keys, "members": members}
 
 
-def first_sample_members(shard: str | Path) -> dict[str, list[int]]:
-    """The first sample's members (``ext -> [offset, size]``) from the tar headers at the start of
-    the shard: what :func:`build_index` records first, for a few KB read instead of the whole scan
-    (how :func:`xfm_scale.data.spec.check_spec` checks a corpus's modality cheaply)."""
-    members: dict[str, list[int]] = {}
-    first = None
+MODALITY_SAMPLES = 16
+"""Samples at the start of a corpus's first shard from which its modality is judged (one broken
+sample must not decide it)."""
+
+
+def first_samples(shard: str | Path, n: int = MODALITY_SAMPLES) -> list[tuple[str, dict[str, list[int]]]]:
+    """``(key, members)`` of the first ``n`` samples from the tar headers at the start of the shard
+    (a few KB read instead of the whole scan; how :func:`xfm_scale.data.spec.check_spec` checks a
+    corpus's modality cheaply)."""
+    samples: list[tuple[str, dict[str, list[int]]]] = []
     for key, ext, span in _sample_members(shard):
-        if first is not None and key != first:
-            break  # webdataset writes a sample's members together: the first sample is complete
-        first = key
-        members[ext] = span
-    return members
+        if not samples or samples[-1][0] != key:
+            if len(samples) == n:
+                break  # webdataset writes a sample's members together: the n-th sample is complete
+            samples.append((key, {}))
+        samples[-1][1][ext] = span
+    return samples
 
 
 def _sample_members(shard: str | Path):

@@ -9,6 +9,8 @@ Formats:
   "annotations": [...]}``).
 Images are checked by decoding them fully with PIL once here, so a corrupt file is counted at
 conversion time rather than discovered in training; the stored bytes are the original encoding.
+Every :class:`Skip` names its record in ``detail`` (the image path, the line number), so that a
+report can say which records were skipped and why.
 """
 from __future__ import annotations
 
@@ -21,56 +23,62 @@ from typing import Iterator
 
 from PIL import Image
 
-from .shards import IMAGE_EXTS, Skip
+from .shards import IMAGE_EXTS, DataSpecError, Skip
 
 Record = dict | Skip
 
 
-def _decode_line(raw: bytes) -> str | Skip:
+def _decode_line(raw: bytes, where: str = "") -> str | Skip:
     try:
         return raw.decode("utf-8").rstrip("\r\n")
     except UnicodeDecodeError:
-        return Skip("bad_utf8")
+        return Skip("bad_utf8", where)
 
 
-def _json_lines(path: Path) -> Iterator[dict | Skip]:
+def _json_lines(path: Path) -> Iterator[tuple[str, dict | Skip]]:
+    """``(where, object)`` per non-blank line; ``where`` is ``FILE:LINE``."""
     with open(path, "rb") as f:
-        for raw in f:
-            line = _decode_line(raw)
+        for number, raw in enumerate(f, 1):
+            where = f"{path.name}:{number}"
+            line = _decode_line(raw, where)
             if isinstance(line, Skip):
-                yield line
+                yield where, line
                 continue
             if not line.strip():
                 continue  # blank separator lines are not records
             try:
                 obj = json.loads(line)
             except ValueError:
-                yield Skip("bad_json")
+                yield where, Skip("bad_json", where)
                 continue
-            yield obj if isinstance(obj, dict) else Skip("bad_json")
+            yield where, obj if isinstance(obj, dict) else Skip("bad_json", where)
+
+
+def _fields(obj: dict) -> str:
+    return ", ".join(sorted(map(str, obj))[:8]) or "none"
 
 
 def read_text(path: str | Path, *, text_field: str = "text") -> Iterator[Record]:
     """Text records from a ``.jsonl`` file (``text_field``) or a plain file (one text per line)."""
     path = Path(path)
     if path.suffix == ".jsonl":
-        for obj in _json_lines(path):
+        for where, obj in _json_lines(path):
             if isinstance(obj, Skip):
                 yield obj
             elif not isinstance(obj.get(text_field), str):
-                yield Skip("missing_field")
+                yield Skip("missing_field", f"{where} has no string '{text_field}' (its fields: {_fields(obj)})")
             else:
-                yield _text_record(obj[text_field])
+                yield _text_record(obj[text_field], where)
         return
     with open(path, "rb") as f:
-        for raw in f:
-            line = _decode_line(raw)
-            yield line if isinstance(line, Skip) else _text_record(line)
+        for number, raw in enumerate(f, 1):
+            line = _decode_line(raw, f"{path.name}:{number}")
+            yield line if isinstance(line, Skip) else _text_record(line, f"{path.name}:{number}")
 
 
-def _text_record(text: str) -> Record:
+def _text_record(text: str, where: str = "") -> Record:
     text = text.strip()
-    return {"txt": text} if text else Skip("empty_text")
+    return {"txt": text} if text else Skip("empty_text", where)
 
 
 def check_image(data: bytes) -> str | Skip:
@@ -89,9 +97,9 @@ def _image_from_path(path: Path) -> tuple[str, bytes] | Skip:
     try:
         data = path.read_bytes()
     except OSError:
-        return Skip("missing_image_file")
+        return Skip("missing_image_file", str(path))
     ext = check_image(data)
-    return ext if isinstance(ext, Skip) else (ext, data)
+    return Skip(ext.reason, str(path)) if isinstance(ext, Skip) else (ext, data)
 
 
 def read_images(path: str | Path) -> Iterator[Record]:
@@ -106,29 +114,38 @@ def read_images(path: str | Path) -> Iterator[Record]:
         yield image if isinstance(image, Skip) else {image[0]: image[1]}
 
 
-def _pair_record(image_ref: str | None, image_b64: str | None, caption, root: Path) -> Record:
+def _pair_record(image_ref: str | None, image_b64: str | None, caption, root: Path, where: str = "") -> Record:
+    """``where``: the record, named in a Skip's detail when no image path names it."""
     if isinstance(caption, str):
         caption = caption.strip()
     if not caption or not isinstance(caption, str):
-        return Skip("empty_caption")
+        return Skip("empty_caption", where or (str(root / image_ref) if image_ref else ""))
     if image_b64:
         try:
             data = base64.b64decode(image_b64, validate=True)
         except (binascii.Error, ValueError):
-            return Skip("bad_base64")
+            return Skip("bad_base64", where)
         ext = check_image(data)
-        image = ext if isinstance(ext, Skip) else (ext, data)
+        image = Skip(ext.reason, where) if isinstance(ext, Skip) else (ext, data)
     elif image_ref:
         image = _image_from_path(root / image_ref)
     else:
-        return Skip("missing_field")
+        return Skip("missing_field", where)
     return image if isinstance(image, Skip) else {image[0]: image[1], "txt": caption}
 
 
-def _expand_captions(obj: dict, root: Path, image_field: str, caption_field: str) -> Iterator[Record]:
+def _expand_captions(obj: dict, root: Path, image_field: str, caption_field: str, where: str) -> Iterator[Record]:
     captions = obj.get(caption_field)
+    if captions is None:  # the field is not there: say which fields are
+        yield Skip("empty_caption", f"{where} has no '{caption_field}' (its fields: {_fields(obj)})")
+        return
+    if obj.get(image_field) is None and obj.get(f"{image_field}_base64") is None:
+        yield Skip("missing_field", f"{where} has no '{image_field}' or '{image_field}_base64' (its fields: "
+                                    f"{_fields(obj)})")
+        return
     for caption in captions if isinstance(captions, list) else [captions]:
-        yield _pair_record(obj.get(image_field), obj.get(f"{image_field}_base64"), caption, root)
+        yield _pair_record(obj.get(image_field), obj.get(f"{image_field}_base64"), caption, root,
+                           where if obj.get(image_field) is None else "")
 
 
 def read_pairs(path: str | Path, *, image_root: str | Path | None = None, image_field: str = "image",
@@ -138,45 +155,83 @@ def read_pairs(path: str | Path, *, image_root: str | Path | None = None, image_
     path = Path(path)
     root = Path(image_root) if image_root is not None else path.parent
     if path.suffix == ".jsonl":
-        for obj in _json_lines(path):
+        for where, obj in _json_lines(path):
             if isinstance(obj, Skip):
                 yield obj
             else:
-                yield from _expand_captions(obj, root, image_field, caption_field)
+                yield from _expand_captions(obj, root, image_field, caption_field, where)
     elif path.suffix == ".tsv":
         yield from _read_tsv(path, root, image_field, caption_field)
     else:
-        data = json.loads(path.read_text())
+        data = _json_file(path)
         if isinstance(data, dict) and "annotations" in data:
-            yield from _read_coco(data, root)
+            yield from _read_coco(data, root, path.name)
+        elif not isinstance(data, list):
+            raise DataSpecError(f"--input {path} holds neither a list of records nor COCO captions ('images' and "
+                                "'annotations'); give a .jsonl/.json list/.tsv/COCO captions file")
         else:
-            for obj in data:
-                yield from _expand_captions(obj, root, image_field, caption_field) if isinstance(obj, dict) \
-                    else [Skip("bad_json")]
+            for i, obj in enumerate(data):
+                where = f"{path.name}[{i}]"
+                yield from _expand_captions(obj, root, image_field, caption_field, where) if isinstance(obj, dict) \
+                    else [Skip("bad_json", where)]
 
 
-def _read_tsv(path: Path, root: Path, image_field: str, caption_field: str) -> Iterator[Record]:
+def _json_file(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise DataSpecError(f"--input {path} is not a JSON file ({type(exc).__name__}: {str(exc)[:80]}); give a "
+                            ".jsonl/.json/.tsv/COCO captions file") from None
+
+
+def read_captions(path: str | Path, *, caption_field: str = "caption") -> Iterator[str]:
+    """Only the caption texts of a pair source (jsonl / json / tsv / COCO captions), without
+    reading any image: what a tokenizer is trained on."""
+    path = Path(path)
+    if path.suffix == ".tsv":
+        records = _read_tsv(path, path.parent, "image", caption_field, images=False)
+    elif path.suffix == ".jsonl":
+        records = (obj for _, obj in _json_lines(path))
+    else:
+        data = _json_file(path)
+        records = data.get("annotations", []) if isinstance(data, dict) else data
+    for obj in records:
+        if not isinstance(obj, dict):
+            continue
+        captions = obj.get(caption_field)
+        for caption in captions if isinstance(captions, list) else [captions]:
+            if isinstance(caption, str) and caption.strip():
+                yield caption.strip()
+
+
+def _read_tsv(path: Path, root: Path, image_field: str, caption_field: str, *,
+              images: bool = True) -> Iterator[Record]:
+    """Pair records of a TSV file; ``images=False``: the rows as dicts (columns -> values)."""
     with open(path, "rb") as f:
         lines = iter(f)
-        first = _decode_line(next(lines, b""))
+        first = _decode_line(next(lines, b""), f"{path.name}:1")
         header = first.split("\t") if isinstance(first, str) else []
         if caption_field in header:
             columns = header
         else:  # no header: image<TAB>caption, and the first line is data
             columns, lines = [image_field, caption_field], _chain([first], lines)
-        for raw in lines:
-            line = raw if isinstance(raw, (str, Skip)) else _decode_line(raw)
+        for number, raw in enumerate(lines, 1 if columns is not header else 2):
+            where = f"{path.name}:{number}"
+            line = raw if isinstance(raw, (str, Skip)) else _decode_line(raw, where)
             if isinstance(line, Skip):
                 yield line
                 continue
             if not line.strip():
                 continue
             row = dict(zip(columns, line.split("\t")))
+            if not images:
+                yield row
+                continue
             ref = row.get(image_field, "")
             b64 = row.get(f"{image_field}_base64")
             if b64 is None and len(ref) > 256 and not (root / ref[:200]).exists():
                 ref, b64 = None, ref  # a long non-path image column is base64 bytes
-            yield _pair_record(ref, b64, row.get(caption_field), root)
+            yield _pair_record(ref, b64, row.get(caption_field), root, where)
 
 
 def _chain(first: list, rest):
@@ -184,9 +239,10 @@ def _chain(first: list, rest):
     yield from rest
 
 
-def _read_coco(data: dict, root: Path) -> Iterator[Record]:
+def _read_coco(data: dict, root: Path, name: str = "") -> Iterator[Record]:
     """COCO captions: one sample per annotation (as X-VLM's pre-training json does)."""
     files = {img["id"]: img["file_name"] for img in data.get("images", [])}
-    for ann in data["annotations"]:
+    for i, ann in enumerate(data["annotations"]):
         file = files.get(ann.get("image_id"))
-        yield _pair_record(file, None, ann.get("caption"), root) if file else Skip("missing_image_file")
+        yield _pair_record(file, None, ann.get("caption"), root) if file else Skip(
+            "missing_image_file", f"{name} annotation #{i}: image_id {ann.get('image_id')!r} is not in 'images'")

@@ -7,7 +7,7 @@ YAML form (paths relative to the spec file)::
       - {name: wiki, modality: text, shards: "shards/wiki/wiki-{000000..000031}.tar", weight: 0.6}
 
 Megatron form (``--data-path "w1 p1 w2 p2"``): each path is a manifest or a shard pattern; the
-modality is taken from the manifest or detected from the first sample's members.
+modality is taken from the manifest or detected from the members of the first samples.
 
 Every error is a :class:`DataSpecError` whose message names the corpus and says what to change.
 :func:`check_spec` is the cheap form of :func:`validate` (one process, before any rank starts):
@@ -16,16 +16,21 @@ it trusts the manifests' sample counts instead of reading every shard's index.
 from __future__ import annotations
 
 import glob
+import logging
 import math
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import braceexpand
 
 from ..config.yaml_files import read_yaml
-from .shards import (MANIFEST_SUFFIX, MODALITIES, SHARD_HINT, DataSpecError, detect_modality,
-                     first_sample_members, load_index, read_manifest)
+from .shards import (MANIFEST_SUFFIX, MODALITIES, MODALITY_SAMPLES, SHARD_HINT, DataSpecError, detect_modality,
+                     first_samples, load_index, read_manifest)
+
+log = logging.getLogger(__name__)
+_warned: set[tuple[str, str]] = set()
 
 
 @dataclass(kw_only=True)
@@ -147,7 +152,7 @@ def check_spec(path: str | Path) -> list[CorpusSpec]:
     known); per manifest corpus, that the manifest exists and parses, that its modality agrees with
     the spec's, and that every shard it lists exists with the recorded size and is recorded with
     samples (the manifest's counts are trusted: no shard index is read); per pattern corpus, that
-    the pattern matches shards; per corpus, the modality of the first sample of its first shard (a
+    the pattern matches shards; per corpus, the modality of the first samples of its first shard (a
     few KB of tar headers). The blend build and every rank open manifest corpora the same way.
     Returns the corpus specs it checked.
     """
@@ -158,7 +163,7 @@ def check_spec(path: str | Path) -> list[CorpusSpec]:
             _open_manifest_corpus(s, root)  # what the build and every rank do: no index read
         else:
             shards = _expand_pattern(s, root)
-            _check_modality(s, s.modality, _first_members(s, shards[0]), shards[0])
+            _check_modality(s, s.modality, _first_samples(s, shards[0]), shards[0])
     return specs
 
 
@@ -205,7 +210,8 @@ def _open_corpus(s: CorpusSpec, root: Path, cache_dir) -> Corpus:
             raise DataSpecError(f"corpus '{s.name}': shard {shard} holds no samples; remove it from "
                                 f"the spec or {SHARD_HINT}")
         if len(samples) == 0:
-            modality = _check_modality(s, modality, index["members"][0], shard)
+            modality = _check_modality(s, modality, list(zip(index["keys"][:MODALITY_SAMPLES],
+                                                             index["members"][:MODALITY_SAMPLES])), shard)
         samples.append(len(index["keys"]))
         sizes.append(index["bytes"])
     return Corpus(name=s.name, modality=modality, weight=s.weight, shards=[str(p) for p in shards],
@@ -225,35 +231,54 @@ def _open_manifest_corpus(s: CorpusSpec, root: Path) -> Corpus:
     if empty:
         raise DataSpecError(f"corpus '{s.name}': manifest {root / s.manifest} lists shards with no "
                             f"samples ({', '.join(empty[:3])}); {SHARD_HINT}")
-    modality = _check_modality(s, modality, _first_members(s, shards[0]), shards[0])
+    modality = _check_modality(s, modality, _first_samples(s, shards[0]), shards[0])
     return Corpus(name=s.name, modality=modality, weight=s.weight, shards=[str(p) for p in shards],
                   shard_samples=samples, shard_bytes=sizes)
 
 
-def _check_modality(s: CorpusSpec, modality: str | None, members: dict, shard: Path) -> str:
-    """The corpus's modality, checked against its first sample's ``members``."""
-    found = detect_modality(members)
+def _check_modality(s: CorpusSpec, modality: str | None, samples: list[tuple[str, dict]], shard: Path) -> str:
+    """The corpus's modality, judged from the members of the first samples of its first shard
+    (``samples``: ``(key, members)``): one broken sample (a pair without its caption) neither
+    decides it nor refuses a right one. A declared modality passes when some of those samples have
+    it; the others are named in a warning (the loader skips and counts them)."""
+    found = [(key, members, detect_modality(members)) for key, members in samples]
+    kinds = Counter(kind for _, _, kind in found)
+    fits = {modality, "pair"} if modality == "image" else {modality}  # pairs may serve as images
     if modality is None:
-        if found is None:
-            raise DataSpecError(f"corpus '{s.name}': cannot tell the modality of {shard} "
-                                f"(members {sorted(members)}); use a YAML spec with 'modality:'")
-        return found
-    if found != modality and not (modality == "image" and found == "pair"):  # pairs may serve as images
-        raise DataSpecError(f"corpus '{s.name}': declared modality '{modality}' but {shard} holds "
-                            f"'{found}' samples (members {sorted(members)}); fix 'modality:'")
+        modality = max((kind for kind in kinds if kind is not None), key=lambda k: kinds[k], default=None)
+        if modality is None:
+            raise DataSpecError(f"corpus '{s.name}': cannot tell the modality of {shard} (members of its first "
+                                f"samples: {_named(found, 3)}); use a YAML spec with 'modality:'")
+        fits = {modality}
+    elif not kinds.keys() & fits:
+        held = " and ".join(f"'{kind}'" for kind in sorted(kinds, key=str))
+        raise DataSpecError(f"corpus '{s.name}': declared modality '{modality}' but {shard} holds {held} samples "
+                            f"(none of its first {len(found)} is a '{modality}' sample: {_named(found, 3)}); fix "
+                            "'modality:'")
+    odd = [item for item in found if item[2] not in fits]
+    if odd and (s.name, str(shard)) not in _warned:  # once per process: every rank opens the corpora
+        _warned.add((s.name, str(shard)))
+        log.warning("corpus '%s': %d of the first %d samples of %s are not '%s' samples (%s); the loader skips and "
+                    "counts such samples", s.name, len(odd), len(found), shard, modality, _named(odd, 3))
     return modality
 
 
-def _first_members(s: CorpusSpec, shard: Path) -> dict:
+def _named(found: list[tuple[str, dict, str | None]], n: int) -> str:
+    """The first ``n`` samples as ``KEY ['jpg', 'txt']``."""
+    named = ", ".join(f"{key} {sorted(members)}" for key, members, _ in found[:n])
+    return named + (f" (+{len(found) - n} more)" if len(found) > n else "")
+
+
+def _first_samples(s: CorpusSpec, shard: Path) -> list[tuple[str, dict]]:
     try:
-        members = first_sample_members(shard)
+        samples = first_samples(shard)
     except Exception as exc:  # noqa: BLE001 - tarfile raises several types for garbage
         raise DataSpecError(f"corpus '{s.name}': shard {shard} is not a readable tar ({exc}); "
                             f"{SHARD_HINT}") from None
-    if not members:
+    if not samples:
         raise DataSpecError(f"corpus '{s.name}': shard {shard} holds no samples; remove it from "
                             f"the spec or {SHARD_HINT}")
-    return members
+    return samples
 
 
 def _expand_pattern(s: CorpusSpec, root: Path) -> list[Path]:

@@ -4,7 +4,9 @@
                         any TP size (run config ``model.init_from: OUT/xfm``).
 ``OUT/text_encoder/``   a transformers RoBERTa/BERT directory (config.json, model.safetensors,
                         tokenizer files) in the hub's roberta-base layout: the encoder and the
-                        trained MLM head, for ``AutoModel`` and ``AutoModelForMaskedLM``.
+                        trained MLM head, for ``AutoModel`` and ``AutoModelForMaskedLM``. The
+                        tokenizer's model_max_length is at most the encoder's positions, so
+                        ``tok(text, truncation=True)`` gives inputs the encoder takes.
 ``OUT/vision_encoder/`` a timm BEiT-v2 checkpoint: model.safetensors + config.json (architecture,
                         model_args, and pretrained_cfg: the training preprocessing) for
                         ``timm.create_model("local-dir:OUT/vision_encoder", pretrained=True)`` or
@@ -27,7 +29,7 @@ from typing import Callable, Iterator
 import torch
 
 from xfm_scale.interop import formats
-from xfm_scale.config import ConfigError, XFMConfig
+from xfm_scale.config import ConfigError, TextEncoderConfig, XFMConfig
 from xfm_scale.model.tp_layout import VOCAB_PARAMETERS
 from xfm_scale.durable import replace_durably
 from xfm_scale.interop.safetensors_stream import StreamingSafetensorsWriter
@@ -83,11 +85,20 @@ def _targets(cfg: XFMConfig, ck: ZeroCheckpoint, out: Path, dtype: str,
 
     def text_files(folder: Path) -> None:
         hf_config.save_pretrained(folder)
+        # the encoder's positions bound the tokens it takes: tok(text, truncation=True) must fit them
+        tokenizer.model_max_length = min(tokenizer.model_max_length, max_text_tokens(cfg.text))
         tokenizer.save_pretrained(folder)
 
     return {"xfm": _Target(out / "xfm", whole, _json_file(xfm_meta)),
             "text_encoder": _Target(out / "text_encoder", text, text_files),
             "vision_encoder": _Target(out / "vision_encoder", vision, _json_file(timm_config))}
+
+
+def max_text_tokens(text: TextEncoderConfig) -> int:
+    """The most tokens the exported text encoder takes: its position rows, less RoBERTa's offset
+    (positions are counted from pad id + 1)."""
+    offset = text.pad_token_id + 1 if text.flavour == "roberta" else 0
+    return text.max_position_embeddings - offset
 
 
 def _json_file(content: dict) -> Callable[[Path], None]:
