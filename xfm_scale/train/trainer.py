@@ -25,6 +25,7 @@ from xfm_scale.checkpoint.reader import ZeroCheckpoint
 from xfm_scale.config import ConfigError, XFMConfig
 from xfm_scale.config.run import RunConfig
 from xfm_scale.data.blend import modality_shares
+from xfm_scale.data.loader import format_bad_sample_report, merge_bad_sample_reports
 from xfm_scale.data.lengths import TEXT_MODALITIES
 from xfm_scale.data.spec import load_spec
 from xfm_scale.engine import checkpoint_io, full_state
@@ -399,10 +400,7 @@ class Trainer:
         d, bad = self.cfg.data, self.bad_samples_read
         read = self.samples_read + bad
         if read >= d.bad_sample_grace and bad > d.max_bad_sample_rate * read:
-            counts: dict[str, int] = defaultdict(int)
-            for part in distributed.gather_objects(self.loader.bad_samples.as_dict()):
-                for key, n in part.items():
-                    counts[key] += n // self.layout.tensor_parallel_size  # TP ranks read the same samples
+            counts = self._replica_counts(self.loader.bad_samples.as_dict())
             self._stop(f"{bad} of {read} samples read were bad ({bad / read:.1%} > data.max_bad_sample_rate="
                        f"{d.max_bad_sample_rate}): " + ", ".join(f"{k}={n}" for k, n in sorted(counts.items()))
                        + "; repair or drop those shards (tools/make_shards.py), or raise data.max_bad_sample_rate")
@@ -450,6 +448,7 @@ class Trainer:
         metrics = {k: sum(v) / len(v) for k, v in self.window.items()}
         metrics.update(self._memory())
         metrics["bad_samples"] = float(self.bad_samples_read)
+        metrics.update(self._bad_samples_since_last_log())
         self.window.clear()
         if self.is_main:
             self.writer.write(self.step, metrics)
@@ -464,8 +463,33 @@ class Trainer:
 
         return {"memory/rss_gb": psutil.Process().memory_info().rss / 2**30}
 
+    def _replica_counts(self, counts: dict[str, int]) -> dict[str, int]:
+        """Per-key sums over data-parallel replicas of this rank's ``counts`` (collective). The TP
+        ranks of a replica read the same samples, so each replica counts once, through its TP
+        rank 0 (dividing every rank's count by TP would round a replica's odd count down)."""
+        totals: dict[str, int] = defaultdict(int)
+        for part in distributed.gather_objects(counts if self.layout.tensor_parallel_rank == 0 else {}):
+            for key, n in part.items():
+                totals[key] += n
+        return dict(totals)
+
+    def _bad_samples_since_last_log(self) -> dict[str, float]:
+        """Warn (rank 0) of the bad samples met since the last log, per corpus and reason with the
+        first keys and shards; returns the counts since the start, ``bad_samples/CORPUS/REASON``,
+        for metrics.jsonl."""
+        new = self.loader.new_bad_samples()  # on every rank: its next report starts here
+        reports = distributed.gather_objects(new if self.layout.tensor_parallel_rank == 0 else [])
+        report = merge_bad_sample_reports(reports)
+        if report and self.is_main:
+            log.warning("bad samples skipped since the last log (each replaced by another sample of its corpus): %s",
+                        format_bad_sample_report(report))
+        totals = self._replica_counts(self.loader.bad_samples.as_dict())
+        return {f"bad_samples/{key}": float(n) for key, n in sorted(totals.items())}
+
     def _bad_sample_total(self) -> int:
-        return int(distributed.sum_over_ranks(self.loader.bad_samples.total())) // self.layout.tensor_parallel_size
+        """Bad samples read by all replicas (each counted once, through its TP rank 0)."""
+        mine = self.loader.bad_samples.total() if self.layout.tensor_parallel_rank == 0 else 0
+        return int(distributed.sum_over_ranks(mine))
 
     def maybe_eval(self, force: bool = False) -> None:
         every = self.cfg.train.eval_every
