@@ -7,6 +7,10 @@ sys.path.insert(0, os.path.dirname(__file__))  # so spawned ranks can import tes
 
 import pytest  # noqa: E402
 
+from xfm_scale.quiet import silence_known_noise  # noqa: E402
+
+silence_known_noise()  # as every entry point does: tools run in-process here (run_tool) read clean stderr
+
 
 def pytest_collection_modifyitems(config, items):
     import torch

@@ -26,10 +26,19 @@ def on_cpu() -> bool:
     return os.environ.get("DS_ACCELERATOR", "") == "cpu"
 
 
+class _NoCudaRuntime(logging.Filter):
+    """Drops torch's "No CUDA runtime is found" (its C++ extension loader, imported by DeepSpeed):
+    a CPU run expects it. A filter, not a level: torch's logging set-up (at torch._dynamo's import)
+    resets the levels of torch's loggers."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No CUDA runtime is found")
+
+
 def silence_known_noise() -> None:
-    """Install the filters (idempotent). On CPU also torch's "No CUDA runtime is found" (its C++
-    extension loader, imported by DeepSpeed), which a CPU run expects."""
+    """Install the filters (idempotent); on CPU also :class:`_NoCudaRuntime`."""
     for category, message in KNOWN_WARNINGS:
         warnings.filterwarnings("ignore", category=category, message=message)
-    if on_cpu():
-        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    if on_cpu() and not any(isinstance(f, _NoCudaRuntime) for f in logger.filters):
+        logger.addFilter(_NoCudaRuntime())
