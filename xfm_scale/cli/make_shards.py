@@ -5,6 +5,13 @@ r"""Convert a raw corpus to webdataset tar shards + a manifest (xfm_scale.data.s
   python tools/make_shards.py --modality image --input imagenet/train  --out shards/in1k --name in1k
   python tools/make_shards.py --modality pair  --input captions_train2017.json --image-root coco/train2017 \
       --out shards/coco --name coco
+  python tools/make_shards.py --modality pair  --input captions_train2017.json --image-root coco/train2017 \
+      --out shards/coco1 --name coco1 --captions all
+
+--captions per-sample (default) writes one sample per caption, so an image with 5 captions is 5
+samples; --captions all writes one sample per image: KEY.txt holds its first caption and
+KEY.captions.json the JSON list of all of them, which the loader draws one from per read with
+data.caption_choice: draw (docs/data.md). An image with one caption is KEY.txt alone either way.
 
 Skipped records are counted per reason in the manifest and printed, the first few of each reason
 named. Shards that exist already (img2dataset's output, any webdataset tar) need no conversion:
@@ -20,7 +27,7 @@ import tarfile
 from pathlib import Path
 
 from xfm_scale.data.shards import DataSpecError, Skip, SkipCounter, write_corpus
-from xfm_scale.data.sources import read_images, read_pairs, read_text
+from xfm_scale.data.sources import CAPTION_LIST_EXT, CAPTION_MODES, read_images, read_pairs, read_text
 
 # What each skip reason means, and the option to look at when a whole corpus is skipped for it.
 REASONS = {
@@ -48,19 +55,24 @@ def main(argv: list[str] | None = None) -> int:
                    "(FIELD_base64 for inline bytes)")
     p.add_argument("--caption-field", default="caption", help="field/column with the caption (pairs)")
     p.add_argument("--image-root", default=None, help="folder image paths are relative to (default: the input's)")
+    p.add_argument("--captions", default="per-sample", choices=CAPTION_MODES,
+                   help="pairs: an image's several captions as one sample per caption (per-sample, default) or "
+                   f"one sample per image holding them all (all: KEY.txt the first, KEY.{CAPTION_LIST_EXT} the list)")
     p.add_argument("--maxcount", type=int, default=10_000, help="samples per shard")
     p.add_argument("--maxsize", type=float, default=1e9, help="bytes per shard")
     args = p.parse_args(argv)
     source = Path(args.input)
     try:
         _check_input(source, args)
+        if args.captions != "per-sample" and args.modality != "pair":
+            raise DataSpecError(f"corpus '{args.name}': --captions {args.captions} is for --modality pair only")
         if args.modality == "text":
             records = read_text(source, text_field=args.text_field)
         elif args.modality == "image":
             records = read_images(source)
         else:
             records = read_pairs(source, image_root=args.image_root, image_field=args.image_field,
-                                 caption_field=args.caption_field)
+                                 caption_field=args.caption_field, captions=args.captions)
         # Up to the first good record before anything is written: a corpus with none (a wrong
         # --image-root or field name) must neither leave an empty manifest behind nor delete the
         # corpus's previous shards.
@@ -70,14 +82,18 @@ def main(argv: list[str] | None = None) -> int:
             for skip in head:
                 skipped.add(skip)
             raise DataSpecError(_nothing_read(args, source, skipped))
-        result = write_corpus(itertools.chain(head, records), out_dir=args.out, name=args.name,
-                              modality=args.modality, maxcount=args.maxcount, maxsize=args.maxsize,
+        with_list = [0]  # samples written with a caption list
+        result = write_corpus(_count_lists(itertools.chain(head, records), with_list), out_dir=args.out,
+                              name=args.name, modality=args.modality, maxcount=args.maxcount, maxsize=args.maxsize,
                               source=str(source))
     except DataSpecError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     skipped = ", ".join(f"{r}={n}" for r, n in sorted(result.skipped.items())) or "none"
     print(f"{args.name}: wrote {result.num_samples} samples; skipped: {skipped}")
+    if args.captions == "all":
+        print(f"  {with_list[0]} samples hold several captions (KEY.{CAPTION_LIST_EXT}; KEY.txt is the first), "
+              f"{result.num_samples - with_list[0]} one (KEY.txt)")
     for line in _reason_lines(args, result.skipped, result.skipped_examples):
         print(line)
     print(f"manifest: {result.manifest_path}")
@@ -112,6 +128,14 @@ def _is_tar(path: Path) -> bool:
         return path.is_file() and tarfile.is_tarfile(path)
     except OSError:
         return False
+
+
+def _count_lists(records, count: list[int]):
+    """``records`` unchanged, counting in ``count[0]`` the samples that hold a caption list."""
+    for record in records:
+        if isinstance(record, dict) and CAPTION_LIST_EXT in record:
+            count[0] += 1
+        yield record
 
 
 def _until_first_sample(records) -> list:

@@ -104,6 +104,15 @@ class DataSection:
     an ``empty_caption`` bad sample. The reference cleans (launchers/configs/base.yaml: true);
     false (default): captions as stored (surrounding whitespace stripped), so existing configs
     and the demo read the text they were made with."""
+    caption_choice: Literal["first", "draw"] = "first"
+    """The caption of a pair sample that holds several (``KEY.captions.json``, written by
+    ``tools/make_shards.py --captions all``: one sample per image). ``first`` (default): its
+    ``KEY.txt``, the first caption, as before. ``draw``: one caption of its list per read, as the
+    reference's ``random.choice`` (dataset/pretrain_dataset.py), seeded by (data.seed, the
+    sample's blend position): the same caption at the same position for any DP size, worker count
+    or resume. Pairs without a list read their ``KEY.txt`` either way; under ``draw`` a list that
+    is empty or not a list of strings is a bad sample (``empty_caption_list``,
+    ``bad_caption_list``)."""
     mlm_masking: Literal["reference", "xfm_scale"] = "xfm_scale"
     """How MLM (text) and IMLM (caption) masks are counted and placed
     (xfm_scale.data.masking.TokenMaskingConfig.scheme). ``reference`` (X-FM's, base.yaml): the

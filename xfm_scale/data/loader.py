@@ -29,6 +29,7 @@ Legend: B batch, L text length, P patches, C channels, H/W image size.
 from __future__ import annotations
 
 import io
+import json
 import logging
 import itertools
 import tarfile
@@ -50,6 +51,7 @@ from .masking import IMLM_MASKING, MLM_MASKING, TOKEN_MASKING_SCHEMES, BlockMask
 from .blend import Blend, blend_corpus_choice
 from .lengths import TEXT_MODALITIES, LengthGroupedStreams
 from .shards import DataSpecError, ShardReader, image_ext, load_index
+from .sources import CAPTION_LIST_EXT
 from .transforms import apply_seeded, eval_transform, sample_rngs, train_transform
 
 log = logging.getLogger(__name__)
@@ -104,6 +106,12 @@ class LoaderConfig:
     reference does not clean them either)."""
     caption_max_words: int = CAPTION_MAX_WORDS
     """Words kept by caption cleaning (X-FM: 30)."""
+    caption_choice: str = "first"
+    """The caption of a pair sample that holds several (``KEY.captions.json``, make_shards
+    ``--captions all``): ``first`` (default) reads its ``KEY.txt``, the first caption, as for any
+    pair; ``draw`` draws one of the list per read (the reference's ``random.choice``), seeded by
+    (seed, the sample's blend position) (:func:`caption_draw_rng`). A pair without a list reads its
+    ``KEY.txt`` either way."""
     mlm_masking: str = "xfm_scale"
     """Scheme of the MLM and IMLM masks (xfm_scale.data.masking.TokenMaskingConfig.scheme):
     ``xfm_scale`` (masks counted over the non-special tokens, ``<s>``/``</s>`` never masked) or
@@ -138,6 +146,8 @@ class LoaderConfig:
                                     f"{self.micro_steps_per_group.get(m)!r}; give a positive count")
         if self.mlm_masking not in TOKEN_MASKING_SCHEMES:
             raise DataSpecError(f"data.mlm_masking={self.mlm_masking!r}: use one of {', '.join(TOKEN_MASKING_SCHEMES)}")
+        if self.caption_choice not in CAPTION_CHOICES:
+            raise DataSpecError(f"data.caption_choice={self.caption_choice!r}: use one of {', '.join(CAPTION_CHOICES)}")
         if self.caption_max_words < 1:
             raise DataSpecError(f"caption_max_words={self.caption_max_words}; give a positive count")
         if modalities & {"text", "pair"} and not (self.tokenizer_dir and Path(self.tokenizer_dir).is_dir()):
@@ -528,6 +538,7 @@ class _MicroBatchDataset(Dataset):
         c = int(self.blend.corpus_index[global_index])
         corpus = self.blend.corpora[c]
         sample = int(self.blend.sample_index[global_index])
+        draw = modality == "pair" and self.cfg.caption_choice == "draw"
         for attempt in range(self.cfg.max_bad_in_a_row + 1):
             key = None
             try:
@@ -538,7 +549,8 @@ class _MicroBatchDataset(Dataset):
                 members = "truncated_shard"
             decoded = members if isinstance(members, str) else decode_sample(
                 members, modality, self.cfg.max_caption_chars, caption_cleaning=self.cfg.caption_cleaning,
-                caption_max_words=self.cfg.caption_max_words)
+                caption_max_words=self.cfg.caption_max_words,
+                caption_rng=caption_draw_rng(self.seed, global_index) if draw else None)
             if not isinstance(decoded, str):
                 return global_index, f"{corpus.name}/{key}", decoded
             bad.append(BadSample(corpus.name, decoded, key, self._shard(c, sample)))
@@ -640,20 +652,58 @@ def replacement_sample(seed: int, global_index: int, attempt: int, corpus_size: 
     return int(rng.integers(corpus_size))
 
 
+CAPTION_CHOICES = ("first", "draw")
+"""``LoaderConfig.caption_choice``: the ``KEY.txt`` of a pair, or a caption drawn from its list."""
+
+
+def caption_draw_rng(seed: int, global_index: int) -> np.random.Generator:
+    """The generator that draws the caption of the pair at blend position ``global_index``
+    (``caption_choice: draw``): spawned from the numpy generator of :func:`sample_rngs` for that
+    position, so it derives from (seed, global index) alone, like the sample's augmentation and
+    masks, and is a stream apart from theirs (they are unchanged by the draw)."""
+    _, rng = sample_rngs(seed, global_index)
+    return rng.spawn(1)[0]
+
+
+def _drawn_caption(raw: bytes, rng: np.random.Generator) -> tuple[str | None, str | None]:
+    """(caption, None) drawn uniformly from a ``KEY.captions.json`` member, or (None, reason):
+    ``bad_caption_list`` (not UTF-8 JSON, not a list, or an entry that is not a string),
+    ``empty_caption_list`` (``[]``)."""
+    try:
+        captions = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return None, "bad_caption_list"
+    if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
+        return None, "bad_caption_list"
+    if not captions:
+        return None, "empty_caption_list"
+    return captions[int(rng.integers(len(captions)))].strip(), None
+
+
 def decode_sample(members: dict[str, bytes], modality: str, max_caption_chars: int = 2000, *,
-                  caption_cleaning: bool = False, caption_max_words: int = CAPTION_MAX_WORDS) -> dict | str:
+                  caption_cleaning: bool = False, caption_max_words: int = CAPTION_MAX_WORDS,
+                  caption_rng: np.random.Generator | None = None) -> dict | str:
     """Decoded members (``txt``: str, ``image``: RGB PIL image) or the reason the sample is bad.
     A caption longer than ``max_caption_chars`` is bad (corrupt or mislabeled text, not a caption).
     ``caption_cleaning``: a pair's caption passes through X-FM's ``pre_caption`` (after the length
-    check, which looks at the stored caption); one with no words left is ``empty_caption``."""
+    check, which looks at the stored caption); one with no words left is ``empty_caption``.
+    ``caption_rng`` (``caption_choice: draw``): a pair holding a caption list
+    (:data:`~xfm_scale.data.sources.CAPTION_LIST_EXT`) takes its caption from the list, drawn with
+    this generator (:func:`caption_draw_rng`), instead of its ``txt``; a list that is not a list of
+    strings is ``bad_caption_list``, an empty one ``empty_caption_list``. None: the ``txt``."""
     out = {}
     if modality in ("text", "pair"):
-        if "txt" not in members:
+        if modality == "pair" and caption_rng is not None and CAPTION_LIST_EXT in members:
+            text, reason = _drawn_caption(members[CAPTION_LIST_EXT], caption_rng)
+            if reason is not None:
+                return reason
+        elif "txt" not in members:
             return "missing_text"
-        try:
-            text = members["txt"].decode("utf-8").strip()
-        except UnicodeDecodeError:
-            return "bad_utf8"
+        else:
+            try:
+                text = members["txt"].decode("utf-8").strip()
+            except UnicodeDecodeError:
+                return "bad_utf8"
         if not text:
             return "empty_caption" if modality == "pair" else "empty_text"
         if modality == "pair" and len(text) > max_caption_chars:

@@ -4,9 +4,16 @@ Formats:
 * text:  ``.jsonl`` (one object per line, text in ``text_field``) or plain lines (any other file).
 * image: a folder (searched recursively for image files) or a list file (one path per line).
 * pair:  ``.jsonl`` / ``.json`` list (``image`` path or ``image_base64`` bytes, plus ``caption``:
-  a string or a list of strings, one sample per caption), ``.tsv`` (header naming the columns, or
-  two columns ``image<TAB>caption``), or a COCO caption file (``{"images": [...],
-  "annotations": [...]}``).
+  a string or a list of strings), ``.tsv`` (header naming the columns, or two columns
+  ``image<TAB>caption``), or a COCO caption file (``{"images": [...], "annotations": [...]}``).
+
+Several captions of one image (a jsonl/json caption list, a COCO image's annotations) become,
+with ``captions="per-sample"`` (the default), one sample per caption; with ``captions="all"``,
+one sample per image: ``KEY.<img>`` + ``KEY.txt`` (the first caption, what every reader of pairs
+reads) + ``KEY.captions.json`` (:data:`CAPTION_LIST_EXT`: a JSON list of all its captions, UTF-8),
+which the loader draws from with ``caption_choice: draw`` and other webdataset readers keep as an
+extra member (webdataset decodes it by its last extension, ``json``). An image with a single
+caption is written as ``KEY.<img>`` + ``KEY.txt`` in both modes, and a TSV row is one caption.
 Images are checked by decoding them fully with PIL once here, so a corrupt file is counted at
 conversion time rather than discovered in training; the stored bytes are the original encoding.
 Every :class:`Skip` names its record in ``detail`` (the image path, the line number), so that a
@@ -26,6 +33,11 @@ from PIL import Image
 from .shards import IMAGE_EXTS, DataSpecError, Skip
 
 Record = dict | Skip
+
+CAPTION_MODES = ("per-sample", "all")
+"""``read_pairs(captions=...)``: one sample per caption, or one per image holding all its captions."""
+CAPTION_LIST_EXT = "captions.json"
+"""The member holding a pair sample's caption list (``KEY.captions.json``, ``captions="all"``)."""
 
 
 def _decode_line(raw: bytes, where: str = "") -> str | Skip:
@@ -134,7 +146,28 @@ def _pair_record(image_ref: str | None, image_b64: str | None, caption, root: Pa
     return image if isinstance(image, Skip) else {image[0]: image[1], "txt": caption}
 
 
-def _expand_captions(obj: dict, root: Path, image_field: str, caption_field: str, where: str) -> Iterator[Record]:
+def _pair_with_captions(image_ref: str | None, image_b64: str | None, captions: list, root: Path,
+                        where: str = "") -> Iterator[Record]:
+    """One sample for an image and all its captions (``captions="all"``): ``txt`` the first,
+    :data:`CAPTION_LIST_EXT` the list (when more than one is left). A blank or non-string caption
+    is left out of the list and counted as ``empty_caption``, as it is one sample per caption."""
+    kept = []
+    for caption in captions:
+        text = caption.strip() if isinstance(caption, str) else ""
+        if text:
+            kept.append(text)
+        else:
+            yield Skip("empty_caption", where or (str(root / image_ref) if image_ref else ""))
+    if not kept:
+        return
+    record = _pair_record(image_ref, image_b64, kept[0], root, where)
+    if len(kept) > 1 and not isinstance(record, Skip):
+        record[CAPTION_LIST_EXT] = json.dumps(kept, ensure_ascii=False).encode("utf-8")
+    yield record
+
+
+def _expand_captions(obj: dict, root: Path, image_field: str, caption_field: str, where: str,
+                     captions_mode: str = "per-sample") -> Iterator[Record]:
     captions = obj.get(caption_field)
     if captions is None:  # the field is not there: say which fields are
         yield Skip("empty_caption", f"{where} has no '{caption_field}' (its fields: {_fields(obj)})")
@@ -143,15 +176,21 @@ def _expand_captions(obj: dict, root: Path, image_field: str, caption_field: str
         yield Skip("missing_field", f"{where} has no '{image_field}' or '{image_field}_base64' (its fields: "
                                     f"{_fields(obj)})")
         return
+    where = where if obj.get(image_field) is None else ""  # an image path names the record
+    if captions_mode == "all" and isinstance(captions, list):
+        yield from _pair_with_captions(obj.get(image_field), obj.get(f"{image_field}_base64"), captions, root, where)
+        return
     for caption in captions if isinstance(captions, list) else [captions]:
-        yield _pair_record(obj.get(image_field), obj.get(f"{image_field}_base64"), caption, root,
-                           where if obj.get(image_field) is None else "")
+        yield _pair_record(obj.get(image_field), obj.get(f"{image_field}_base64"), caption, root, where)
 
 
 def read_pairs(path: str | Path, *, image_root: str | Path | None = None, image_field: str = "image",
-               caption_field: str = "caption") -> Iterator[Record]:
+               caption_field: str = "caption", captions: str = "per-sample") -> Iterator[Record]:
     """Pair records from jsonl / json / tsv / COCO captions; image paths are relative to ``image_root``
-    (default: the file's folder)."""
+    (default: the file's folder). ``captions``: ``per-sample`` (one record per caption) or ``all``
+    (one record per image with its caption list; the module docstring gives the members)."""
+    if captions not in CAPTION_MODES:
+        raise DataSpecError(f"captions={captions!r}: use one of {', '.join(CAPTION_MODES)}")
     path = Path(path)
     root = Path(image_root) if image_root is not None else path.parent
     if path.suffix == ".jsonl":
@@ -159,21 +198,21 @@ def read_pairs(path: str | Path, *, image_root: str | Path | None = None, image_
             if isinstance(obj, Skip):
                 yield obj
             else:
-                yield from _expand_captions(obj, root, image_field, caption_field, where)
+                yield from _expand_captions(obj, root, image_field, caption_field, where, captions)
     elif path.suffix == ".tsv":
         yield from _read_tsv(path, root, image_field, caption_field)
     else:
         data = _json_file(path)
         if isinstance(data, dict) and "annotations" in data:
-            yield from _read_coco(data, root, path.name)
+            yield from _read_coco(data, root, path.name, captions)
         elif not isinstance(data, list):
             raise DataSpecError(f"--input {path} holds neither a list of records nor COCO captions ('images' and "
                                 "'annotations'); give a .jsonl/.json list/.tsv/COCO captions file")
         else:
             for i, obj in enumerate(data):
                 where = f"{path.name}[{i}]"
-                yield from _expand_captions(obj, root, image_field, caption_field, where) if isinstance(obj, dict) \
-                    else [Skip("bad_json", where)]
+                yield from _expand_captions(obj, root, image_field, caption_field, where, captions) \
+                    if isinstance(obj, dict) else [Skip("bad_json", where)]
 
 
 def _json_file(path: Path):
@@ -239,10 +278,20 @@ def _chain(first: list, rest):
     yield from rest
 
 
-def _read_coco(data: dict, root: Path, name: str = "") -> Iterator[Record]:
-    """COCO captions: one sample per annotation (as X-VLM's pre-training json does)."""
+def _read_coco(data: dict, root: Path, name: str = "", captions: str = "per-sample") -> Iterator[Record]:
+    """COCO captions: one sample per annotation (as X-VLM's pre-training json does), or
+    (``captions="all"``) one per image holding its annotations' captions, in annotation order, the
+    images in the order of their first annotation."""
     files = {img["id"]: img["file_name"] for img in data.get("images", [])}
+    grouped: dict = {}
     for i, ann in enumerate(data["annotations"]):
         file = files.get(ann.get("image_id"))
-        yield _pair_record(file, None, ann.get("caption"), root) if file else Skip(
-            "missing_image_file", f"{name} annotation #{i}: image_id {ann.get('image_id')!r} is not in 'images'")
+        if not file:
+            yield Skip("missing_image_file",
+                       f"{name} annotation #{i}: image_id {ann.get('image_id')!r} is not in 'images'")
+        elif captions == "all":
+            grouped.setdefault(ann["image_id"], []).append(ann.get("caption"))
+        else:
+            yield _pair_record(file, None, ann.get("caption"), root)
+    for image_id, image_captions in grouped.items():
+        yield from _pair_with_captions(files[image_id], None, image_captions, root)
