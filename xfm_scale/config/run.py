@@ -336,7 +336,8 @@ class RunConfig:
 
     # (key, allowed values): Literal fields, checked before the ranks start
     _CHOICES = (("optim.schedule", ("linear", "cosine")), ("batch.step_schedule", ("mixed", "per_modality")), ("optim.lr_x2", ("reference", "new_modules")),
-                ("optim.no_decay_rule", ("reference", "xfm_scale")), ("data.mlm_masking", ("reference", "xfm_scale")))
+                ("optim.no_decay_rule", ("reference", "xfm_scale")), ("data.mlm_masking", ("reference", "xfm_scale")),
+                ("data.caption_choice", ("first", "draw")))
 
     def _check_choices(self) -> None:
         for key, allowed in self._CHOICES:

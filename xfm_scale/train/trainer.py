@@ -213,7 +213,7 @@ class Trainer:
             text_max_len=obj.text_max_length, caption_max_len=obj.caption_max_length,
             augment=d.augment, num_workers=d.num_workers, seed=d.seed,
             length_group_size=d.length_group_size, length_group_window=d.length_group_window,
-            caption_cleaning=d.caption_cleaning, mlm_masking=d.mlm_masking,
+            caption_cleaning=d.caption_cleaning, mlm_masking=d.mlm_masking, caption_choice=d.caption_choice,
             pin_memory=self.device.type == "cuda")
         loader = BlendLoader(blend, loader_cfg, dp_rank=self.layout.data_parallel_rank,
                              dp_size=self.layout.data_parallel_size)
