@@ -171,7 +171,7 @@ def bench_blend(sizes: list[int], micro_batch: int = 256) -> str:
         served = {}
         for name, at in (("start", 0), ("middle", n // 2), ("end", n - million)):
             served[name] = _best_of(lambda: blend.window(at, at + million), tries=3)
-        draws_only = _best_of(lambda: [blend.tree.fill(a, a + WINDOW) for a in range(n - million, n, WINDOW)], tries=3)
+        draws_only = _best_of(lambda: blend.window(n // 2, n // 2 + million, samples=False), tries=3)
         batch = _best_of(lambda: blend.locate(stream[n // 2:n // 2 + micro_batch]), tries=5)
         held = blend.index_bytes() + len(pickle.dumps(blend.tree))
         worst = max(served.values())

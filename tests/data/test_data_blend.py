@@ -311,3 +311,21 @@ def test_the_same_answers_in_a_fresh_process(skewed_spec, tmp_path):
                          env={**__import__("os").environ, "PYTHONHASHSEED": "123"}).stdout
     corpus, sample = blend.locate(positions)
     assert json.loads(out) == [corpus.tolist(), sample.tolist()]
+
+
+@pytest.mark.parametrize("weights", [[1, 1, 2, 4], [3, 1, 1, 1, 2], [0.37, 0.21, 0.29, 0.13]])
+@pytest.mark.parametrize("base", [0, 10 ** 10, 2 ** 40 + 7])
+def test_the_walk_up_is_exact_at_ties_and_far_positions(weights, base):
+    """The walk up (a float guess, exact where it lies near an integer) inverts the walk down for
+    every sample of every node, with integer weight ratios (exact ties at every few samples) and at
+    positions up to 2**40."""
+    tree = SplitTree(weights, groups=[i % 2 for i in range(len(weights))])
+    leaf, draw = tree.descend(np.arange(base, base + 20_000))
+    for c in range(len(weights)):
+        here = np.flatnonzero(leaf == c)
+        assert np.array_equal(tree.position(c, draw[here]), base + here)
+        assert np.array_equal(tree.position_range(c, int(draw[here[0]]), int(draw[here[-1]]) + 1), base + here)
+    for g, node in tree.group_node.items():
+        members = np.flatnonzero(np.isin(leaf, [c for c in range(len(weights)) if c % 2 == g]))
+        first = tree.counts(base)[node]
+        assert np.array_equal(tree.position_range(node, first, first + len(members)), base + members)

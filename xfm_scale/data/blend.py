@@ -142,30 +142,33 @@ class Blend:
         corpus = int(self.active[leaf])
         return corpus, int(self._orders[corpus](np.array([draw]))[0])
 
-    def window(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+    def window(self, start: int, stop: int, samples: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """(corpus int16 [stop-start], sample int64 [stop-start]) of consecutive positions: what the
-        old per-sample arrays held at ``start:stop``, computed block by block."""
+        old per-sample arrays held at ``start:stop``, computed block by block. ``samples=False``:
+        the draw numbers instead of the samples (what megatron's helper computes)."""
         corpus = np.empty(max(0, stop - start), dtype=np.int16)
         sample = np.empty(max(0, stop - start), dtype=np.int64)
         for a in range(start, stop, SERVE_BLOCK):
             b = min(stop, a + SERVE_BLOCK)
-            self._fill(a, b, corpus[a - start:b - start], sample[a - start:b - start])
+            self._fill(a, b, corpus[a - start:b - start], sample[a - start:b - start], samples)
         return corpus, sample
 
-    def _fill(self, a: int, b: int, corpus: np.ndarray, sample: np.ndarray) -> None:
-        """Positions a..b-1: the tree split in windows of WINDOW positions, then each corpus's
-        (consecutive) draws of the whole block permuted at once."""
-        parts: dict[int, tuple[int, list[np.ndarray]]] = {}
-        for w in range(a, b, WINDOW):
-            for leaf, first, offsets in self.tree.fill(w, min(b, w + WINDOW)):
-                if w > a:
-                    offsets = offsets + (w - a)
-                parts.setdefault(leaf, (first, []))[1].append(offsets)
-        for leaf, (first, chunks) in parts.items():
-            offsets = chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
+    def _fill(self, a: int, b: int, corpus: np.ndarray, sample: np.ndarray, samples: bool = True) -> None:
+        """Positions a..b-1: each corpus's draws there are consecutive (from its counts at a and
+        b, closed forms); their positions come from walking up the tree, their samples from the
+        epoch orders, both in cache-sized pieces."""
+        first, last = self.tree.leaf_counts(a), self.tree.leaf_counts(b)
+        for leaf in range(self.tree.num_leaves):
+            d0, d1 = int(first[leaf]), int(last[leaf])
+            if d1 == d0:
+                continue
             c = int(self.active[leaf])
+            offsets = np.empty(d1 - d0, dtype=np.int64)
+            for j in range(d0, d1, WINDOW):
+                offsets[j - d0:j - d0 + WINDOW] = self.tree.position_range(leaf, j, min(d1, j + WINDOW))
+            offsets -= a
             corpus[offsets] = c
-            sample[offsets] = self._orders[c].range(first, first + len(offsets))
+            sample[offsets] = self._orders[c].range(d0, d1) if samples else np.arange(d0, d1)
 
     def _cached_window(self, w: int) -> tuple[np.ndarray, np.ndarray]:
         """Window ``w`` (positions ``w*WINDOW ..``), kept in a small LRU for nearby reads."""

@@ -27,6 +27,12 @@ Split tree (the mixture)
     Numerics: ``s`` is evaluated in IEEE float64 (``m`` exact below 2**53; every process computes
     the same bits), and only for the lighter child (``r <= 1/2``), so ``s(m+1) - s(m)`` is 0 or 1
     even with rounding: the sequence is always a valid interleaving. Positions below 2**48.
+    Walking up inverts ``s``: in real numbers the parent index of a child's k-th sample is
+    ``ceil((k + 1/2) / rate) - 1``; the float guess is exact whenever ``(k + 1/2) / rate`` lies
+    farther than 2**-48 of its size from an integer (16x the float error of the guess and of ``s``),
+    and the rare others are solved against ``s`` itself. A run of positions is served by walking up
+    from each corpus's consecutive draws (its counts at both ends are closed forms); timings
+    against megatron's helper: benchmarks/RESULTS.md, ``benchmarks/data.py blend``.
 
 Keyed epoch permutation (the order within an epoch)
     Epoch ``e`` of a corpus of ``n`` samples reads its samples in the order of a keyed bijection of
@@ -369,15 +375,55 @@ class SplitTree:
         return self._ramp_cache[:size]
 
     # ----------------------------------------------------------------- walking up
-    def position(self, node: int, k: np.ndarray) -> np.ndarray:
-        """Position in the root sequence of the k-th sample(s) of ``node``."""
+    def position(self, node: int, k) -> np.ndarray:
+        """Position in the root sequence of the k-th sample(s) of ``node`` (int64)."""
         k = np.asarray(k, dtype=np.int64).reshape(-1)
+        if node == self.root:
+            return k.copy()
+        x = k.astype(np.float64)  # exact: indices below 2**48
         v = node
         while v != self.root:
             p = self.parent[v]
-            k = self._index_in_parent(self.nodes[p].ratio, self.is_small[v], k)
+            x = self._index_in_parent_fast(self.nodes[p].ratio, self.is_small[v], x)
             v = p
-        return k
+        return x.astype(np.int64)
+
+    def position_range(self, node: int, start: int, stop: int) -> np.ndarray:
+        """:meth:`position` of the node's samples ``start..stop-1``."""
+        if node == self.root:
+            return np.arange(start, stop, dtype=np.int64)
+        x = np.arange(start, stop, dtype=np.float64)
+        v = node
+        while v != self.root:
+            p = self.parent[v]
+            x = self._index_in_parent_fast(self.nodes[p].ratio, self.is_small[v], x)
+            v = p
+        return x.astype(np.int64)
+
+    @classmethod
+    def _index_in_parent_fast(cls, ratio: float, small: bool, k: np.ndarray) -> np.ndarray:
+        """:meth:`_index_in_parent` of float64 indices (exact integers), as float64.
+
+        In real numbers the answer is ``ceil((k + 1/2) / rate) - 1`` (rate: the child's share of
+        the parent); the float guess equals it, and the float-evaluated counts agree, whenever
+        ``(k + 1/2) / rate`` lies farther than ``tol`` from an integer, ``tol`` being 2**-48 of its
+        size (16 times the float error of the guess and of the counts; see the module docstring).
+        The few within ``tol`` are solved exactly by :meth:`_index_in_parent`."""
+        if len(k) == 0:
+            return k
+        rate = ratio if small else 1.0 - ratio
+        x = k + 0.5
+        x *= 1.0 / rate
+        guess = np.ceil(x)
+        tol = float(x.max()) * 2.0 ** -48 + 2.0 ** -40
+        np.subtract(guess, x, out=x)  # in [0, 1): distance up to the next integer
+        near = x < tol
+        near |= x > 1.0 - tol
+        guess -= 1.0
+        if near.any():
+            at = np.flatnonzero(near)
+            guess[at] = cls._index_in_parent(ratio, small, k[at].astype(np.int64))
+        return guess
 
     @staticmethod
     def _index_in_parent(ratio: float, small: bool, k: np.ndarray) -> np.ndarray:
@@ -499,7 +545,7 @@ class EpochOrder:
         """``perm_epoch(offsets)`` as ``uint32``/``uint64`` (offsets in ``[0, n)``; epoch a scalar
         or one per offset). The first pass runs in cache-sized chunks; the values that fall
         outside ``[0, n)`` are then encrypted again, all together, until none is left."""
-        x = np.asarray(offsets).astype(self.dtype)
+        x = np.array(offsets, dtype=self.dtype)  # a copy: encrypted in place
         if self.n == 1:
             return np.zeros(len(x), dtype=self.dtype)
         scalar = np.ndim(epoch) == 0
