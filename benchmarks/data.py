@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import pickle
 import tempfile
 import time
@@ -149,7 +150,8 @@ def bench_blend(sizes: list[int], micro_batch: int = 256) -> str:
     million = 1_000_000
     helper_1m = _best_of(lambda: _helper_seconds(helper, million))  # in the CPU cache: its best case
     helper_runs: dict[int, float] = {}
-    parts = [f"{len(corpora)} corpora (5M..10k samples, weights .5..0.001), one core"]
+    parts = [f"{len(corpora)} corpora (5M..10k samples, weights .5..0.001), one process, load average "
+             f"{os.getloadavg()[0]:.1f} at the start (shared machine: best of 3-5 runs)"]
     for n in sizes:
         if n <= HELPER_LIMIT:
             helper_runs[n] = helper_total = _helper_seconds(helper, n)
@@ -185,8 +187,9 @@ def bench_blend(sizes: list[int], micro_batch: int = 256) -> str:
             f"output: {draws_only * 1e3:.1f} ms), {worst / (helper_total / n * million):.2f}x the helper's time per sample at "
             f"this N ({draws_only / (helper_total / n * million):.2f}x for corpus + draw), {worst / helper_1m:.2f}x its "
             f"in-cache 1M ({draws_only / helper_1m:.2f}x); one {micro_batch}-sample micro-batch's indices "
-            f"{batch * 1e3:.2f} ms; index held {held / 1e6:.2f} MB per rank (tree + {CACHED_WINDOWS} cached windows "
-            f"of {WINDOW:,}), {disk / 1e3:.1f} kB on disk")
+            f"{batch * 1e3:.2f} ms; index held {held / 1e3:.1f} kB per rank after serving (the tree; reads of single "
+            f"positions and short slices add an LRU of at most {CACHED_WINDOWS} windows of {WINDOW:,} positions, "
+            f"{CACHED_WINDOWS * WINDOW * 10 / 1e6:.1f} MB), {disk / 1e3:.1f} kB on disk")
     return "; ".join(parts)
 
 
