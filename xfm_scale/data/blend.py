@@ -165,8 +165,7 @@ class Blend:
             c = int(self.active[leaf])
             offsets = np.empty(d1 - d0, dtype=np.int64)
             for j in range(d0, d1, WINDOW):
-                offsets[j - d0:j - d0 + WINDOW] = self.tree.position_range(leaf, j, min(d1, j + WINDOW))
-            offsets -= a
+                self.tree.position_range(leaf, j, min(d1, j + WINDOW), out=offsets[j - d0:j - d0 + WINDOW], shift=a)
             corpus[offsets] = c
             sample[offsets] = self._orders[c].range(d0, d1) if samples else np.arange(d0, d1)
 

@@ -388,17 +388,24 @@ class SplitTree:
             v = p
         return x.astype(np.int64)
 
-    def position_range(self, node: int, start: int, stop: int) -> np.ndarray:
-        """:meth:`position` of the node's samples ``start..stop-1``."""
+    def position_range(self, node: int, start: int, stop: int, out: np.ndarray | None = None,
+                       shift: int = 0) -> np.ndarray:
+        """:meth:`position` of the node's samples ``start..stop-1``, minus ``shift``, written into
+        ``out`` (int64) when given."""
+        out = np.empty(stop - start, dtype=np.int64) if out is None else out
         if node == self.root:
-            return np.arange(start, stop, dtype=np.int64)
+            out[:] = np.arange(start - shift, stop - shift, dtype=np.int64)
+            return out
         x = np.arange(start, stop, dtype=np.float64)
         v = node
         while v != self.root:
             p = self.parent[v]
             x = self._index_in_parent_fast(self.nodes[p].ratio, self.is_small[v], x)
             v = p
-        return x.astype(np.int64)
+        if shift:
+            x -= shift  # exact: both are integers below 2**53
+        out[:] = x
+        return out
 
     @classmethod
     def _index_in_parent_fast(cls, ratio: float, small: bool, k: np.ndarray) -> np.ndarray:
