@@ -277,7 +277,9 @@ class Stream:
                 raise IndexError(f"index {key} of a stream of {self.length}")
             return int(self.blend.stream_positions(self.modality, k, k + 1)[0])
         k = np.asarray(key, dtype=np.int64)
-        if len(k.reshape(-1)) and (k.min() < 0 or k.max() >= self.length):
+        if k.size == 0:
+            return np.zeros(k.shape, dtype=np.int64)
+        if k.min() < 0 or k.max() >= self.length:
             raise IndexError(f"indices outside 0..{self.length - 1}")
         node = self.blend.tree.group_node[self.modality]
         return self.blend.tree.position(node, k.reshape(-1)).reshape(k.shape)

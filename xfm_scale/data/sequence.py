@@ -19,10 +19,12 @@ Split tree (the mixture)
     ``bound_c = 1/2 * sum_B w_c / W_B`` at EVERY prefix. :func:`choose_tree` picks, among the trees
     whose groups (modalities) are subtrees, one that minimises the largest bound (all trees for
     <= 6 leaves per group, else a Huffman tree and a few others). For a Huffman tree the node
-    weights on a path grow at least like the Fibonacci numbers, so the bound is below
-    ``1/2 * sum 1/F_k = 1.68`` for any weights: always inside megatron's "within one sample of
-    ``floor``/``ceil`` of ``w_c n``" (|deviation| < 2), and below 1 (the counts are ``floor`` or
-    ``ceil`` of ``w_c n``) for typical specs.
+    weights on a path grow at least like the Fibonacci numbers, so the bound of one modality's
+    corpora is below ``1/2 * sum 1/F_k = 1.68`` for any weights; with up to three modality
+    subtrees the worst of 4000 random specs (1 to 13 corpora, weights down to 1e-9) was 1.49. So the
+    counts stay inside megatron's "within one sample of ``floor``/``ceil`` of ``w_c n``"
+    (|deviation| < 2), and below 1 (every count is ``floor`` or ``ceil`` of ``w_c n``) for typical
+    specs.
 
     Numerics: ``s`` is evaluated in IEEE float64 (``m`` exact below 2**53; every process computes
     the same bits), and only for the lighter child (``r <= 1/2``), so ``s(m+1) - s(m)`` is 0 or 1
@@ -56,9 +58,6 @@ MAX_POSITIONS = 1 << 48
 """Sequences are defined for positions below this (float64 keeps every split exact there)."""
 EXHAUSTIVE_LEAVES = 6
 """Groups of at most this many leaves try every tree shape (945 for 6)."""
-
-Tree = "int | tuple[Tree, Tree]"
-
 
 # ---------------------------------------------------------------------------------------------
 # choosing the tree
