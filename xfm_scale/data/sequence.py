@@ -550,11 +550,12 @@ class EpochOrder:
         left |= right
         return left
 
-    def permute(self, offsets: np.ndarray, epoch: int | np.ndarray) -> np.ndarray:
+    def permute(self, offsets: np.ndarray, epoch: int | np.ndarray, owned: bool = False) -> np.ndarray:
         """``perm_epoch(offsets)`` as ``uint32``/``uint64`` (offsets in ``[0, n)``; epoch a scalar
         or one per offset). The first pass runs in cache-sized chunks; the values that fall
-        outside ``[0, n)`` are then encrypted again, all together, until none is left."""
-        x = np.array(offsets, dtype=self.dtype)  # a copy: encrypted in place
+        outside ``[0, n)`` are then encrypted again, all together, until none is left.
+        ``owned``: ``offsets`` is a scratch array of the word's dtype, overwritten with the result."""
+        x = offsets if owned and offsets.dtype == self.dtype else np.array(offsets, dtype=self.dtype)
         if self.n == 1:
             return np.zeros(len(x), dtype=self.dtype)
         scalar = np.ndim(epoch) == 0
@@ -595,12 +596,16 @@ class EpochOrder:
         if stop - start > 4 * self.n:  # many epochs in the range (a small corpus): vectorise over them
             epoch, offset = np.divmod(np.arange(start, stop, dtype=np.int64), self.n)
             return self.permute(offset, epoch)
+        e = start // self.n
+        if (stop - 1) // self.n == e:  # one epoch: the common case of a large corpus
+            return self.permute(np.arange(start - e * self.n, stop - e * self.n, dtype=self.dtype), e, owned=True)
         out = np.empty(stop - start, dtype=self.dtype)
         j = start
         while j < stop:
             e = j // self.n
             end = min(stop, (e + 1) * self.n)
-            out[j - start:end - start] = self.permute(np.arange(j - e * self.n, end - e * self.n, dtype=self.dtype), e)
+            out[j - start:end - start] = self.permute(np.arange(j - e * self.n, end - e * self.n, dtype=self.dtype), e,
+                                                      owned=True)
             j = end
         return out
 
