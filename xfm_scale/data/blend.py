@@ -45,7 +45,9 @@ from .spec import Corpus, CorpusSpec, load_spec, parse_data_path, validate
 log = logging.getLogger(__name__)
 
 BLEND_VERSION = 2
-"""1: per-sample arrays built with megatron's helper and stored permutations; 2: closed forms."""
+"""1: per-sample arrays built with megatron's helper and stored permutations; 2: closed forms.
+Part of every fingerprint: raise it whenever the sequence computed for a spec changes (the splits,
+the epoch permutation; the tree's shape is in ``Blend.sequence_id`` itself)."""
 WINDOW = 1 << 16
 """Positions the split tree computes together (its temporaries stay in the CPU cache)."""
 SERVE_BLOCK = 1 << 20
@@ -96,9 +98,10 @@ class Blend:
         """Hash of what the sample sequence depends on, its length excluded: the resume guard.
 
         Every answer is a function of the position alone, so blends that differ only in
-        num_samples agree on their common prefix, and a run whose train.steps grew resumes.
+        num_samples agree on their common prefix, and a run whose train.steps grew resumes. The
+        tree's shape is part of it: a change of how trees are chosen cannot pass unnoticed.
         """
-        return fingerprint(self.corpora, 0, self.seed)
+        return hashlib.sha256(f"{fingerprint(self.corpora, 0, self.seed)} {self.tree.shape!r}".encode()).hexdigest()
 
     def modality_weights(self) -> dict[str, float]:
         """Normalised spec weight of each modality present (the sum over its corpora)."""
