@@ -50,7 +50,7 @@ Part of every fingerprint: raise it whenever the sequence computed for a spec ch
 the epoch permutation; the tree's shape is in ``Blend.sequence_id`` itself)."""
 WINDOW = 1 << 16
 """Positions the split tree computes together (its temporaries stay in the CPU cache)."""
-SERVE_BLOCK = 1 << 20
+SERVE_BLOCK = 1 << 18
 """Positions served together by :meth:`Blend.window` (fewer, longer numpy calls per corpus)."""
 CACHED_WINDOWS = 4
 """Windows kept per blend for repeated reads of nearby positions (10 bytes per position each)."""
