@@ -151,7 +151,7 @@ def bench_blend(sizes: list[int], micro_batch: int = 256) -> str:
     helper_1m = _best_of(lambda: _helper_seconds(helper, million))  # in the CPU cache: its best case
     helper_runs: dict[int, float] = {}
     parts = [f"{len(corpora)} corpora (5M..10k samples, weights .5..0.001), one process, load average "
-             f"{os.getloadavg()[0]:.1f} at the start (shared machine: best of 3-5 runs)"]
+             f"{os.getloadavg()[0]:.1f} at the start (shared machine: best of 5 runs)"]
     for n in sizes:
         if n <= HELPER_LIMIT:
             helper_runs[n] = helper_total = _helper_seconds(helper, n)
@@ -172,8 +172,8 @@ def bench_blend(sizes: list[int], micro_batch: int = 256) -> str:
             disk = sum(f.stat().st_size for f in Path(tmp).rglob("*") if f.is_file())
         served = {}
         for name, at in (("start", 0), ("middle", n // 2), ("end", n - million)):
-            served[name] = _best_of(lambda: blend.window(at, at + million), tries=3)
-        draws_only = _best_of(lambda: blend.window(n // 2, n // 2 + million, samples=False), tries=3)
+            served[name] = _best_of(lambda: blend.window(at, at + million), tries=5)
+        draws_only = _best_of(lambda: blend.window(n // 2, n // 2 + million, samples=False), tries=5)
         batch = _best_of(lambda: blend.locate(stream[n // 2:n // 2 + micro_batch]), tries=5)
         held = blend.index_bytes() + len(pickle.dumps(blend.tree))
         worst = max(served.values())
