@@ -204,3 +204,19 @@ def test_verify_manifest_on_malformed_json_names_the_file(world):
     shutil.rmtree(world / "beta")
     with pytest.raises(DataSpecError, match="beta.manifest.json does not exist"):
         verify_manifest(_manifest(world, "beta"))
+
+
+def test_member_names_split_by_webdatasets_rule_without_importing_it():
+    """The shard index splits member names as webdataset does (its own function, copied so that
+    validating a spec, and so tools/blend_data.py, does not import webdataset and torch)."""
+    import subprocess
+    import sys
+
+    from webdataset.tariterators import base_plus_ext as theirs
+
+    from xfm_scale.data.shards import base_plus_ext
+
+    names = ["000001.txt", "a/b/000001.jpg", "x.tar.gz", "noext", "dir.v2/key.seg.png", ".hidden", "k.", "__key__.json"]
+    assert [base_plus_ext(n) for n in names] == [theirs(n) for n in names]
+    code = "import sys, xfm_scale.data.blend, xfm_scale.data.spec; print('torch' in sys.modules, 'webdataset' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split() == ["False", "False"]

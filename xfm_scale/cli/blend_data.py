@@ -1,12 +1,17 @@
 #!/usr/bin/env python
-"""Build (or load from cache) a weighted, deterministic blend of corpora and report it.
+"""Set up (and record in the cache) a weighted, deterministic blend of corpora and report it.
 
   python tools/blend_data.py SPEC.yaml --num-samples 10000000 --out DIR [--seed S]
   python tools/blend_data.py --data-path "0.7 shards/coco/coco.manifest.json 0.3 shards/wiki/wiki-{000000..000031}.tar" \
       --num-samples 1000000 --out DIR
 
-Writes the blend under DIR/blend-<hash>/ (a second build with the same spec, shards, N and seed is
-a cache hit) and the per-corpus table to DIR/report.json. Exit code 2 on invalid input.
+The blend is computed per position (xfm_scale.data.blend): nothing is built per sample, so any N
+(10 billion included) takes the time of validating the corpora. Records the blend in
+DIR/blend-<hash>/blend.json (a few kB; a second run with the same spec, shards, N and seed is a
+cache hit) and the per-corpus table, realized shares from the closed-form counts and each corpus's
+largest deviation from weight x n at any prefix, in DIR/report.json. Names blend folders of the
+old per-sample format (version 1) found in DIR, which nothing reads any more. Exit code 2 on
+invalid input.
 """
 from __future__ import annotations
 
@@ -16,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from xfm_scale.data.blend import build_blend, format_report
+from xfm_scale.data.blend import build_blend, format_report, stale_caches
 from xfm_scale.data.shards import DataSpecError, verify_manifest
 
 
@@ -45,10 +50,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     rows = blend.report()
     print(format_report(rows))
-    status = "cache hit" if blend.cache_hit else "built"
+    status = "cache hit" if blend.cache_hit else "recorded"
     print(f"{status}: {blend.num_samples:,} samples, seed {blend.seed}, in {elapsed:.2f}s -> {blend.path}")
+    stale = stale_caches(out)
+    if stale:
+        print(f"note: {len(stale)} blend folder(s) of the old per-sample format in {out} are not read any more "
+              f"(delete them): {', '.join(p.name for p in stale)}")
     report = {"fingerprint": blend.fingerprint, "num_samples": blend.num_samples, "seed": blend.seed,
-              "cache_hit": blend.cache_hit, "path": str(blend.path), "corpora": rows}
+              "cache_hit": blend.cache_hit, "path": str(blend.path), "seconds": round(elapsed, 3),
+              "tree": repr(blend.tree.shape), "corpora": rows}
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=1))
     return 0

@@ -1,18 +1,26 @@
-"""The blend: for every global sample, which corpus it comes from and which sample of that corpus.
+"""The blend: for every global sample, which corpus it comes from and which sample of that corpus,
+computed per position on demand: no per-sample index in memory or on disk, no upfront build.
 
-* Corpus choice: megatron-core's compiled ``build_blending_indices`` (greedy "largest deficit"),
-  so at every prefix n the realized count of every corpus is within one sample of its ideal
-  integer share (floor/ceil of ``weight x n``). In real numbers it can lag ``weight x n`` by a bit
-  more than one: the helper decides sample i against the target of the prefix before it (measured:
-  1.2 for a 0.6-weight corpus, up to 1.93 with random 7-corpus specs; tests/data/test_data_blend.py).
-* Sample choice: the helper numbers the draws from corpus c as 0, 1, 2, ...; draw j is pass
-  (epoch) ``j // n_c``, position ``j % n_c`` of a permutation seeded by (seed, corpus name, epoch
-  block).
-  Seeding by name keeps a corpus's order unchanged when another corpus is added to the spec.
-* Cached as ``.npy`` arrays under ``CACHE/blend-<hash of spec, shard sizes, N, seed>/``: the two
-  above plus, per modality, the blend positions of its samples (the loader's streams, 8 bytes per
-  sample). Loaded memory-mapped, so every rank and DataLoader worker of a node shares one copy in
-  the page cache instead of holding 18 bytes per blend sample each.
+* Corpus choice: a split tree (xfm_scale.data.sequence): the corpora are the leaves of a binary
+  tree whose every node splits its samples between its two children by ``floor`` of the weight
+  ratio, so the count of each corpus at any prefix n is a closed form (a chain of ``floor`` from
+  the root) and so is the corpus of position i (a walk down). At every prefix n, corpus c's count
+  deviates from ``w_c n`` by at most the tree's bound for c (< 1 for typical specs: the count is
+  ``floor`` or ``ceil`` of ``w_c n``; < 1.68 for any weights). That replaces megatron-core's greedy
+  "largest deficit" helper, which needs the whole prefix (its state is the counts, which have no
+  closed form) and which the tests keep as the reference of the guarantee: its counts are within
+  one sample of floor/ceil of ``w_c n`` at every prefix, its deviation in real numbers up to 1.2
+  for a 0.6-weight corpus and 1.93 for random 7-corpus specs.
+* Each modality's corpora form one subtree, so a modality's samples in blend order (the loader's
+  streams) are closed forms too: the k-th sample of a modality is a walk up from its subtree.
+* Sample choice: draw j of corpus c (its j-th sample in blend order) reads position ``j % n_c`` of
+  epoch ``j // n_c``'s order, a keyed Feistel bijection of ``[0, n_c)`` seeded by (seed, corpus
+  name, epoch): nothing stored, and a corpus's order is unchanged when another corpus is added.
+* Everything is a function of the position alone, so blends of the same spec and seed that differ
+  only in length agree on their common prefix, and any DP size, rank or worker count reads the same.
+* Cached: ``CACHE/blend-<hash of spec, shard sizes, N, seed>/blend.json``, a record of the blend
+  (tree, bounds, corpora) of a few kB. Blends of version 1 (``corpus_index.npy`` & co.) are not
+  read: :func:`stale_caches` finds them, and a loader cursor saved with one is refused by name.
 """
 from __future__ import annotations
 
@@ -20,69 +28,268 @@ import hashlib
 import importlib.machinery
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import sys
-import tempfile
-import zlib
-from dataclasses import asdict, dataclass
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from .sequence import MAX_POSITIONS, EpochOrder, SplitTree
 from .shards import MODALITIES, DataSpecError
 from .spec import Corpus, CorpusSpec, load_spec, parse_data_path, validate
 
-BLEND_VERSION = 1
+log = logging.getLogger(__name__)
+
+BLEND_VERSION = 2
+"""1: per-sample arrays built with megatron's helper and stored permutations; 2: closed forms.
+Part of every fingerprint: raise it whenever the sequence computed for a spec changes (the splits,
+the epoch permutation; the tree's shape is in ``Blend.sequence_id`` itself)."""
+WINDOW = 1 << 16
+"""Positions the split tree computes together (its temporaries stay in the CPU cache)."""
+SERVE_BLOCK = 1 << 18
+"""Positions served together by :meth:`Blend.window` (fewer, longer numpy calls per corpus)."""
+CACHED_WINDOWS = 4
+"""Windows kept per blend for repeated reads of nearby positions (10 bytes per position each)."""
 
 
 @dataclass(kw_only=True)
 class Blend:
-    """A built (or cache-loaded) blend."""
+    """A blend: the corpora, the length and the seed; every per-sample answer is computed."""
     corpora: list[Corpus]
     """The validated corpora, in spec order (``corpus_index`` refers to this order)."""
-    corpus_index: np.ndarray
-    """[N] int16: corpus of global sample i."""
-    sample_index: np.ndarray
-    """[N] int64: sample (index into the corpus's shards in order) of global sample i."""
     num_samples: int
     """N, the length of the global sample sequence."""
-    streams: dict[str, np.ndarray]
-    """Per modality (all of ``MODALITIES``; empty if absent): [count_m] int64 blend positions of its
-    samples, in blend order. Memory-mapped from the cache when the blend is cached."""
     seed: int
-    """Seed of the per-epoch shuffles (and default seed of the loader's augmentation)."""
+    """Seed of the per-epoch orders (and default seed of the loader's augmentation)."""
     fingerprint: str
     """Hash of everything the blend depends on: the cache key."""
     path: Path | None = None
-    """Cache folder holding the arrays, if cached."""
+    """Cache folder holding ``blend.json``, if cached."""
     cache_hit: bool = False
-    """True when loaded from the cache rather than built."""
+    """True when the cache already held this blend's record."""
     cache_dir: Path | None = None
     """Where shard indexes not written beside their shards are cached."""
+    tree: SplitTree = field(init=False, repr=False)
+    """The split tree over the corpora of positive weight (leaf i = corpus ``active[i]``)."""
+    active: np.ndarray = field(init=False, repr=False)
+    """[leaves] int16: corpus index of each leaf of the tree."""
+
+    def __post_init__(self):
+        active = [i for i, c in enumerate(self.corpora) if c.weight > 0]
+        self.active = np.array(active, dtype=np.int16)
+        self.tree = SplitTree([self.corpora[i].weight for i in active],
+                              groups=[self.corpora[i].modality for i in active])
+        self._orders = {i: EpochOrder(self.seed, self.corpora[i].name, self.corpora[i].num_samples) for i in active}
+        self._windows: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self.corpus_index = BlendColumn(self, 0)
+        """[N] int16, computed when indexed: corpus of global sample i."""
+        self.sample_index = BlendColumn(self, 1)
+        """[N] int64, computed when indexed: sample (index into the corpus's shards in order) of i."""
+        self.streams = {m: Stream(self, m) for m in MODALITIES}
+        """Per modality (all of ``MODALITIES``; empty if absent): the blend positions of its samples,
+        in blend order, computed when indexed."""
 
     @property
     def sequence_id(self) -> str:
         """Hash of what the sample sequence depends on, its length excluded: the resume guard.
 
-        Every step of the build is prefix-stable (megatron's helper decides sample i from the
-        counts before it; epoch orders are seeded per epoch block), so blends that differ only in
-        num_samples agree on their common prefix, and a run whose train.steps grew resumes.
+        Every answer is a function of the position alone, so blends that differ only in
+        num_samples agree on their common prefix, and a run whose train.steps grew resumes. The
+        tree's shape is part of it: a change of how trees are chosen cannot pass unnoticed.
         """
-        return fingerprint(self.corpora, 0, self.seed)
+        return hashlib.sha256(f"{fingerprint(self.corpora, 0, self.seed)} {self.tree.shape!r}".encode()).hexdigest()
 
     def modality_weights(self) -> dict[str, float]:
         """Normalised spec weight of each modality present (the sum over its corpora)."""
         return modality_shares(self.corpora)
 
+    # ------------------------------------------------------------------ counts (closed forms)
+    def counts(self, n: int | None = None) -> np.ndarray:
+        """[corpora] int64: samples of each corpus among the first ``n`` (default N) positions."""
+        out = np.zeros(len(self.corpora), dtype=np.int64)
+        out[self.active] = self.tree.leaf_counts(self.num_samples if n is None else n)
+        return out
+
+    def modality_count(self, modality: str, n: int | None = None) -> int:
+        """Samples of a modality among the first ``n`` (default N) positions."""
+        node = self.tree.group_node.get(modality)
+        return 0 if node is None else self.tree.counts(self.num_samples if n is None else n)[node]
+
+    def deviation_bounds(self) -> np.ndarray:
+        """[corpora]: the largest |count - weight x n| of each corpus at any prefix n."""
+        out = np.zeros(len(self.corpora))
+        out[self.active] = self.tree.bounds
+        return out
+
+    # ------------------------------------------------------------------ per-sample answers
+    def locate(self, positions) -> tuple[np.ndarray, np.ndarray]:
+        """(corpus int16, sample int64) of the samples at these blend positions (any order)."""
+        positions = np.asarray(positions, dtype=np.int64).reshape(-1)
+        if len(positions) and (positions.min() < 0 or positions.max() >= MAX_POSITIONS):
+            raise IndexError(f"blend positions must lie in 0..{MAX_POSITIONS - 1}")
+        leaf, draw = self.tree.descend(positions)
+        corpus = self.active[leaf]
+        sample = np.empty(len(positions), dtype=np.int64)
+        for i in np.unique(leaf):
+            here = leaf == i
+            sample[here] = self._orders[int(self.active[i])](draw[here])
+        return corpus, sample
+
+    def locate_one(self, position: int) -> tuple[int, int]:
+        """(corpus, sample) of one blend position."""
+        leaf, draw = self.tree.descend_one(int(position))
+        corpus = int(self.active[leaf])
+        return corpus, int(self._orders[corpus](np.array([draw]))[0])
+
+    def window(self, start: int, stop: int, samples: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """(corpus int16 [stop-start], sample int64 [stop-start]) of consecutive positions: what the
+        old per-sample arrays held at ``start:stop``, computed block by block. ``samples=False``:
+        the draw numbers instead of the samples (what megatron's helper computes)."""
+        corpus = np.empty(max(0, stop - start), dtype=np.int16)
+        sample = np.empty(max(0, stop - start), dtype=np.int64)
+        for a in range(start, stop, SERVE_BLOCK):
+            b = min(stop, a + SERVE_BLOCK)
+            self._fill(a, b, corpus[a - start:b - start], sample[a - start:b - start], samples)
+        return corpus, sample
+
+    def _fill(self, a: int, b: int, corpus: np.ndarray, sample: np.ndarray, samples: bool = True) -> None:
+        """Positions a..b-1: each corpus's draws there are consecutive (from its counts at a and
+        b, closed forms); their positions come from walking up the tree, their samples from the
+        epoch orders, both in cache-sized pieces."""
+        first, last = self.tree.leaf_counts(a), self.tree.leaf_counts(b)
+        for leaf in range(self.tree.num_leaves):
+            d0, d1 = int(first[leaf]), int(last[leaf])
+            if d1 == d0:
+                continue
+            c = int(self.active[leaf])
+            offsets = np.empty(d1 - d0, dtype=np.int64)
+            for j in range(d0, d1, WINDOW):
+                self.tree.position_range(leaf, j, min(d1, j + WINDOW), out=offsets[j - d0:j - d0 + WINDOW], shift=a)
+            corpus[offsets] = c
+            sample[offsets] = self._orders[c].range(d0, d1) if samples else np.arange(d0, d1)
+
+    def _cached_window(self, w: int) -> tuple[np.ndarray, np.ndarray]:
+        """Window ``w`` (positions ``w*WINDOW ..``), kept in a small LRU for nearby reads."""
+        if w in self._windows:
+            self._windows.move_to_end(w)
+            return self._windows[w]
+        start = w * WINDOW
+        out = self.window(start, min(self.num_samples, start + WINDOW))
+        self._windows[w] = out
+        while len(self._windows) > CACHED_WINDOWS:
+            self._windows.popitem(last=False)
+        return out
+
+    def index_bytes(self) -> int:
+        """Bytes of per-sample data this blend holds now (its LRU windows): no term grows with N."""
+        return sum(a.nbytes + b.nbytes for a, b in self._windows.values())
+
+    def stream_positions(self, modality: str, start: int, stop: int) -> np.ndarray:
+        """Blend positions of a modality's samples ``start..stop-1`` (in blend order)."""
+        node = self.tree.group_node.get(modality)
+        if node is None or stop <= start:
+            return np.zeros(0, dtype=np.int64)
+        return self.tree.position(node, np.arange(start, stop, dtype=np.int64))
+
     def report(self) -> list[dict]:
-        """Per corpus: weight (normalised), realized share, samples drawn, epochs implied."""
-        counts = np.bincount(self.corpus_index, minlength=len(self.corpora))
+        """Per corpus: weight (normalised), realized share, samples drawn, epochs implied, and the
+        largest deviation from weight x n at any prefix (samples). Closed forms: nothing is drawn."""
+        counts = self.counts()
+        bounds = self.deviation_bounds()
         total_weight = sum(c.weight for c in self.corpora)
         return [{"name": c.name, "modality": c.modality, "weight": c.weight / total_weight,
                  "realized_share": int(counts[i]) / self.num_samples, "samples_drawn": int(counts[i]),
-                 "corpus_samples": c.num_samples, "epochs": int(counts[i]) / c.num_samples}
+                 "corpus_samples": c.num_samples, "epochs": int(counts[i]) / c.num_samples,
+                 "max_deviation": float(bounds[i])}
                 for i, c in enumerate(self.corpora)]
+
+
+class BlendColumn:
+    """``corpus_index`` or ``sample_index`` of a blend as a read-only [N] array computed when
+    indexed: ``col[i]``, ``col[a:b]``, ``col[positions]``, ``len(col)``, ``np.asarray(col)``
+    (the last only for blends small enough to hold whole)."""
+
+    MATERIALISE_LIMIT = 1 << 27
+
+    def __init__(self, blend: Blend, which: int):
+        self.blend, self.which = blend, which
+        self.dtype = np.dtype(np.int16 if which == 0 else np.int64)
+
+    def __len__(self) -> int:
+        return self.blend.num_samples
+
+    @property
+    def shape(self) -> tuple[int]:
+        return (self.blend.num_samples,)
+
+    def __getitem__(self, key):
+        n = self.blend.num_samples
+        if isinstance(key, (int, np.integer)):
+            i = int(key) + (n if key < 0 else 0)
+            if not 0 <= i < n:
+                raise IndexError(f"position {key} of a blend of {n} samples")
+            w = i // WINDOW
+            if w in self.blend._windows:
+                return self.blend._cached_window(w)[self.which][i - w * WINDOW]
+            return self.blend.locate_one(i)[self.which]
+        if isinstance(key, slice):
+            start, stop, step = key.indices(n)
+            if step == 1:
+                if stop - start <= WINDOW and start // WINDOW == (stop - 1) // WINDOW and stop > start:
+                    w = start // WINDOW
+                    return self.blend._cached_window(w)[self.which][start - w * WINDOW:stop - w * WINDOW].copy()
+                return self.blend.window(start, max(start, stop))[self.which]
+            key = np.arange(start, stop, step)
+        positions = np.asarray(key, dtype=np.int64)
+        if len(positions.reshape(-1)) and (positions.min() < 0 or positions.max() >= n):
+            raise IndexError(f"positions outside 0..{n - 1}")
+        return self.blend.locate(positions)[self.which].reshape(positions.shape)
+
+    def __array__(self, dtype=None, copy=None):
+        if self.blend.num_samples > self.MATERIALISE_LIMIT:
+            raise MemoryError(f"a blend of {self.blend.num_samples:,} samples is not materialised; "
+                              "read windows (col[a:b]) or positions (col[array])")
+        out = self.blend.window(0, self.blend.num_samples)[self.which]
+        return out if dtype is None else out.astype(dtype)
+
+
+class Stream:
+    """A modality's blend positions in blend order, as a read-only array computed when indexed."""
+
+    def __init__(self, blend: Blend, modality: str):
+        self.blend, self.modality = blend, modality
+        self.length = blend.modality_count(modality)
+        self.dtype = np.dtype(np.int64)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, key):
+        if isinstance(key, slice):
+            start, stop, step = key.indices(self.length)
+            if step == 1:
+                return self.blend.stream_positions(self.modality, start, max(start, stop))
+            key = np.arange(start, stop, step)
+        if isinstance(key, (int, np.integer)):
+            k = int(key) + (self.length if key < 0 else 0)
+            if not 0 <= k < self.length:
+                raise IndexError(f"index {key} of a stream of {self.length}")
+            return int(self.blend.stream_positions(self.modality, k, k + 1)[0])
+        k = np.asarray(key, dtype=np.int64)
+        if k.size == 0:
+            return np.zeros(k.shape, dtype=np.int64)
+        if k.min() < 0 or k.max() >= self.length:
+            raise IndexError(f"indices outside 0..{self.length - 1}")
+        node = self.blend.tree.group_node[self.modality]
+        return self.blend.tree.position(node, k.reshape(-1)).reshape(k.shape)
+
+    def __array__(self, dtype=None, copy=None):
+        out = self[:]
+        return out if dtype is None else out.astype(dtype)
 
 
 def modality_shares(corpora: list[Corpus] | list[CorpusSpec]) -> dict[str, float]:
@@ -97,7 +304,8 @@ def modality_shares(corpora: list[Corpus] | list[CorpusSpec]) -> dict[str, float
 
 
 def megatron_blending_helper():
-    """megatron-core's compiled ``build_blending_indices``.
+    """megatron-core's compiled ``build_blending_indices`` (the reference the tests and
+    benchmarks/data.py compare the split tree with; the blend itself no longer calls it).
 
     ``import megatron.core`` pulls in its whole training stack (about 8 s on this machine, per
     CLI call and per spawned process); the helper is a standalone pybind module, so when
@@ -120,15 +328,14 @@ def megatron_blending_helper():
 
 
 def blend_corpus_choice(weights: list[float], num_samples: int) -> tuple[np.ndarray, np.ndarray]:
-    """(corpus index, draw number within the corpus) for N samples, via megatron's helper.
+    """(corpus index, draw number within the corpus) for N samples, via megatron's helper: the
+    reference of the share guarantee (the blend computes its own sequence with a split tree).
 
     Zero-weight corpora are left out of the helper's input: with them in, a tie of all deficits
     at 0 (e.g. weights 0, .5, .5 at sample 2) picks index 0, a corpus that asked for nothing.
     """
     weights = np.asarray(weights, dtype=np.float64)
     active = np.flatnonzero(weights > 0)
-    if len(active) > np.iinfo(np.int16).max:
-        raise DataSpecError(f"{len(active)} corpora with positive weight; megatron's helper allows 32767")
     dataset_index = np.zeros(num_samples, dtype=np.int16)
     draw_index = np.zeros(num_samples, dtype=np.int64)
     helper = megatron_blending_helper()
@@ -138,103 +345,24 @@ def blend_corpus_choice(weights: list[float], num_samples: int) -> tuple[np.ndar
     return dataset_index, draw_index
 
 
-def epochs_per_block(size: int) -> int:
-    """Epoch permutations drawn together: one for big corpora, many for small ones.
-
-    A small corpus repeated millions of times would otherwise cost one Generator per epoch; a
-    block of epochs is one ``argsort`` of a [block, size] random matrix. Depends on ``size``
-    only, so epoch e's order does not depend on how many epochs the blend needs.
-    """
-    return 1 << max(0, (2 ** 20 // max(size, 1)).bit_length() - 1)
-
-
-def epoch_orders(seed: int, corpus_name: str, size: int, num_epochs: int) -> np.ndarray:
-    """[num_epochs * size]: the concatenated sample orders of epochs 0..num_epochs-1 of a corpus."""
-    block = epochs_per_block(size)
-    name = zlib.crc32(corpus_name.encode())
-    parts = []
-    for b in range(-(-num_epochs // block)):
-        rng = np.random.default_rng([seed, name, b])
-        if block == 1:
-            parts.append(rng.permutation(size))
-        else:
-            parts.append(np.argsort(rng.random((block, size)), axis=1).reshape(-1))
-    return np.concatenate(parts)[:num_epochs * size]
-
-
-def shuffle_draws(corpus_index: np.ndarray, draws: np.ndarray, corpora: list[Corpus], seed: int) -> None:
-    """Replace, in place, every draw number by the sample it reads (per-epoch seeded shuffle).
-
-    The helper numbers the draws of each corpus 0, 1, 2, ...; so draw j of corpus c reads
-    ``orders_c[j]``. All corpora's orders are concatenated and read with one vectorised gather.
-    """
-    # count_nonzero per corpus is ~6x faster than bincount on int16 (no int64 copy of N entries).
-    counts = (np.array([np.count_nonzero(corpus_index == c) for c in range(len(corpora))], dtype=np.int64)
-              if len(corpora) <= 32 else np.bincount(corpus_index, minlength=len(corpora)))
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    orders = [epoch_orders(seed, corpus.name, corpus.num_samples, -(-int(n) // corpus.num_samples))[:n]
-              for corpus, n in zip(corpora, counts) if n]
-    flat = np.concatenate(orders) if orders else np.zeros(0, np.int64)
-    np.add(draws, starts[corpus_index], out=draws)
-    np.take(flat, draws, out=draws)
-
-
-STREAM_CHUNK = 1 << 24
-"""Blend samples per chunk when splitting the blend into modality streams (bounds the temporaries)."""
-
-
-def stream_file(modality: str) -> str:
-    return f"stream_{modality}.npy"
-
-
-def modality_streams(corpus_index: np.ndarray, corpora: list[Corpus], folder: Path | None = None) -> dict[str, np.ndarray]:
-    """Per modality: [count_m] int64, the blend positions of its samples in blend order.
-
-    With ``folder`` the arrays are written there as ``stream_<m>.npy`` (the caller maps them back
-    read-only), else returned in memory. Built chunk by chunk in two passes (count, then fill), so
-    no full-length temporary exists: ``flatnonzero(codes == m)`` over the whole blend would cost
-    N bytes of codes plus N bytes of mask on top of the output.
-    """
-    code_of = np.array([MODALITIES.index(c.modality) for c in corpora], dtype=np.int8)
-    chunks = range(0, len(corpus_index), STREAM_CHUNK)
-    counts = np.zeros(len(MODALITIES), dtype=np.int64)
-    for start in chunks:
-        codes = code_of[corpus_index[start:start + STREAM_CHUNK]]
-        counts += [np.count_nonzero(codes == i) for i in range(len(MODALITIES))]  # ~5x bincount's speed
-    out = {m: np.lib.format.open_memmap(folder / stream_file(m), mode="w+", dtype=np.int64, shape=(int(n),))
-           if folder is not None else np.empty(int(n), dtype=np.int64) for m, n in zip(MODALITIES, counts)}
-    filled = dict.fromkeys(MODALITIES, 0)
-    for start in chunks:
-        codes = code_of[corpus_index[start:start + STREAM_CHUNK]]
-        for i, m in enumerate(MODALITIES):
-            positions = np.flatnonzero(codes == i) + start
-            out[m][filled[m]:filled[m] + len(positions)] = positions
-            filled[m] += len(positions)
-    if folder is not None:
-        for array in out.values():
-            array.flush()
-    return out
-
-
-def _map_streams(folder: Path) -> dict[str, np.ndarray]:
-    return {m: np.load(folder / stream_file(m), mmap_mode="r") for m in MODALITIES}
-
-
-def fingerprint(corpora: list[Corpus], num_samples: int, seed: int) -> str:
-    payload = {"version": BLEND_VERSION, "num_samples": num_samples, "seed": seed,
+def fingerprint(corpora: list[Corpus], num_samples: int, seed: int, version: int = BLEND_VERSION) -> str:
+    payload = {"version": version, "num_samples": num_samples, "seed": seed,
                "corpora": [asdict(c) for c in corpora]}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
 def build_blend(spec: str | Path | list[CorpusSpec], *, num_samples: int, seed: int = 0,
                 cache_dir: str | Path | None = None, data_path: str | None = None) -> Blend:
-    """Build the blend of ``spec`` (a YAML path, or parsed specs), or load it from ``cache_dir``.
+    """The blend of ``spec`` (a YAML path, or parsed specs): validates the corpora and sets up the
+    closed forms (milliseconds at any N); with ``cache_dir``, records it in ``blend-<hash>/blend.json``.
 
     ``data_path`` is the Megatron form ``"w1 p1 w2 p2"`` instead of a spec (pass ``spec=None``).
-    Safe to call from several ranks at once (atomic rename), but cheaper on one rank + barrier.
+    Safe to call from several ranks at once (atomic rename).
     """
     if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) or num_samples <= 0:
         raise DataSpecError(f"num_samples={num_samples!r}; give a positive number of samples to draw")
+    if num_samples > MAX_POSITIONS:
+        raise DataSpecError(f"num_samples={num_samples:,} is beyond the blend's {MAX_POSITIONS:,} positions")
     if data_path is not None:
         specs, root = parse_data_path(data_path), Path.cwd()
     elif isinstance(spec, (str, Path)):
@@ -243,69 +371,52 @@ def build_blend(spec: str | Path | list[CorpusSpec], *, num_samples: int, seed: 
         specs, root = list(spec), Path.cwd()
     corpora = validate(specs, root, cache_dir)
     key = fingerprint(corpora, int(num_samples), seed)
-    folder = Path(cache_dir) / f"blend-{key[:16]}" if cache_dir is not None else None
-    if folder is not None and (folder / "blend.json").exists():
-        return _load(folder, corpora, key, Path(cache_dir))
-    corpus_index, sample_index = blend_corpus_choice([c.weight for c in corpora], int(num_samples))
-    shuffle_draws(corpus_index, sample_index, corpora, seed)
-    blend = Blend(corpora=corpora, corpus_index=corpus_index, sample_index=sample_index,
-                  num_samples=int(num_samples), streams={}, seed=seed, fingerprint=key,
+    blend = Blend(corpora=corpora, num_samples=int(num_samples), seed=seed, fingerprint=key,
                   cache_dir=Path(cache_dir) if cache_dir is not None else None)
-    if folder is not None:
-        _save(blend, folder)  # maps the streams back from the cache
-    else:
-        blend.streams = modality_streams(corpus_index, corpora)
+    if cache_dir is not None:
+        folder = Path(cache_dir) / f"blend-{key[:16]}"
+        blend.path = folder
+        if (folder / "blend.json").exists():
+            blend.cache_hit = True
+        else:
+            _save(blend, folder)
+            stale = stale_caches(cache_dir)
+            if stale:
+                log.warning("%d blend cache folder(s) of version 1 in %s (%.1f GB) are no longer read: "
+                            "the blend is computed per position now; delete them (%s)", len(stale), cache_dir,
+                            sum(_folder_bytes(f) for f in stale) / 1e9, ", ".join(f.name for f in stale[:3]))
     return blend
 
 
 def _save(blend: Blend, folder: Path) -> None:
     tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
-    np.save(tmp / "corpus_index.npy", blend.corpus_index)
-    np.save(tmp / "sample_index.npy", blend.sample_index)
-    modality_streams(blend.corpus_index, blend.corpora, tmp)
-    meta = {"fingerprint": blend.fingerprint, "num_samples": blend.num_samples, "seed": blend.seed,
-            "corpora": [asdict(c) for c in blend.corpora]}
+    meta = {"version": BLEND_VERSION, "fingerprint": blend.fingerprint, "num_samples": blend.num_samples,
+            "seed": blend.seed, "tree": repr(blend.tree.shape), "leaves": blend.active.tolist(),
+            "max_deviation": blend.deviation_bounds().tolist(), "corpora": [asdict(c) for c in blend.corpora]}
     (tmp / "blend.json").write_text(json.dumps(meta, indent=1))
     try:
-        tmp.rename(folder)  # atomic: another rank that built the same blend wins harmlessly
+        tmp.rename(folder)  # atomic: another rank that recorded the same blend wins harmlessly
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
-    blend.path = folder
-    blend.streams = _map_streams(folder)
 
 
-def _load(folder: Path, corpora: list[Corpus], key: str, cache_dir: Path) -> Blend:
-    meta = json.loads((folder / "blend.json").read_text())
-    corpus_index = np.load(folder / "corpus_index.npy", mmap_mode="r")
-    try:
-        if not all((folder / stream_file(m)).exists() for m in MODALITIES):
-            _add_streams(folder, corpus_index, corpora)
-        streams = _map_streams(folder)
-    except OSError:  # a read-only cache from before the streams were cached: build them here
-        streams = modality_streams(corpus_index, corpora)
-    return Blend(corpora=corpora, corpus_index=corpus_index,
-                 sample_index=np.load(folder / "sample_index.npy", mmap_mode="r"),
-                 num_samples=meta["num_samples"], streams=streams, seed=meta["seed"],
-                 fingerprint=key, path=folder, cache_hit=True, cache_dir=cache_dir)
+def stale_caches(cache_dir: str | Path) -> list[Path]:
+    """Blend folders of version 1 (per-sample ``.npy`` arrays) under ``cache_dir``: unused now."""
+    return sorted(p.parent for p in Path(cache_dir).glob("blend-*/corpus_index.npy"))
 
 
-def _add_streams(folder: Path, corpus_index: np.ndarray, corpora: list[Corpus]) -> None:
-    """Write the streams into a cache folder from before they were cached (its fingerprint, and so
-    the resume guard of the checkpoints made with it, stays the same). Ranks doing this at once
-    each write their own temporaries and rename identical files over each other."""
-    tmp = Path(tempfile.mkdtemp(prefix="streams.tmp", dir=folder))  # unique across hosts, unlike a pid
-    modality_streams(corpus_index, corpora, tmp)
-    for m in MODALITIES:
-        os.replace(tmp / stream_file(m), folder / stream_file(m))
-    shutil.rmtree(tmp, ignore_errors=True)
+def _folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
 
 
 def format_report(rows: list[dict]) -> str:
     """The per-corpus table printed by tools/blend_data.py."""
-    head = f"{'corpus':<20} {'modality':<8} {'weight':>8} {'realized':>8} {'drawn':>12} {'size':>10} {'epochs':>8}"
+    head = (f"{'corpus':<20} {'modality':<8} {'weight':>8} {'realized':>8} {'drawn':>14} {'size':>12} "
+            f"{'epochs':>10} {'max dev':>7}")
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(f"{r['name']:<20} {r['modality']:<8} {r['weight']:>8.4f} {r['realized_share']:>8.4f} "
-                     f"{r['samples_drawn']:>12,} {r['corpus_samples']:>10,} {r['epochs']:>8.2f}")
+                     f"{r['samples_drawn']:>14,} {r['corpus_samples']:>12,} {r['epochs']:>10.2f} "
+                     f"{r['max_deviation']:>7.3f}")
     return "\n".join(lines)

@@ -118,8 +118,7 @@ class LengthGroupedStreams:
 
     def text_bytes(self, positions: np.ndarray) -> np.ndarray:
         """Text byte size of the samples at these blend positions."""
-        corpus = np.asarray(self.blend.corpus_index[positions])
-        sample = np.asarray(self.blend.sample_index[positions])
+        corpus, sample = self.blend.locate(positions)
         sizes = np.zeros(len(positions), dtype=np.int64)
         for c in map(int, np.unique(corpus)):
             if c not in self._text_bytes:

@@ -3,11 +3,12 @@
 Schedule (a pure function of the blend and the micro-batch sizes; the same on every rank):
 
 * The blend's global sample sequence is split into one stream per modality, each in blend order
-  (``Blend.streams``: files of the blend cache, memory-mapped by every rank and worker).
-* The modality of global micro-step t comes from megatron's ``build_blending_indices`` run over
-  the modalities with weights ``w_m / micro_batch_size_m``, where ``w_m`` is the spec's normalised
-  weight of modality m (the sum over its corpora). The blend fills stream m at rate ``w_m`` (within
-  about a sample at every prefix), so every stream is consumed at the rate it is filled. The spec
+  (``Blend.streams``: the k-th sample of a modality is a closed form of k, computed when read).
+* The modality of global micro-step t comes from a split tree (xfm_scale.data.sequence, the same
+  closed form as the blend's corpus choice) over the modalities with weights
+  ``w_m / micro_batch_size_m``, where ``w_m`` is the spec's normalised weight of modality m (the
+  sum over its corpora). The blend fills stream m at rate ``w_m`` (within about a sample at every
+  prefix), so every stream is consumed at the rate it is filled. The spec
   weights, not the realised stream lengths, make the schedule of a longer blend extend a shorter
   one's. The data-parallel size cancels out of those weights: the modality of micro-step t is the
   same for any DP size.
@@ -46,10 +47,11 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..batch import IGNORE_INDEX, MODALITIES, Batch, ImageBatch, PairBatch, TextBatch
+from .blend import BLEND_VERSION, Blend, fingerprint
 from .captions import CAPTION_MAX_WORDS, EmptyCaption, pre_caption
 from .masking import IMLM_MASKING, MLM_MASKING, TOKEN_MASKING_SCHEMES, BlockMaskGenerator, mask_tokens
-from .blend import Blend, blend_corpus_choice
 from .lengths import TEXT_MODALITIES, LengthGroupedStreams
+from .sequence import ChoiceSequence
 from .shards import DataSpecError, ShardReader, image_ext, load_index
 from .sources import CAPTION_LIST_EXT
 from .transforms import apply_seeded, eval_transform, sample_rngs, train_transform
@@ -253,10 +255,7 @@ class _Schedule:
     """The modality of every global micro-step, and the per-modality streams of blend positions."""
 
     def __init__(self, blend: Blend, micro_batch_sizes: dict[str, int]):
-        # The blend's own streams: memory-mapped from its cache, shared by every rank and worker
-        # rather than rebuilt in memory here (8 bytes per blend sample in every rank). Measured,
-        # N = 20M, demo spec, mbs 256/96/96: BlendLoader() held 153 MiB (peak 191 MiB) when it built
-        # them, 0 MiB (peak 2 MiB: the micro-step schedule) with the mapped files.
+        # The blend's own streams: closed forms computed when read, nothing held per sample.
         self.streams = blend.streams
         present = [m for m in MODALITIES if len(self.streams[m])]
         self.present = set(present)
@@ -267,8 +266,10 @@ class _Schedule:
         weights = [spec_weights[m] / mbs[m] for m in present]
         # Enough micro-steps for DP size 1 (the most micro-steps any DP size can use).
         length = sum(-(-len(self.streams[m]) // mbs[m]) for m in present) + 1
-        choice, _ = blend_corpus_choice(weights, length)
-        self.modality = np.array([MODALITIES.index(m) for m in present], dtype=np.int8)[choice]
+        self._codes = np.array([MODALITIES.index(m) for m in present], dtype=np.int8)
+        self.modality = _ModalityCodes(ChoiceSequence(weights, length), self._codes)
+        """[micro-steps] int8 modality code (index into MODALITIES) of each global micro-step,
+        computed when indexed."""
         self.grouped: LengthGroupedStreams | None = None  # BlendLoader sets it with length grouping on
 
     def usable_length(self, modality: str) -> int:
@@ -284,6 +285,24 @@ class _Schedule:
 
     def modality_at(self, micro_step: int) -> str:
         return MODALITIES[self.modality[micro_step]] if micro_step < len(self.modality) else MODALITIES[0]
+
+
+class _ModalityCodes:
+    """The micro-step schedule as a read-only int8 array of modality codes, computed when indexed."""
+
+    def __init__(self, choice: ChoiceSequence, codes: np.ndarray):
+        self.choice, self.codes = choice, codes
+
+    def __len__(self) -> int:
+        return len(self.choice)
+
+    def __getitem__(self, key):
+        leaf = self.choice[key]
+        return int(self.codes[leaf]) if np.ndim(leaf) == 0 else self.codes[leaf]
+
+    def __array__(self, dtype=None, copy=None):
+        out = self.codes[np.asarray(self.choice)]
+        return out if dtype is None else out.astype(dtype)
 
 
 class _PlanSampler(Sampler):
@@ -407,9 +426,9 @@ class BlendLoader:
         replacement): the order in which all ranks together consume that modality."""
         keys = []
         stop = self.schedule.usable_length(modality) if stop is None else stop
-        for gi in self.schedule.positions(modality, start, stop):
-            c = int(self.blend.corpus_index[gi])
-            key, _, _ = self._dataset._locate(c, int(self.blend.sample_index[gi]))
+        corpus, sample = self.blend.locate(self.schedule.positions(modality, start, stop))
+        for c, s in zip(corpus.tolist(), sample.tolist()):
+            key, _, _ = self._dataset._locate(c, s)
             keys.append(f"{self.blend.corpora[c].name}/{key}")
         return keys
 
@@ -479,6 +498,14 @@ class BlendLoader:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         if state.get("blend_crc") != zlib.crc32(self.blend.sequence_id.encode()):
+            old = [v for v in range(1, BLEND_VERSION)
+                   if state.get("blend_crc") == zlib.crc32(fingerprint(self.blend.corpora, 0, self.blend.seed, v).encode())]
+            if old:
+                raise DataSpecError(f"the loader state was saved with blend version {old[0]} of this spec (per-sample "
+                                    f"arrays built with megatron's helper); this xfm_scale computes blend version "
+                                    f"{BLEND_VERSION} (closed forms), whose sample order differs, so the cursor "
+                                    "cannot continue it exactly: finish the run with the xfm_scale that saved it, "
+                                    "or start a new run")
             raise DataSpecError("the loader state was saved with another blend (spec, shards or "
                                 "seed differ); resume with the blend spec and data.seed it was saved with")
         saved = {k: int(state.get(k, 0)) for k in ("length_group_size", "length_group_window")}  # older cursors: off
@@ -519,7 +546,9 @@ class _MicroBatchDataset(Dataset):
 
     def __getitem__(self, plan: _Plan):
         bad: list[tuple[str, str]] = []
-        samples = [self._sample(int(i), plan.modality, bad) for i in plan.global_indices]
+        corpus, sample = self.blend.locate(plan.global_indices)
+        samples = [self._sample(int(i), c, s, plan.modality, bad)
+                   for i, c, s in zip(plan.global_indices.tolist(), corpus.tolist(), sample.tolist())]
         build = {"text": self._text_batch, "image": self._image_batch, "pair": self._pair_batch}[plan.modality]
         # Per-sample seeding must not disturb the trainer's RNG: apply_seeded seeds only the CPU
         # generator (never CUDA's), and fork_rng(devices=[]) restores exactly that one.
@@ -531,13 +560,12 @@ class _MicroBatchDataset(Dataset):
         return self.blend.num_samples
 
     # -------------------------------------------------------------- reading one sample
-    def _sample(self, global_index: int, modality: str, bad: list) -> tuple[int, str, dict]:
-        """(global index, sample key, decoded members) of a sample, replacing bad ones. A
-        replacement keeps the bad sample's global index: its augmentation and masks are seeded
-        from the blend position, whichever sample fills it."""
-        c = int(self.blend.corpus_index[global_index])
+    def _sample(self, global_index: int, c: int, sample: int, modality: str, bad: list) -> tuple[int, str, dict]:
+        """(global index, sample key, decoded members) of the sample ``sample`` of corpus ``c`` at
+        blend position ``global_index``, replacing bad ones. A replacement keeps the bad sample's
+        global index: its augmentation and masks are seeded from the blend position, whichever
+        sample fills it."""
         corpus = self.blend.corpora[c]
-        sample = int(self.blend.sample_index[global_index])
         draw = modality == "pair" and self.cfg.caption_choice == "draw"
         for attempt in range(self.cfg.max_bad_in_a_row + 1):
             key = None

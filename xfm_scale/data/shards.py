@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
-import webdataset as wds
-from webdataset.tariterators import base_plus_ext
+# webdataset is imported where it is used: importing it imports torch (about 0.9 GB and 2 s), which
+# the blend and its CLI (tools/blend_data.py) do not need.
 
 MODALITIES = ("text", "image", "pair")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
@@ -99,6 +99,8 @@ def write_corpus(records: Iterable[dict | Skip], *, out_dir: str | Path, name: s
     skipped = SkipCounter()
     count = 0
     pattern = str(out_dir / f"{name}-%06d.tar")
+    import webdataset as wds
+
     with wds.ShardWriter(pattern, maxcount=maxcount, maxsize=maxsize, verbose=0) as writer:
         for record in records:
             if isinstance(record, Skip):
@@ -239,6 +241,16 @@ def first_samples(shard: str | Path, n: int = MODALITY_SAMPLES) -> list[tuple[st
     return samples
 
 
+_BASE_PLUS_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+
+
+def base_plus_ext(path: str) -> tuple[str | None, str | None]:
+    """(key, extensions) of a tar member name: webdataset.tariterators.base_plus_ext's rule
+    (tests/data/test_data_spec.py checks they agree), without importing webdataset (and torch)."""
+    match = _BASE_PLUS_EXT.match(path)
+    return (match.group(1), match.group(2)) if match else (None, None)
+
+
 def _sample_members(shard: str | Path):
     """(key, ext, [data offset, size]) of each sample member, in tar order, read lazily from the
     headers. Keys and extensions are split with webdataset's own rule (``base_plus_ext``);
@@ -323,6 +335,8 @@ class ShardReader:
 
 def iter_tar_samples(shard: str | Path) -> Iterator[dict]:
     """Stream one shard as webdataset dicts (used by tests and the benchmark baseline)."""
+    import webdataset as wds
+
     yield from wds.WebDataset(str(shard), shardshuffle=False, empty_check=False)
 
 
