@@ -61,11 +61,17 @@ def test_the_fields_to_set_are_marked_and_check_names_them(name, message, tmp_pa
     assert result.returncode == 2 and result.stderr == message
 
 
+FROM_SCRATCH = ("text: from scratch (random init; model.init_text_from is null)\n"
+                "vision: from scratch (random init; model.init_vision_from is null)\n"
+                "fusion: random init (X-FM does not pretrain it either)\n")
+"""What --check says each encoder of the templates starts from."""
+
+
 def test_the_cpu_template_filled_passes_check_for_two_ranks(own_spec, tmp_path):
     result = check(CONFIGS / "own_data_cpu.yaml", "--num_gpus", "2", "--set", f"data.spec={own_spec.name}",
                    "--set", f"data.tokenizer_dir={TOKENIZER}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert result.stdout == "ok: 2 ranks, TP=1, DP=2, global batch 16\n"
+    assert result.stdout == "ok: 2 ranks, TP=1, DP=2, global batch 16\n" + FROM_SCRATCH
 
 
 def test_the_gpu_template_filled_passes_check_for_eight_gpus(own_spec, tmp_path):
@@ -75,4 +81,4 @@ def test_the_gpu_template_filled_passes_check_for_eight_gpus(own_spec, tmp_path)
     settings = [arg for key, value in filled.items() for arg in ("--set", f"{key}={value}")]
     result = check(CONFIGS / "own_data_gpu.yaml", "--num_gpus", "8", *settings, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert result.stdout == "ok: 8 ranks, TP=1, DP=8, global batch 768\n"
+    assert result.stdout == "ok: 8 ranks, TP=1, DP=8, global batch 768\n" + FROM_SCRATCH
