@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from xfm_scale.config import ConfigError
+from xfm_scale.distributed.collectives import gather_objects
 from xfm_scale.model import hooks
 from xfm_scale.model.layers import tp_rank, tp_size
 from xfm_scale.quiet import silence_known_noise
@@ -207,8 +208,7 @@ def global_rank_table(layout: ParallelLayout) -> list[list[int]]:
     """The global rank of every (DP rank d, TP rank t), as ``table[d][t]``: DeepSpeed names the
     folders of NVMe-swapped optimizer state in a checkpoint by global rank, and a reader at another
     layout has to find the folder of each partition. Collective (every rank calls it)."""
-    pairs: list = [None] * layout.world_size
-    torch.distributed.all_gather_object(pairs, (layout.data_parallel_rank, layout.tensor_parallel_rank))
+    pairs = gather_objects((layout.data_parallel_rank, layout.tensor_parallel_rank))
     table = [[-1] * layout.tensor_parallel_size for _ in range(layout.data_parallel_size)]
     for rank, (d, t) in enumerate(pairs):
         table[d][t] = rank

@@ -435,16 +435,20 @@ def _text_line(value: str) -> str:
             "text_mlm_head starts random)")
 
 
-def _xfm_folder_names(folder: str) -> set[str]:
-    from safetensors import safe_open
+def _xfm_folder_names(folder: str) -> set[str] | None:
+    """The parameter names of an xfm weights folder, read from its weights file's header; None when
+    they cannot be read (the run config's own check, XFMConfig.from_xfm_folder, then refuses the
+    folder with its message)."""
+    from safetensors import SafetensorError, safe_open
 
     from xfm_scale.config import XFM_WEIGHTS
 
     path = Path(folder) / XFM_WEIGHTS
-    if not path.is_file():
-        raise ConfigError(f"model.init_from: {folder} is not an xfm weights folder (no {XFM_WEIGHTS})")
-    with safe_open(str(path), framework="pt") as handle:
-        return set(handle.keys())
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return set(handle.keys())
+    except (OSError, SafetensorError):
+        return None
 
 
 def check_init_sources(model: Any, vision_architecture: str = formats.TIMM_ARCHITECTURE) -> list[str]:
@@ -460,7 +464,7 @@ def check_init_sources(model: Any, vision_architecture: str = formats.TIMM_ARCHI
     exported = _xfm_folder_names(init_from) if init_from else set()
 
     def from_export(prefix: str, encoder: str, key: str) -> str:
-        if any(n.startswith(prefix) for n in exported):
+        if init_from and (exported is None or any(n.startswith(prefix) for n in exported)):
             return f"{encoder}: {init_from} (xfm weights folder, model.init_from)"
         if init_from:
             return f"{encoder}: random init (model.init_from {init_from} has no {prefix}* weights)"
