@@ -255,7 +255,10 @@ def test_zero2_trains_like_zero3_and_its_checkpoints_hold_the_same_state(origina
         for name in z3.param_names:
             assert z2.full_shape(name) == z3.full_shape(name), name
             for key in STATE_KEYS:
-                torch.testing.assert_close(z2.full(name, key), z3.full(name, key), rtol=1e-4, atol=1e-6,
+                # the same rounding difference as the live model's above, on the saved tensors: with
+                # the per-position blend's sample order one word-embedding element of 32768 differs
+                # by 3.0e-6 (3.3e-4 relative) at step 3, so the live model's absolute bound holds here too
+                torch.testing.assert_close(z2.full(name, key), z3.full(name, key), rtol=1e-4, atol=1e-5,
                                            msg=lambda m: f"{name} {key} at step {step}: {m}")
         assert z2.optimizer_step_count() == z3.optimizer_step_count() == step
         assert [g["lr"] for g in z2.param_groups()] == [g["lr"] for g in z3.param_groups()]
