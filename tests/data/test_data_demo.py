@@ -1,5 +1,5 @@
-"""The demo world (captions really describe the images), make_shards' input formats, and what
-writing a corpus leaves in its folder."""
+"""The demo world (captions really describe the images; the held-out set and its ceiling),
+make_shards' input formats, and what writing a corpus leaves in its folder."""
 from __future__ import annotations
 
 import json
@@ -8,7 +8,8 @@ import random
 import numpy as np
 import pytest
 
-from xfm_scale.data.demo import COLOURS, Scene, caption, draw
+from xfm_scale.data.demo import (ALL_SCENES, COLOURS, Scene, caption, caption_content, draw,
+                                  held_out_captions, held_out_scenes, other_sentence, unique_content_share)
 from xfm_scale.data.loader import load_pair_eval_set, load_tokenizer
 from xfm_scale.data.sources import read_images, read_pairs, read_text
 from xfm_scale.data.shards import Skip, iter_tar_samples, verify_manifest, write_corpus
@@ -65,6 +66,53 @@ def test_demo_outputs_tokenizer_and_eval_set(demo):
     assert ev.pixel_values_BCHW.shape == (40, 3, 32, 32) and len(set(ev.sample_keys)) == 40
     train_captions = {s["txt"] for s in iter_tar_samples(demo.manifests["demo_pairs"].parent / "demo_pairs-000000.tar")}
     assert len(train_captions) > 50
+
+
+def test_every_caption_phrasing_reads_back_as_its_scene_and_other_sentences_as_none():
+    rng = random.Random(1)
+    for scene in ALL_SCENES:
+        for _ in range(6):  # the templates and the "a"/"one" choice vary
+            text = caption(scene, rng)
+            assert caption_content(text) == (scene.count, scene.colour, scene.shape, scene.position), text
+    assert all(caption_content(other_sentence(rng)) is None for _ in range(200))  # "... a red apple"
+
+
+def test_the_ceiling_is_the_share_of_captions_whose_content_no_other_caption_has():
+    captions = ["two red circles on the left",
+                "on the left , two red circles",  # the same content as the first, phrased otherwise
+                "a blue square at the top",
+                "there is one blue square at the top",  # "a" and "one" are the same count
+                "three green triangles in the centre",
+                "a picture of a purple diamond at the bottom",
+                "a purple diamond at the top",  # differs from the one above in position only
+                "the cat sees a red apple"]  # not a demo caption: never unique
+    assert unique_content_share(captions) == 3 / 8
+    assert unique_content_share(captions[4:7]) == 1.0 and unique_content_share([]) == 0.0
+
+
+def test_held_out_scenes_are_distinct_until_the_world_runs_out():
+    scenes = held_out_scenes(400, random.Random(0))
+    assert len(set(scenes[:360])) == 360 and len(set(scenes[360:])) == 40  # 360 contents in all
+
+
+def test_the_held_out_set_of_the_built_world_has_a_ceiling_of_one(demo):
+    captions = held_out_captions(demo.eval_manifest)
+    assert len(captions) == 40 and unique_content_share(captions) == 1.0
+
+
+def test_the_shaded_background_tells_a_patch_where_it_is_and_the_plain_one_does_not():
+    """The vision encoder has no absolute position embedding: in the demo world a patch's own
+    pixels say where it is (redder to the right, bluer to the bottom)."""
+    rng = random.Random(0)
+    for shaded in (True, False):
+        img = np.asarray(draw(Scene("circle", "black", "centre", 1), 32, rng, shaded=shaded)).astype(float)
+        left, right = img[:, :8].reshape(-1, 3).mean(0), img[:, -8:].reshape(-1, 3).mean(0)
+        top, bottom = img[:8].reshape(-1, 3).mean(0), img[-8:].reshape(-1, 3).mean(0)
+        if shaded:
+            assert right[0] - left[0] > 40 and bottom[2] - top[2] > 40
+            assert abs(right[2] - left[2]) < 2 and abs(bottom[0] - top[0]) < 2
+        else:
+            assert np.abs(right - left).max() < 1 and np.abs(bottom - top).max() < 1
 
 
 def test_source_formats(tmp_path):

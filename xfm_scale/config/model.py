@@ -297,6 +297,18 @@ PRESETS: dict[str, XFMConfig] = {
         fusion=_fusion(2, 64, 4, 256),
         objectives=ObjectiveConfig(itc_embed_dim=32, mim_num_masked=6, mim_min_block=2,
                                    text_max_length=32, caption_max_length=16)),
+    # The CPU demo (tools/demo.py): tiny's layout at width 128 and without dropout, which a few
+    # minutes of CPU training need to bind count, colour, shape and position (docs/demo.md).
+    "demo": XFMConfig(
+        text=TextEncoderConfig(num_layers=2, hidden_size=128, num_heads=4, ffn_hidden_size=512,
+                               vocab_size=1000, max_position_embeddings=40, pad_token_id=1,
+                               hidden_dropout=0.0, attention_dropout=0.0),
+        vision=VisionEncoderConfig(num_layers=2, hidden_size=128, num_heads=4, ffn_hidden_size=512,
+                                   image_size=32, patch_size=8, drop_path_rate=0.0),
+        fusion=FusionEncoderConfig(num_layers=2, hidden_size=128, num_heads=4, ffn_hidden_size=512,
+                                   layer_norm_eps=1e-5, hidden_dropout=0.0, attention_dropout=0.0),
+        objectives=ObjectiveConfig(itc_embed_dim=32, mim_num_masked=6, mim_min_block=2,
+                                   text_max_length=32, caption_max_length=16)),
     # The reference X-FM base: RoBERTa-base + BEiT-v2-B/16 at 224 + 12-layer fusion (~327M).
     "base": XFMConfig(text=_roberta(12, 768, 12, 3072), vision=_beit(12, 768, 12, 3072),
                       fusion=_fusion(12, 768, 12, 3072)),
