@@ -1,32 +1,13 @@
 """Fixtures of the data tests: tiny corpora written as real webdataset shards in tmp dirs."""
 from __future__ import annotations
 
-import io
-from pathlib import Path
 
 import pytest
-import yaml
-from PIL import Image
 
 from xfm_scale.data.demo import build_demo_data
-from xfm_scale.data.shards import write_corpus
+from xfm_scale.data.shards import write_corpus  # noqa: F401
 
-
-def png(colour=(200, 30, 30), size=16) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (size, size), colour).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def text_corpus(root: Path, name: str, n: int, maxcount: int = 10) -> Path:
-    """``n`` text samples ``"<name> sentence <i>"`` in shards of ``maxcount``; returns the manifest."""
-    records = ({"txt": f"{name} sentence number {i} is short"} for i in range(n))
-    return write_corpus(records, out_dir=root / name, name=name, modality="text", maxcount=maxcount).manifest_path
-
-
-def write_spec(path: Path, corpora: list[dict]) -> Path:
-    path.write_text(yaml.safe_dump({"corpora": corpora}, sort_keys=False))
-    return path
+from data_fixtures import png, text_corpus, write_spec  # noqa: F401  (the data tests import them from here)
 
 
 @pytest.fixture(scope="session")

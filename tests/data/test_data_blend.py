@@ -207,7 +207,6 @@ def test_report_rows_and_megatron_data_path_form(skewed_spec, tmp_path):
     assert json.loads((tmp_path / "b" / "report.json").read_text())["cache_hit"] is True
 
 
-
 def test_modality_streams_are_the_blends_split_computed_when_read(demo, tmp_path):
     """The loader's per-modality position streams equal the split of the blend by modality; they
     are closed forms (each modality's corpora are a subtree), read by slice, index or array, and

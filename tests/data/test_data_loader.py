@@ -4,10 +4,12 @@ without duplicating another rank's, streams memory-mapped from the blend cache."
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import fields, replace
+from dataclasses import replace
 
 import numpy as np
 import pytest
+
+from data_fixtures import assert_same_batches, take
 import torch
 
 from xfm_scale.batch import IGNORE_INDEX, ImageBatch, PairBatch, TextBatch
@@ -29,24 +31,6 @@ def blend(demo, tmp_path_factory):
 def cfg(demo):
     return LoaderConfig(tokenizer_dir=str(demo.tokenizer_dir), micro_batch_sizes=MBS, micro_steps_per_step=3,
                         image_size=32, mim_grid=4, mim_num_masked=6, mim_min_block=2)
-
-
-def take(loader, n):
-    out = []
-    for batch in loader:
-        out.append(batch)
-        if len(out) == n:
-            break
-    return out
-
-
-def assert_same_batches(a, b):
-    assert len(a) == len(b)
-    for x, y in zip(a, b):
-        assert type(x) is type(y) and x.sample_keys == y.sample_keys
-        for f in fields(x):
-            if isinstance(getattr(x, f.name), torch.Tensor):
-                assert torch.equal(getattr(x, f.name), getattr(y, f.name)), f.name
 
 
 def test_batches_have_the_contracts_shapes_and_masks(blend, cfg):

@@ -4,16 +4,15 @@ checks: BEiT's block masks (models/masking_generator.py), X-FM's text masking co
 selecting all of them."""
 from __future__ import annotations
 
-import io
 import math
 import random
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from data_fixtures import png, write_spec
 import torch
-import yaml
-from PIL import Image
 
 from xfm_scale.batch import IGNORE_INDEX, PairBatch, TextBatch
 from xfm_scale.config import run as run_config
@@ -28,15 +27,6 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 # (not imported from tests/data/conftest.py: run together with tests/model, ``conftest`` names that one)
-def png(colour=(200, 30, 30), size=16) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (size, size), colour).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def write_spec(path: Path, corpora: list[dict]) -> Path:
-    path.write_text(yaml.safe_dump({"corpora": corpora}, sort_keys=False))
-    return path
 
 
 # ---------------------------------------------------------------------------------- MIM block masks

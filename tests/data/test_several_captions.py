@@ -4,20 +4,17 @@ image holding all its captions (``KEY.txt`` the first, ``KEY.captions.json`` the
 reference's ``random.choice`` per read; ``first`` reads ``KEY.txt`` exactly as before."""
 from __future__ import annotations
 
-import io
 import json
 from collections import Counter
-from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from data_fixtures import assert_same_batches, png, take, write_spec
 import torch
 import webdataset as wds
-import yaml
-from PIL import Image
 
-from xfm_scale.batch import PairBatch
 from xfm_scale.cli.make_shards import main as make_shards
 from xfm_scale.config import run as run_config
 from xfm_scale.data.blend import build_blend
@@ -38,15 +35,6 @@ MBS = 4
 
 
 # (not imported from tests/data/conftest.py: run together with tests/model, ``conftest`` names that one)
-def png(colour=(200, 30, 30), size=16) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (size, size), colour).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def write_spec(path: Path, corpora: list[dict]) -> Path:
-    path.write_text(yaml.safe_dump({"corpora": corpora}, sort_keys=False))
-    return path
 
 
 def samples_of(out: Path, name: str) -> list[dict]:
@@ -195,24 +183,6 @@ def corpora(tmp_path_factory):
 def config(tokenizer_dir, **kw) -> LoaderConfig:
     return LoaderConfig(**{"tokenizer_dir": str(tokenizer_dir), "micro_batch_sizes": {"pair": MBS},
                            "image_size": 32, "mim_grid": 4, "mim_num_masked": 6, "mim_min_block": 2, **kw})
-
-
-def take(loader, n=None) -> list[PairBatch]:
-    out = []
-    for batch in loader:
-        out.append(batch)
-        if len(out) == n:
-            break
-    return out
-
-
-def assert_same_batches(a, b):
-    assert len(a) == len(b)
-    for x, y in zip(a, b):
-        assert type(x) is type(y) and x.sample_keys == y.sample_keys
-        for f in fields(x):
-            if isinstance(getattr(x, f.name), torch.Tensor):
-                assert torch.equal(getattr(x, f.name), getattr(y, f.name)), f.name
 
 
 def captions_read(batches) -> list[tuple[int, ...]]:
