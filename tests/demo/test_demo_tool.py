@@ -30,7 +30,7 @@ def fake_run(run_dir: Path, pairs: int) -> None:
     losses = {"loss/total": 3.0, "loss/mlm": 2.0, "loss/itc": 1.0, "loss/itm": 0.6, "loss/imlm": 2.5, "loss/mim": 0.1}
     ev = {"eval/i2t_r1": 0.25, "eval/t2i_r1": 0.2, "eval/i2t_r5": 0.55, "eval/t2i_r5": 0.6, "eval/mlm_acc": 0.3,
           "eval/imlm_acc": 0.4, "eval/pairs": float(pairs), "eval/chance_r1": 1 / pairs}
-    (run_dir / "metrics.jsonl").write_text(json.dumps({"step": 4, **losses}) + "\n" + json.dumps({"step": 4, **ev}) + "\n")
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps({"step": 4, **r}) + "\n" for r in (losses, ev)))
     (run_dir / "final_metrics.json").write_text(json.dumps({**losses, **ev, "step": 4.0}))
 
 

@@ -92,13 +92,14 @@ def _font(size: int):
         return ImageFont.load_default()
 
 
-def _nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
-    """Round tick values (1, 2, 5 x 10^k apart) covering [lo, hi]."""
+def _nice_ticks(lo: float, hi: float, count: int = 5, integer: bool = False) -> list[float]:
+    """Round tick values (1, 2, 5 x 10^k apart, at least 1 with ``integer``) covering [lo, hi]."""
     if hi <= lo:
         hi = lo + 1.0
     raw = (hi - lo) / count
     magnitude = 10 ** math.floor(math.log10(raw))
     step = next(m * magnitude for m in (1, 2, 5, 10) if m * magnitude >= raw)
+    step = max(step, 1.0) if integer else step
     first = math.ceil(lo / step - 1e-9) * step
     return [round(first + i * step, 10) for i in range(int((hi - first) / step + 1e-9) + 1)]
 
@@ -135,7 +136,7 @@ class Panel:
             _, py = self.xy(self.x0, t)
             d.line([(left, py), (right, py)], fill=(232, 232, 232), width=SCALE)
             d.text((left - 8 * SCALE, py), _label(t), fill=DARK, font=small, anchor="rm")
-        for t in _nice_ticks(self.x0, self.x1, 6):
+        for t in _nice_ticks(self.x0, self.x1, 6, integer=True):
             if self.x0 - 1e-9 <= t <= self.x1 + 1e-9:
                 px, _ = self.xy(t, self.y1 if not self.log_y else 10 ** self.y1)
                 d.line([(px, bottom), (px, bottom + 5 * SCALE)], fill=DARK, width=SCALE)
@@ -224,8 +225,8 @@ def draw_summary(metrics: RunMetrics, out: str | Path, *, title: str | None = No
     values = [v for points in metrics.losses.values() for _, v in points if v > 0]
     if values:
         lo, hi = min(values), max(values)
-        panel = Panel(img, loss_box, _x_range(list(metrics.losses.values())), (_floor_125(lo), _ceil_125(hi)),
-                      log_y=True)
+        y_lo, y_hi = _floor_125(lo * 0.9), _ceil_125(hi * 1.1)  # a margin: no line on the frame
+        panel = Panel(img, loss_box, _x_range(list(metrics.losses.values())), (y_lo, y_hi), log_y=True)
         panel.axes("training loss per objective", "optimizer step", "loss (log scale)", font, small)
         others = iter(OTHER_COLOURS)
         entries = []
@@ -240,7 +241,8 @@ def draw_summary(metrics: RunMetrics, out: str | Path, *, title: str | None = No
     # retrieval
     if metrics.retrieval:
         top_value = max(v for points in metrics.retrieval.values() for _, v in points)
-        limits = [top_value] + ([ceiling] if ceiling is not None else [])
+        limits = ([top_value] + ([ceiling] if ceiling is not None else [])
+                  + ([min(1.0, 5 / metrics.pairs)] if metrics.pairs else []))
         y_hi = min(1.05, max(0.1, math.ceil(max(limits) * 10 + 0.5) / 10))  # 1.05: a line at 1 stays visible
         panel = Panel(img, eval_box, _x_range(list(metrics.retrieval.values())), (0.0, y_hi), log_y=False)
         panel.axes(f"held-out zero-shot retrieval ({metrics.pairs or '?'} pairs)", "optimizer step",

@@ -229,8 +229,9 @@ def build_demo_data(out_dir: str | Path, *, image_size: int = 32, num_pairs: int
             yield {"png": png_bytes(draw(scene, image_size, rng, shaded)), "txt": caption(scene, rng)}
 
     manifests = {
-        "demo_pairs": write_corpus(pair_records(random_scene(rng) for _ in range(num_pairs)), out_dir=root / "pairs",
-                                   name="demo_pairs", modality="pair", maxcount=1000, source="procedural").manifest_path,
+        "demo_pairs": write_corpus(pair_records(random_scene(rng) for _ in range(num_pairs)),
+                                   out_dir=root / "pairs", name="demo_pairs", modality="pair", maxcount=1000,
+                                   source="procedural").manifest_path,
         "demo_images": write_corpus(({"png": png_bytes(draw(random_scene(rng), image_size, rng, shaded))}
                                      for _ in range(num_images)), out_dir=root / "images", name="demo_images",
                                     modality="image", maxcount=1000, source="procedural").manifest_path,
