@@ -108,7 +108,8 @@ def main(argv=None, default_config: str | None = None) -> int:
             return check_launch(args, cfg)
         from xfm_scale.interop.pretrained import check_init_sources
 
-        check_init_sources(cfg.model)  # a missing pretrained checkpoint: its download hint
+        if rank == 0:  # one reader of the pretrained files' headers; rank 0 reports set-up errors for all
+            check_init_sources(cfg.model)  # a missing pretrained checkpoint: its download hint
         cfg.validate(int(os.environ.get("WORLD_SIZE", "1")))  # before any process group exists
     except (ConfigError, ValueError, FileNotFoundError) as err:
         report_setup_error(err, rank)
