@@ -342,3 +342,44 @@ def test_share_bound_stays_below_two_for_extreme_weights():
         worst = max(worst, max(SplitTree(w, groups).bounds))
         assert max(SplitTree(w).bounds) < 1.68
     assert worst < 2
+
+
+PINNED_SIZES = [5_000_000, 2_000_000, 1_000_000, 100_000, 10_000]
+PINNED_WINDOWS = {  # (weights, first position): digests of window() and locate() over the positions
+    (0, 0): ("8a827bfb9ebfadd5", "85548c08ceb558dc"),
+    (0, 4999987655): ("2c6938e55a2dac0d", "d968564e36c5eae7"),
+    (0, 9999800000): ("07986cac3c25a3a8", "05b8a7cd2e951eff"),
+    (1, 0): ("072abf39ef816dff", "0a27d1b9d0e83066"),
+    (1, 4999987655): ("78af42b91692766e", "6642da9b0cc86f53"),
+    (1, 9999800000): ("1459941bf1737f5d", "4fcadcceb87d19c3"),
+}
+PINNED_STREAMS = {0: "613bdc46762c732a", 1: "341aa03caf49d8e3"}
+PINNED_ORDERS = {3: "cac447a73afc780d", 1000: "f4a34c36a4f4fc59", 5_000_000: "22f367c84a7b325b", 2 ** 33 + 5: "fc531f6a6d79014b"}
+
+
+def _digest(*arrays) -> str:
+    import hashlib
+
+    return hashlib.sha256(b"".join(np.ascontiguousarray(a, dtype=np.int64).tobytes() for a in arrays)).hexdigest()[:16]
+
+
+def test_version_2_sequences_are_pinned(tmp_path):
+    """A running job's cursor names blend positions: the (corpus, sample) at every position of a
+    version-2 blend must never change, whatever the implementation does to serve it faster. The
+    digests were computed by the first version-2 code (30c536d); weights 1 has rates 1/2 and
+    1/integer, whose quotients are exact integers (the walk up's exact path on every element)."""
+    from xfm_scale.data.blend import Blend
+    from xfm_scale.data.spec import Corpus
+
+    for which, weights in enumerate([[0.5, 0.3, 0.15, 0.049, 0.001], [0.5, 0.25, 0.25, 0.1, 0.02]]):
+        corpora = [Corpus(name=f"c{i}", modality=("image", "text")[i % 2], weight=w, shards=[], shard_samples=[n])
+                   for i, (n, w) in enumerate(zip(PINNED_SIZES, weights))]
+        blend = Blend(corpora=corpora, num_samples=10 ** 10, seed=3, fingerprint="pin", cache_dir=tmp_path)
+        for (w, at), (window, located) in PINNED_WINDOWS.items():
+            if w == which:
+                assert _digest(*blend.window(at, at + 200_000)) == window, (which, at)
+                assert _digest(*blend.locate(np.arange(at, at + 2000))) == located, (which, at)
+        assert _digest(blend.stream_positions("text", 10 ** 6, 10 ** 6 + 20_000)) == PINNED_STREAMS[which]
+    for n, expected in PINNED_ORDERS.items():
+        draws = np.arange(0, 3 * min(n, 50_000)) * max(1, n // 50_000)
+        assert _digest(EpochOrder(7, "z", n)(draws)) == expected, n

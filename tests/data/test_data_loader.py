@@ -3,6 +3,7 @@ resume, resume at another data-parallel size with no sample repeated or lost, ba
 without duplicating another rank's, streams memory-mapped from the blend cache."""
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 from dataclasses import replace
 
@@ -15,7 +16,7 @@ import torch
 from xfm_scale.batch import IGNORE_INDEX, ImageBatch, PairBatch, TextBatch
 from xfm_scale.data.blend import build_blend
 from xfm_scale.data.loader import BlendLoader, LoaderConfig
-from xfm_scale.data.shards import DataSpecError, write_corpus
+from xfm_scale.data.shards import MODALITIES, DataSpecError, write_corpus
 from conftest import write_spec
 
 pytestmark = pytest.mark.unit
@@ -143,6 +144,41 @@ def test_num_steps_stops_at_the_end_of_the_blend(blend, cfg):
     left = {m: len(loader.schedule.streams[m]) - loader.state_dict()[f"offset_{m}"] for m in MBS}
     assert all(v >= 0 for v in left.values())
     assert min(left[m] / (MBS[m] * 2) for m in MBS) < cfg.micro_steps_per_step  # no whole step left
+
+
+@pytest.mark.parametrize("schedule", ["mixed", "per_modality", "grouped"])
+def test_num_steps_is_what_iterating_yields_from_any_cursor(blend, cfg, schedule):
+    """num_steps is a closed form (a few tree counts, at any blend length): from cursors at the
+    start, mid-step, mid-blend and past the end, at DP 1, 2 and 3, it equals the steps the sampler
+    walks to, for the mixed schedule, the per-modality one and with length grouping."""
+    from xfm_scale.data.loader import _PlanSampler
+
+    if schedule == "per_modality":
+        cfg = replace(cfg, micro_steps_per_step=1, micro_steps_per_group={"text": 2, "image": 1, "pair": 3})
+    if schedule == "grouped":
+        cfg = replace(cfg, length_group_size=24, length_group_window=4)
+    per_step = sum(cfg.micro_steps_per_group.values()) if cfg.micro_steps_per_group else cfg.micro_steps_per_step
+    seen = set()
+    for dp in (1, 2, 3):
+        loader = BlendLoader(blend, cfg, dp_rank=dp - 1, dp_size=dp)
+        start = loader.state_dict()
+        walked = sum(1 for _ in _PlanSampler(loader, loader._cursor)) // per_step
+        assert loader.num_steps == walked > 5
+        seen.add(walked)
+        for micro_steps in (1, 4, 3 * walked, 10 ** 6):  # a cursor after that many micro-batches
+            plans = list(itertools.islice(_PlanSampler(loader, start_cursor(start)), micro_steps))
+            state = dict(start)
+            if plans:
+                cursor = plans[-1].cursor_after
+                state.update(zip(("micro_step", *(f"offset_{m}" for m in MODALITIES)), cursor))
+            loader.load_state_dict(state)
+            walked = sum(1 for _ in _PlanSampler(loader, loader._cursor)) // per_step
+            assert loader.num_steps == walked, (dp, micro_steps)
+    assert len(seen) == 3  # the DP sizes feed different numbers of steps
+
+
+def start_cursor(state: dict) -> dict:
+    return {k: int(state[k]) for k in ("micro_step", *(f"offset_{m}" for m in MODALITIES))}
 
 
 def test_a_longer_blend_of_the_same_spec_continues_a_cursor(blend, cfg, demo, tmp_path):

@@ -50,7 +50,7 @@ Part of every fingerprint: raise it whenever the sequence computed for a spec ch
 the epoch permutation; the tree's shape is in ``Blend.sequence_id`` itself)."""
 WINDOW = 1 << 16
 """Positions the split tree computes together (its temporaries stay in the CPU cache)."""
-SERVE_BLOCK = 1 << 18
+SERVE_BLOCK = 1 << 19
 """Positions served together by :meth:`Blend.window` (fewer, longer numpy calls per corpus)."""
 CACHED_WINDOWS = 4
 """Windows kept per blend for repeated reads of nearby positions (10 bytes per position each)."""
@@ -159,18 +159,22 @@ class Blend:
     def _fill(self, a: int, b: int, corpus: np.ndarray, sample: np.ndarray, samples: bool = True) -> None:
         """Positions a..b-1: each corpus's draws there are consecutive (from its counts at a and
         b, closed forms); their positions come from walking up the tree, their samples from the
-        epoch orders, both in cache-sized pieces."""
+        epoch orders, both in cache-sized pieces. The corpus column starts as the block's most
+        drawn corpus, so only the others are scattered into it."""
         first, last = self.tree.leaf_counts(a), self.tree.leaf_counts(b)
-        for leaf in range(self.tree.num_leaves):
+        drawn = last - first
+        most = int(np.argmax(drawn))
+        corpus[:] = self.active[most]
+        for leaf in np.flatnonzero(drawn).tolist():
             d0, d1 = int(first[leaf]), int(last[leaf])
-            if d1 == d0:
-                continue
             c = int(self.active[leaf])
             offsets = np.empty(d1 - d0, dtype=np.int64)
             for j in range(d0, d1, WINDOW):
                 self.tree.position_range(leaf, j, min(d1, j + WINDOW), out=offsets[j - d0:j - d0 + WINDOW], shift=a)
-            corpus[offsets] = c
-            sample[offsets] = self._orders[c].range(d0, d1) if samples else np.arange(d0, d1)
+            if leaf != most:
+                corpus[offsets] = c
+            # (int64 before the scatter: numpy scatters a uint32 source through a slower casting loop)
+            sample[offsets] = self._orders[c].range(d0, d1).astype(np.int64) if samples else np.arange(d0, d1)
 
     def _cached_window(self, w: int) -> tuple[np.ndarray, np.ndarray]:
         """Window ``w`` (positions ``w*WINDOW ..``), kept in a small LRU for nearby reads."""

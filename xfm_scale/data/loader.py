@@ -283,6 +283,11 @@ class _Schedule:
             return self.grouped.positions(modality, start, stop)
         return np.array(self.streams[modality][start:stop])
 
+    def micro_steps_before(self, micro_step: int) -> dict[str, int]:
+        """Per present modality: its global micro-steps among the first ``micro_step`` (closed form)."""
+        counts = self.modality.choice.tree.leaf_counts(min(micro_step, len(self.modality)))
+        return {MODALITIES[int(code)]: int(n) for code, n in zip(self._codes, counts)}
+
     def modality_at(self, micro_step: int) -> str:
         return MODALITIES[self.modality[micro_step]] if micro_step < len(self.modality) else MODALITIES[0]
 
@@ -414,12 +419,32 @@ class BlendLoader:
     @property
     def num_steps(self) -> int:
         """Optimizer steps (iterations, in the per-modality schedule) the blend can still feed from
-        the current cursor at this DP size."""
-        sampler = _PlanSampler(self, self._cursor)
-        micro = sum(1 for _ in sampler)
-        if self.cfg.micro_steps_per_group is not None:
-            return micro // sum(self.cfg.micro_steps_per_group[m] for m in self.iteration_order())
-        return micro // self.cfg.micro_steps_per_step
+        the current cursor at this DP size: what iterating would yield, in closed form (a few
+        count evaluations of the split trees, at any blend length)."""
+        cursor, cfg = self._cursor, self.cfg
+        offsets = {m: cursor[f"offset_{m}"] for m in MODALITIES}
+        if cfg.micro_steps_per_group is not None:
+            return min(max(0, (self.schedule.usable_length(m) - offsets[m])
+                           // (cfg.micro_steps_per_group[m] * cfg.micro_batch_sizes[m] * self.dp_size))
+                       for m in self.iteration_order())
+        a, t0 = cfg.micro_steps_per_step, cursor["micro_step"]
+        t1 = -(-t0 // a) * a  # the rest of a step begun before the cursor is fed unchecked
+        before = self.schedule.micro_steps_before(t0)
+
+        def fits(s: int) -> bool:  # does the step starting at micro-step t1 + s*a fit?
+            end = t1 + (s + 1) * a
+            if end > len(self.schedule.modality):
+                return False
+            used = self.schedule.micro_steps_before(end)
+            return all(offsets[m] + (used[m] - before[m]) * cfg.micro_batch_sizes[m] * self.dp_size
+                       <= self.schedule.usable_length(m) for m in self.schedule.present)
+
+        # each modality's micro-step count only grows with the step: the steps that fit are a prefix
+        low, high = 0, max(0, (len(self.schedule.modality) - t1) // a) + 1  # fits(low - 1), not fits(high)
+        while low < high:
+            mid = (low + high) // 2
+            low, high = (mid + 1, high) if fits(mid) else (low, mid)
+        return ((t1 - t0) + low * a) // a
 
     def stream_keys(self, modality: str, start: int = 0, stop: int | None = None) -> list[str]:
         """Sample keys of positions ``start:stop`` of a modality's global stream (before bad-sample

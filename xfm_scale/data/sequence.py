@@ -56,6 +56,9 @@ import numpy as np
 
 MAX_POSITIONS = 1 << 48
 """Sequences are defined for positions below this (float64 keeps every split exact there)."""
+SCALAR_FIXES = 32
+"""Walking up: at most this many near-integer quotients per call are solved one by one in Python
+(cheaper than a vectorised pass for a few); more are solved together in numpy."""
 EXHAUSTIVE_LEAVES = 6
 """Groups of at most this many leaves try every tree shape (945 for 6)."""
 
@@ -204,6 +207,24 @@ def _small_count(ratio: float, m: np.ndarray) -> np.ndarray:
 def _small_count_one(ratio: float, m: int) -> int:
     """:func:`_small_count` of one count, in Python floats: the same IEEE float64 operations."""
     return math.floor(m * ratio + 0.5)
+
+
+def _index_in_parent_one(ratio: float, small: bool, k: int) -> int:
+    """The parent's index of a child's k-th sample, in Python arithmetic: the m with
+    child_count(m) == k and child_count(m + 1) == k + 1, the counts evaluated as :func:`_small_count`
+    does (the same IEEE float64 operations)."""
+    rate = ratio if small else 1.0 - ratio
+
+    def count(m: int) -> int:
+        s = _small_count_one(ratio, m)
+        return s if small else m - s
+
+    m = max(k, math.ceil((k + 0.5) / rate) - 1)
+    while count(m) > k:
+        m -= 1
+    while count(m + 1) <= k:
+        m += 1
+    return m
 
 
 @dataclass(frozen=True)
@@ -399,7 +420,7 @@ class SplitTree:
         v = node
         while v != self.root:
             p = self.parent[v]
-            x = self._index_in_parent_fast(self.nodes[p].ratio, self.is_small[v], x)
+            x = self._index_in_parent_fast(self.nodes[p].ratio, self.is_small[v], x, ascending=True)
             v = p
         if shift:
             x -= shift  # exact: both are integers below 2**53
@@ -407,28 +428,33 @@ class SplitTree:
         return out
 
     @classmethod
-    def _index_in_parent_fast(cls, ratio: float, small: bool, k: np.ndarray) -> np.ndarray:
-        """:meth:`_index_in_parent` of float64 indices (exact integers), as float64.
+    def _index_in_parent_fast(cls, ratio: float, small: bool, k: np.ndarray, ascending: bool = False) -> np.ndarray:
+        """:meth:`_index_in_parent` of float64 indices (exact integers), as float64; ``ascending``:
+        ``k`` is sorted (then so is the answer, and its last element is the largest).
 
         In real numbers the answer is ``ceil((k + 1/2) / rate) - 1`` (rate: the child's share of
-        the parent); the float guess equals it, and the float-evaluated counts agree, whenever
-        ``(k + 1/2) / rate`` lies farther than ``tol`` from an integer, ``tol`` being 2**-48 of its
-        size (16 times the float error of the guess and of the counts; see the module docstring).
-        The few within ``tol`` are solved exactly by :meth:`_index_in_parent`."""
+        the parent), which is ``floor`` of the same quotient unless that is an integer; the float
+        guess equals it, and the float-evaluated counts agree, whenever ``(k + 1/2) / rate`` lies
+        farther than ``tol`` from an integer, ``tol`` being 2**-48 of its size (16 times the float
+        error of the guess and of the counts; see the module docstring). The few within ``tol`` are
+        solved exactly: one by one by :func:`_index_in_parent_one` when they are few, else by
+        :meth:`_index_in_parent`."""
         if len(k) == 0:
             return k
         rate = ratio if small else 1.0 - ratio
         x = k + 0.5
         x *= 1.0 / rate
-        guess = np.ceil(x)
-        tol = float(x.max()) * 2.0 ** -48 + 2.0 ** -40
-        np.subtract(guess, x, out=x)  # in [0, 1): distance up to the next integer
-        near = x < tol
-        near |= x > 1.0 - tol
-        guess -= 1.0
-        if near.any():
-            at = np.flatnonzero(near)
-            guess[at] = cls._index_in_parent(ratio, small, k[at].astype(np.int64))
+        top = float(x[-1]) if ascending else float(x.max())
+        tol = top * 2.0 ** -48 + 2.0 ** -40
+        guess = np.floor(x)
+        x -= guess  # the fractional part, exactly, in [0, 1)
+        if float(x.min()) < tol or float(x.max()) > 1.0 - tol:  # rare per element, common per window
+            near = np.flatnonzero((x < tol) | (x > 1.0 - tol))
+            if len(near) > SCALAR_FIXES:  # e.g. a rate of 1/2, where every quotient is an integer
+                guess[near] = cls._index_in_parent(ratio, small, k[near].astype(np.int64))
+            else:
+                for at in near.tolist():
+                    guess[at] = _index_in_parent_one(ratio, small, int(k[at]))
         return guess
 
     @staticmethod
@@ -459,8 +485,8 @@ _ROUNDS = 4
 PASS_CHUNK = 1 << 16
 """Values encrypted per numpy pass (its temporaries stay in the CPU cache)."""
 IN_CACHE_RETRIES = 2
-"""Cycle-walking passes done chunk by chunk (measured: 1.9x faster for a 5M-sample corpus than
-walking the whole range's out-of-range values together from the first retry)."""
+"""Cycle-walking passes per chunk while it is in cache; the few values still out of range after
+them are walked together at the end (measured: fewer numpy calls than walking each chunk dry)."""
 _GOLDEN64 = 0x9E3779B97F4A7C15
 _PERMUTATION_STREAM = 0xF215_7E1  # keeps these keys apart from every other use of the seed
 _ROUND_STEP = 0xD1B54A32D192ED03
@@ -531,10 +557,11 @@ class EpochOrder:
                 out.append(((z & np.uint64(0xFFFFFFFF)).astype(np.uint32), ((z >> np.uint64(32)) | np.uint64(1)).astype(np.uint32)))
         return out
 
-    def _encrypt(self, x: np.ndarray, keys: list[tuple]) -> np.ndarray:
+    def _encrypt(self, x: np.ndarray, keys: list[tuple], out: np.ndarray | None = None) -> np.ndarray:
         """One pass of the network over ``[0, 2**bits)``: round r maps (left, right) to
         (right, left ^ F_r(right)), F_r(right) = the top bits of ((right ^ key_r) * mult_r)
-        (multiply-shift hashing); the halves swap sizes each round when ``bits`` is odd."""
+        (multiply-shift hashing); the halves swap sizes each round when ``bits`` is odd.
+        ``out`` (may be ``x`` itself) receives the result."""
         t = self.dtype
         lbits, rbits = self.splits[0]
         left, right = x >> t(rbits), x & t((1 << rbits) - 1)
@@ -547,13 +574,12 @@ class EpochOrder:
             left ^= h
             left, right = right, left
         left <<= t(lbits)  # after the last swap: `left` holds the last round's right half
-        left |= right
-        return left
+        return np.bitwise_or(left, right, out=left if out is None else out)
 
     def permute(self, offsets: np.ndarray, epoch: int | np.ndarray, owned: bool = False) -> np.ndarray:
         """``perm_epoch(offsets)`` as ``uint32``/``uint64`` (offsets in ``[0, n)``; epoch a scalar
-        or one per offset). The first pass runs in cache-sized chunks; the values that fall
-        outside ``[0, n)`` are then encrypted again, all together, until none is left.
+        or one per offset), in cache-sized chunks: in each, the values that fall outside ``[0, n)``
+        are encrypted again until none is left (cycle walking).
         ``owned``: ``offsets`` is a scratch array of the word's dtype, overwritten with the result."""
         x = offsets if owned and offsets.dtype == self.dtype else np.array(offsets, dtype=self.dtype)
         if self.n == 1:
@@ -564,19 +590,26 @@ class EpochOrder:
         def part(index, of=keys):
             return of if scalar else [(k[index], m[index]) for k, m in of]
 
+        left_over = []
         for a in range(0, len(x), PASS_CHUNK):
             chunk_keys = part(slice(a, a + PASS_CHUNK))
-            y = self._encrypt(x[a:a + PASS_CHUNK], chunk_keys)
-            for _ in range(IN_CACHE_RETRIES):  # most values walk back in range here, in cache
-                again = np.flatnonzero(y >= self.n)
+            y = x[a:a + PASS_CHUNK]
+            self._encrypt(y, chunk_keys, out=y)
+            # cycle walking: the out-of-range values are found once per chunk and re-encrypted
+            # as a shrinking list, a few times in cache; what is left joins one list for the end
+            again = np.flatnonzero(y >= self.n)
+            for _ in range(IN_CACHE_RETRIES):
                 if not len(again):
                     break
-                y[again] = self._encrypt(y[again], part(again, chunk_keys))
-            x[a:a + PASS_CHUNK] = y
-        out_of_range = np.flatnonzero(x >= self.n)
-        while len(out_of_range):  # cycle walking: 2**bits / n < 2 passes on average
+                values = self._encrypt(y[again], part(again, chunk_keys))
+                y[again] = values
+                again = again[np.flatnonzero(values >= self.n)]
+            if len(again):
+                left_over.append(again + a)
+        out_of_range = np.concatenate(left_over) if left_over else np.zeros(0, dtype=np.int64)
+        while len(out_of_range):
             x[out_of_range] = self._encrypt(x[out_of_range], part(out_of_range))
-            out_of_range = out_of_range[x[out_of_range] >= self.n]
+            out_of_range = out_of_range[np.flatnonzero(x[out_of_range] >= self.n)]
         return x
 
     def __call__(self, draws: np.ndarray) -> np.ndarray:
