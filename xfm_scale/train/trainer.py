@@ -464,26 +464,27 @@ class Trainer:
         return {"memory/rss_gb": psutil.Process().memory_info().rss / 2**30}
 
     def _replica_counts(self, counts: dict[str, int]) -> dict[str, int]:
-        """Per-key sums over data-parallel replicas of this rank's ``counts`` (collective). The TP
-        ranks of a replica read the same samples, so each replica counts once, through its TP
+        """Per-key sums over data-parallel replicas of this rank's ``counts`` (collective)."""
+        return _sum_counts(self._from_replicas(counts))
+
+    def _from_replicas(self, value):
+        """``value`` from every data-parallel replica (collective; ``None`` for the others). The TP
+        ranks of a replica read the same samples, so each replica reports once, through its TP
         rank 0 (dividing every rank's count by TP would round a replica's odd count down)."""
-        totals: dict[str, int] = defaultdict(int)
-        for part in distributed.gather_objects(counts if self.layout.tensor_parallel_rank == 0 else {}):
-            for key, n in part.items():
-                totals[key] += n
-        return dict(totals)
+        parts = distributed.gather_objects(value if self.layout.tensor_parallel_rank == 0 else None)
+        return [part for part in parts if part is not None]
 
     def _bad_samples_since_last_log(self) -> dict[str, float]:
         """Warn (rank 0) of the bad samples met since the last log, per corpus and reason with the
         first keys and shards; returns the counts since the start, ``bad_samples/CORPUS/REASON``,
-        for metrics.jsonl."""
+        for metrics.jsonl. One gather carries both."""
         new = self.loader.new_bad_samples()  # on every rank: its next report starts here
-        reports = distributed.gather_objects(new if self.layout.tensor_parallel_rank == 0 else [])
-        report = merge_bad_sample_reports(reports)
+        parts = self._from_replicas((new, self.loader.bad_samples.as_dict()))
+        report = merge_bad_sample_reports([reports for reports, _ in parts])
         if report and self.is_main:
             log.warning("bad samples skipped since the last log (each replaced by another sample of its corpus): %s",
                         format_bad_sample_report(report))
-        totals = self._replica_counts(self.loader.bad_samples.as_dict())
+        totals = _sum_counts(counts for _, counts in parts)
         return {f"bad_samples/{key}": float(n) for key, n in sorted(totals.items())}
 
     def _bad_sample_total(self) -> int:
@@ -560,3 +561,12 @@ def text_padding(batches: list) -> dict[str, float]:
     micro-batch kind with text (text, pair). The model computes them (MFU counts them as work):
     data.length_group_size lowers it where texts differ in length."""
     return {f"text_padding/{m}": 1 - real / positions for m, (real, positions) in text_positions(batches).items()}
+
+
+def _sum_counts(parts) -> dict[str, int]:
+    """Per-key sums of several ``{key: count}`` dicts."""
+    totals: dict[str, int] = defaultdict(int)
+    for part in parts:
+        for key, n in part.items():
+            totals[key] += n
+    return dict(totals)
