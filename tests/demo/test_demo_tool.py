@@ -1,8 +1,7 @@
-"""tools/demo.py's wiring without training: the seed reaches the world and the run, and the summary
+"""The demo tool's wiring (xfm_scale.cli.demo, behind tools/demo.py) without training: the seed reaches the world and the run, and the summary
 prints the retrieval beside chance and the ceiling, and draws the picture."""
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -18,9 +17,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture
 def demo_tool():
-    spec = importlib.util.spec_from_file_location("demo_tool", ROOT / "tools" / "demo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    import xfm_scale.cli.demo as module  # tools/demo.py and `make demo` run its main
+
     return module
 
 
