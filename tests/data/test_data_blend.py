@@ -329,6 +329,27 @@ def test_the_walk_up_is_exact_at_ties_and_far_positions(weights, base):
         assert np.array_equal(tree.position_range(node, first, first + len(members)), base + members)
 
 
+@pytest.mark.parametrize("ratio", [0.5, 0.02, 1 / 3, 0.47368421052631576, 0.001 / 0.05])
+def test_the_walk_ups_two_exact_solvers_agree(ratio):
+    """Near-integer quotients are solved one by one in Python when few, together in numpy when many
+    (a rate of 1/q makes every quotient an integer): both give the parent index whose float-evaluated
+    child counts step from k to k + 1 there, at small and at far positions."""
+    from xfm_scale.data.sequence import _index_in_parent_one, _small_count_one
+
+    rng = np.random.default_rng(0)
+    for small in (True, False):
+        ks = np.concatenate([np.arange(50), rng.integers(0, 2 ** 40, 200)]).astype(np.int64)
+        together = SplitTree._index_in_parent(ratio, small, ks)
+        one_by_one = [_index_in_parent_one(ratio, small, int(k)) for k in ks]
+        assert together.tolist() == one_by_one
+
+        def count(m):
+            s = _small_count_one(ratio, m)
+            return s if small else m - s
+
+        assert all(count(m) == k and count(m + 1) == k + 1 for m, k in zip(one_by_one, ks.tolist()))
+
+
 def test_share_bound_stays_below_two_for_extreme_weights():
     """Weights spread over nine decades, 1 to 13 corpora over up to 3 modalities: the chosen tree's
     bound stays below 2 (megatron's within-one-of-floor/ceil guarantee), and below 1.68 whenever
