@@ -39,6 +39,9 @@ def silence_known_noise() -> None:
     """Install the filters (idempotent); on CPU also :class:`_NoCudaRuntime`."""
     for category, message in KNOWN_WARNINGS:
         warnings.filterwarnings("ignore", category=category, message=message)
+    # megatron-core announces at import which Megatron-FSDP it would use ("Using Megatron-FSDP
+    # without Transformer Engine", "Detected Megatron Core, ..."): xfm_scale does not use it.
+    logging.getLogger("megatron.core.distributed.fsdp").setLevel(logging.WARNING)
     logger = logging.getLogger("torch.utils.cpp_extension")
     if on_cpu() and not any(isinstance(f, _NoCudaRuntime) for f in logger.filters):
         logger.addFilter(_NoCudaRuntime())

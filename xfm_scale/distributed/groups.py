@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import io
+import logging
 import math
 import os
 import random
 import socket
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,8 @@ from xfm_scale.distributed.collectives import gather_objects
 from xfm_scale.model import hooks
 from xfm_scale.model.layers import tp_rank, tp_size
 from xfm_scale.quiet import silence_known_noise
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -147,10 +150,14 @@ def initialize(tensor_parallel_size: int = 1, seed: int = 1234, timeout_s: float
         # the default, every rank of a node would compute on GPU 0
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if not torch.distributed.is_initialized():
-        # DeepSpeed announces its JIT-loaded comm op on stdout; keep stdout for the tools' output.
-        with contextlib.redirect_stdout(sys.stderr):
+        # DeepSpeed prints "... shm_comm_op built successfully" for its JIT-loaded comm op, once
+        # per rank: kept off stdout (the tools' output) and the log, except at debug level.
+        announced = io.StringIO()
+        with contextlib.redirect_stdout(announced):
             deepspeed.init_distributed(dist_backend="gloo" if _on_cpu() else "nccl", verbose=False,
                                        timeout=datetime.timedelta(seconds=timeout_s))
+        for line in announced.getvalue().splitlines():
+            log.debug("deepspeed: %s", line)
     if _on_cpu() and world_size > 1:
         _unlink_deepspeed_shm_segment()
     if ps.model_parallel_is_initialized():
