@@ -47,6 +47,7 @@ def test_the_seed_reaches_the_world_and_the_run_and_the_summary_shows_the_ceilin
 
     monkeypatch.setattr(demo_tool, "build_data", build_data)
     monkeypatch.setattr(demo_tool, "launch", launch)
+
     def export(run_dir, out):
         calls["export"] = (run_dir, out)
         return 0
