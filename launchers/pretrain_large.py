@@ -11,7 +11,14 @@ saving a checkpoint, or a checkpoint could not be saved; relaunching the same co
 """
 import sys
 
-from xfm_scale.cli.pretrain import main
+try:
+    from xfm_scale.cli.pretrain import main
+except ModuleNotFoundError as err:  # this checkout is not on the path (every rank of every node)
+    if err.name != "xfm_scale":
+        raise
+    print(f"{err}: launch from the repository root with PYTHONPATH=$PWD exported, or pip install -e . there",
+          file=sys.stderr)
+    sys.exit(2)  # bad input, as for the entry point's own set-up errors
 
 if __name__ == "__main__":
     sys.exit(main())

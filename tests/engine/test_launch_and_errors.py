@@ -147,6 +147,20 @@ def test_setup_errors_name_the_fix_before_any_rank_starts(good, tmp_path, case, 
     assert message in result.stderr, result.stderr
 
 
+@pytest.mark.parametrize("launcher", ["pretrain_large.py", "pretrain_base.py", "sweep.py"])
+def test_a_launch_without_the_checkout_on_the_path_says_how_to_put_it_there(tmp_path, launcher):
+    """Run from elsewhere without PYTHONPATH (each rank of a cluster launch imports the package):
+    exit 2 and a line that names the fix, not a traceback."""
+    env = {k: v for k, v in tool_env().items() if k != "PYTHONPATH"}
+    probe = subprocess.run([sys.executable, "-c", "import xfm_scale"], cwd=tmp_path, env=env, capture_output=True)
+    if probe.returncode == 0:
+        pytest.skip("xfm_scale is installed in this environment: importable from anywhere")
+    done = subprocess.run([sys.executable, str(ROOT / "launchers" / launcher), "--help"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert "No module named 'xfm_scale'" in done.stderr and "PYTHONPATH=$PWD" in done.stderr
+
+
 def test_check_takes_the_model_config_of_the_weights_a_run_starts_from(good, tmp_path):
     """A group the exported weights' config sets and the micro-batch allows passes; a run that
     resumes takes its checkpoint's config instead, so --check does not judge the export's then."""
