@@ -84,4 +84,5 @@ def _install() -> None:
 if __name__ == "__main__":
     _install()
     sys.argv[0] = str(ROOT / "launchers/pretrain_large.py")
+    sys.path.insert(0, str(ROOT / "launchers"))  # as `python launchers/pretrain_large.py` has it
     runpy.run_path(sys.argv[0], run_name="__main__")

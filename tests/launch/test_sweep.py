@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import fcntl
-import importlib.util
 import json
 import os
 import subprocess
@@ -24,9 +23,7 @@ pytestmark = pytest.mark.unit
 REPO = Path(__file__).resolve().parents[2]
 FAKE = Path(__file__).resolve().parent / "fake_pretrain.py"
 
-_spec = importlib.util.spec_from_file_location("sweep_cli", REPO / "launchers" / "sweep.py")
-_cli = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_cli)
+from xfm_scale.cli import sweep as _cli  # launchers/sweep.py runs its main
 
 FAKE_DEEPSPEED = f'''#!{sys.executable}
 """deepspeed stand-in: its own flags up to the script, then one process with the env ranks get."""
