@@ -578,8 +578,9 @@ class EpochOrder:
 
     def permute(self, offsets: np.ndarray, epoch: int | np.ndarray, owned: bool = False) -> np.ndarray:
         """``perm_epoch(offsets)`` as ``uint32``/``uint64`` (offsets in ``[0, n)``; epoch a scalar
-        or one per offset), in cache-sized chunks: in each, the values that fall outside ``[0, n)``
-        are encrypted again until none is left (cycle walking).
+        or one per offset), in cache-sized chunks. Cycle walking: the values that fall outside
+        ``[0, n)`` are encrypted again, :data:`IN_CACHE_RETRIES` times while their chunk is in
+        cache, then the few left all together until none is left.
         ``owned``: ``offsets`` is a scratch array of the word's dtype, overwritten with the result."""
         x = offsets if owned and offsets.dtype == self.dtype else np.array(offsets, dtype=self.dtype)
         if self.n == 1:
