@@ -4,6 +4,7 @@ all computed per position, at N = 10 billion as at N = 1000."""
 from __future__ import annotations
 
 import json
+import math
 import zlib
 import subprocess
 import sys
@@ -329,25 +330,38 @@ def test_the_walk_up_is_exact_at_ties_and_far_positions(weights, base):
         assert np.array_equal(tree.position_range(node, first, first + len(members)), base + members)
 
 
-@pytest.mark.parametrize("ratio", [0.5, 0.02, 1 / 3, 0.47368421052631576, 0.001 / 0.05])
-def test_the_walk_ups_two_exact_solvers_agree(ratio):
-    """Near-integer quotients are solved one by one in Python when few, together in numpy when many
-    (a rate of 1/q makes every quotient an integer): both give the parent index whose float-evaluated
-    child counts step from k to k + 1 there, at small and at far positions."""
-    from xfm_scale.data.sequence import _index_in_parent_one, _small_count_one
+def _index_in_parent_by_steps(ratio: float, small: bool, k: int) -> int:
+    """The reference: the m where the child's float-evaluated count steps from k to k + 1, found by
+    stepping from a guess, in Python floats (the same IEEE operations as numpy's)."""
+    def count(m: int) -> int:
+        s = math.floor(m * ratio + 0.5)
+        return s if small else m - s
 
+    m = max(k, math.ceil((k + 0.5) / (ratio if small else 1.0 - ratio)) - 1)
+    while count(m) > k:
+        m -= 1
+    while count(m + 1) <= k:
+        m += 1
+    assert count(m) == k and count(m + 1) == k + 1
+    return m
+
+
+@pytest.mark.parametrize("ratio", [0.5, 0.25, 0.0625, 0.02, 0.1, 1 / 3, 1 / 6, 0.47368421052631576, 1e-7])
+def test_the_walk_ups_solvers_agree_with_stepping(ratio):
+    """The walk up's solvers give the parent index where the child's float-evaluated count steps
+    from k to k + 1, as stepping finds it: the dyadic formula (1/2, 1/4, 1/16: equal weights), the
+    near-integer solver (rates of 1/q make every quotient an integer) with its stepping fallback,
+    and the dispatch between them, at small and far indices (parent indices up to 2**46)."""
     rng = np.random.default_rng(0)
     for small in (True, False):
-        ks = np.concatenate([np.arange(50), rng.integers(0, 2 ** 40, 200)]).astype(np.int64)
-        together = SplitTree._index_in_parent(ratio, small, ks)
-        one_by_one = [_index_in_parent_one(ratio, small, int(k)) for k in ks]
-        assert together.tolist() == one_by_one
-
-        def count(m):
-            s = _small_count_one(ratio, m)
-            return s if small else m - s
-
-        assert all(count(m) == k and count(m + 1) == k + 1 for m, k in zip(one_by_one, ks.tolist()))
+        rate = ratio if small else 1.0 - ratio
+        top = int(min(2 ** 40, rate * 2 ** 46))  # parent indices stay below MAX_POSITIONS (2**48)
+        ks = np.concatenate([np.arange(200), rng.integers(0, top, 2000)]).astype(np.int64)
+        expected = [_index_in_parent_by_steps(ratio, small, int(k)) for k in ks]
+        assert SplitTree._index_in_parent_fast(ratio, small, ks.astype(np.float64)).astype(np.int64).tolist() == expected
+        near = SplitTree._index_in_parent_near(ratio, small, ks.astype(np.float64), (ks + 0.5) * (1.0 / rate))
+        assert near.astype(np.int64).tolist() == expected
+        assert SplitTree._index_in_parent(ratio, small, ks).tolist() == expected
 
 
 def test_share_bound_stays_below_two_for_extreme_weights():
