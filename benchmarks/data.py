@@ -8,7 +8,9 @@
    alone at N = 100M and 10B (default): time to the first micro-batch, time per million samples
    served (at the start, middle and end of the sequence), bytes of index per rank and on disk.
    The helper cannot hold 10B samples' arrays (100 GB); its 10B time is simulated from its
-   measured rate at 100M. Validation of shards is excluded: it scales with shards, not N.
+   measured rate at 100M. Validation of shards is excluded: it scales with shards, not N. Then
+   further specs (round and equal weights, an X-FM-sized one) served at 10B against the helper's
+   in-cache million with their weights.
 3. Padding (``--only padding``): the share of text positions that are padding in text and pair
    micro-batches, without and with length grouping (data.length_group_size), for a global
    micro-batch split over DP ranks: each rank pads to its own longest text, and all wait for the
@@ -49,7 +51,7 @@ from xfm_scale.data.demo import build_demo_data, png_bytes
 from xfm_scale.data.lengths import TEXT_MODALITIES, cache_text_bytes
 from xfm_scale.data.loader import (BlendLoader, LoaderConfig, _MicroBatchDataset, _PlanSampler, decode_sample,
                                    padded_text_length)
-from xfm_scale.data.shards import ShardReader, write_corpus
+from xfm_scale.data.shards import MODALITIES, ShardReader, write_corpus
 from xfm_scale.data.spec import Corpus, load_spec
 from xfm_scale.train.flops import micro_batch_flops
 
@@ -125,9 +127,18 @@ def _best_of(fn, tries: int = 5) -> float:
     return best
 
 
-def _helper_seconds(helper, n: int) -> float:
+OTHER_SPECS = {
+    "round weights .4/.2/.2/.1/.1 on the same corpora": (BLEND_SIZES, [0.4, 0.2, 0.2, 0.1, 0.1]),
+    "8 equal corpora of 100k": ([100_000] * 8, [0.125] * 8),
+    "1.3B pairs, 400M texts, 14M images at .5/.3/.2": ([1_300_000_000, 400_000_000, 14_000_000], [0.5, 0.3, 0.2]),
+}
+"""Further specs served at N = 10B, each against the helper building one million with its weights
+(splits of 1/2 or 1/q take other paths of the walk up; small corpora are read many epochs a block)."""
+
+
+def _helper_seconds(helper, n: int, weights: list[float] = BLEND_WEIGHTS) -> float:
     """megatron's helper building n samples' (corpus, draw) arrays, allocation included."""
-    weights = np.asarray(BLEND_WEIGHTS) / sum(BLEND_WEIGHTS)
+    weights = np.asarray(weights) / sum(weights)
     start = time.perf_counter()
     idx, draws = np.zeros(n, np.int16), np.zeros(n, np.int64)
     helper(idx, draws, weights, len(weights), n, False)
@@ -190,7 +201,21 @@ def bench_blend(sizes: list[int], micro_batch: int = 256) -> str:
             f"{batch * 1e3:.2f} ms; index held {held / 1e3:.1f} kB per rank after serving (the tree; reads of single "
             f"positions and short slices add an LRU of at most {CACHED_WINDOWS} windows of {WINDOW:,} positions, "
             f"{CACHED_WINDOWS * WINDOW * 10 / 1e6:.1f} MB), {disk / 1e3:.1f} kB on disk")
+    parts.append("other specs at N=10B, served per 1M (middle) against the helper's in-cache 1M with the same "
+                 "weights: " + ", ".join(_other_spec(helper, name, sizes, weights)
+                                         for name, (sizes, weights) in OTHER_SPECS.items()))
     return "; ".join(parts)
+
+
+def _other_spec(helper, name: str, sizes: list[int], weights: list[float]) -> str:
+    n, million = 10_000_000_000, 1_000_000
+    corpora = [Corpus(name=f"c{i}", modality=MODALITIES[i % 3], weight=w, shards=[], shard_samples=[size])
+               for i, (size, w) in enumerate(zip(sizes, weights))]
+    helper_1m = _best_of(lambda: _helper_seconds(helper, million, weights))
+    with tempfile.TemporaryDirectory() as tmp:
+        blend = Blend(corpora=corpora, num_samples=n, seed=0, fingerprint=f"bench-{name}", cache_dir=Path(tmp))
+        served = _best_of(lambda: blend.window(n // 2, n // 2 + million))
+    return f"{name} {served * 1e3:.1f} ms ({served / helper_1m:.2f}x of {helper_1m * 1e3:.1f} ms)"
 
 
 def generated_corpus(root: Path, samples: int) -> tuple[Path, Path]:

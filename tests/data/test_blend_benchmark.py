@@ -30,3 +30,7 @@ def test_blend_benchmark_row_has_the_figures_at_each_n():
         held = float(re.search(r"index held ([\d.]+) kB", part).group(1))
         disk = float(re.search(r"([\d.]+) kB on disk", part).group(1))
         assert first < 1000 and all(0 < s < 2000 for s in served) and held < 100 and disk < 20
+    others = re.findall(r"([\d.]+) ms \(([\d.]+)x of ([\d.]+) ms\)", large.split("other specs at N=10B")[1])
+    assert len(others) == len(bench.OTHER_SPECS)
+    for served, ratio, helper in ((float(a), float(b), float(c)) for a, b, c in others):
+        assert 0 < served < 2000 and ratio == pytest.approx(served / helper, abs=0.03)  # (figures rounded)
