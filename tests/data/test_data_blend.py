@@ -390,6 +390,8 @@ PINNED_WINDOWS = {  # (weights, first position): digests of window() and locate(
 }
 PINNED_STREAMS = {0: "613bdc46762c732a", 1: "341aa03caf49d8e3"}
 PINNED_ORDERS = {3: "cac447a73afc780d", 1000: "f4a34c36a4f4fc59", 5_000_000: "22f367c84a7b325b", 2 ** 33 + 5: "fc531f6a6d79014b"}
+PINNED_MANY_EPOCHS = {2: "3480c726a9ddea72", 3: "f911a1f36f19547f", 1000: "18334c987bae7502", 10_000: "c23d429d2a4aefac",
+                      65_536: "8fac0c277c36918c"}  # EpochOrder.range over 20 epochs near draw 10^10
 
 
 def _digest(*arrays) -> str:
@@ -418,3 +420,9 @@ def test_version_2_sequences_are_pinned(tmp_path):
     for n, expected in PINNED_ORDERS.items():
         draws = np.arange(0, 3 * min(n, 50_000)) * max(1, n // 50_000)
         assert _digest(EpochOrder(7, "z", n)(draws)) == expected, n
+    for n, expected in PINNED_MANY_EPOCHS.items():  # a small corpus read many times: whole epochs as rows
+        order, start = EpochOrder(7, "z", n), 10 ** 10 // n * n - 7
+        samples = order.range(start, start + 20 * n + 11)
+        assert _digest(samples) == expected, n
+        epoch, offset = np.divmod(np.arange(start, start + 20 * n + 11, dtype=np.int64), n)
+        assert np.array_equal(samples, order.permute(offset, epoch))  # the same as a key per draw

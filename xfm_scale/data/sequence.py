@@ -656,13 +656,20 @@ class EpochOrder:
         for a in range(0, len(out), rows_per_pass):
             rows = out[a:a + rows_per_pass]
             keys = self._round_keys_array(np.arange(first + a, first + a + len(rows), dtype=np.int64))
-            self._encrypt(rows, [(k[:, None], m[:, None]) for k, m in keys], out=rows)
-            row, col = np.nonzero(rows >= n)
-            while len(row):  # cycle walking, with each value's own epoch keys
-                values = self._encrypt(rows[row, col], [(k[row], m[row]) for k, m in keys])
-                rows[row, col] = values
-                keep = np.flatnonzero(values >= n)
-                row, col = row[keep], col[keep]
+            broadcast = [(k[:, None], m[:, None]) for k, m in keys]
+            self._encrypt(rows, broadcast, out=rows)
+            for _ in range(IN_CACHE_RETRIES):  # cycle walking: whole rows again while many are out
+                out_of_range = rows >= n
+                if np.count_nonzero(out_of_range) * 8 < out_of_range.size:
+                    break
+                np.copyto(rows, self._encrypt(rows, broadcast), where=out_of_range)
+            flat = rows.reshape(-1)  # a view: the rows are contiguous
+            at = np.flatnonzero(flat >= n)
+            while len(at):  # the last few, each with its own epoch's keys
+                row = at // n
+                values = self._encrypt(flat[at], [(k[row], m[row]) for k, m in keys])
+                flat[at] = values
+                at = at[np.flatnonzero(values >= n)]
         return out.reshape(-1)
 
     def range(self, start: int, stop: int) -> np.ndarray:
