@@ -30,9 +30,11 @@ Split tree (the mixture)
     the same bits), and only for the lighter child (``r <= 1/2``), so ``s(m+1) - s(m)`` is 0 or 1
     even with rounding: the sequence is always a valid interleaving. Positions below 2**48.
     Walking up inverts ``s``: in real numbers the parent index of a child's k-th sample is
-    ``ceil((k + 1/2) / rate) - 1``; the float guess is exact whenever ``(k + 1/2) / rate`` lies
-    farther than 2**-48 of its size from an integer (16x the float error of the guess and of ``s``),
-    and the rare others are solved against ``s`` itself. A run of positions is served by walking up
+    ``ceil((k + 1/2) / rate) - 1`` for the lighter child and ``floor`` of the quotient for the
+    heavier one; the float guess is exact whenever ``(k + 1/2) / rate`` lies farther than 2**-48
+    of its size from an integer (16x the float error of the guess and of ``s``), or always for a
+    dyadic split (exact float counts), and the others are solved against ``s`` itself (two
+    candidates, each verified). A run of positions is served by walking up
     from each corpus's consecutive draws (its counts at both ends are closed forms); timings
     against megatron's helper: benchmarks/RESULTS.md, ``benchmarks/data.py blend``.
 
@@ -41,7 +43,8 @@ Keyed epoch permutation (the order within an epoch)
     ``[0, n)``: a 4-round alternating Feistel network on ``ceil(log2 n)`` bits with cycle walking
     (values >= n are encrypted again until they fall in range; at most 2x the work on average),
     keyed by (seed, corpus name) and by the epoch. Vectorised in numpy, 32-bit arithmetic for
-    corpora below 2**32 samples.
+    corpora below 2**32 samples; a small corpus read many times in a block is computed as whole
+    epochs in rows, each row's keys broadcast along it.
 """
 from __future__ import annotations
 
