@@ -616,22 +616,25 @@ class EpochOrder:
             chunk_keys = part(slice(a, a + PASS_CHUNK))
             y = x[a:a + PASS_CHUNK]
             self._encrypt(y, chunk_keys, out=y)
-            # cycle walking: the out-of-range values are found once per chunk and re-encrypted
-            # as a shrinking list, a few times in cache; what is left joins one list for the end
-            again = np.flatnonzero(y >= self.n)
-            for _ in range(IN_CACHE_RETRIES):
-                if not len(again):
-                    break
-                values = self._encrypt(y[again], part(again, chunk_keys))
-                y[again] = values
-                again = again[np.flatnonzero(values >= self.n)]
+            # a few walking passes while the chunk is in cache; what is left joins one list for the end
+            again = self._walk(y, np.flatnonzero(y >= self.n), lambda at: part(at, chunk_keys), IN_CACHE_RETRIES)
             if len(again):
                 left_over.append(again + a)
-        out_of_range = np.concatenate(left_over) if left_over else np.zeros(0, dtype=np.int64)
-        while len(out_of_range):
-            x[out_of_range] = self._encrypt(x[out_of_range], part(out_of_range))
-            out_of_range = out_of_range[np.flatnonzero(x[out_of_range] >= self.n)]
+        if left_over:
+            self._walk(x, np.concatenate(left_over), part)
         return x
+
+    def _walk(self, x: np.ndarray, at: np.ndarray, keys_at, passes: int | None = None) -> np.ndarray:
+        """Cycle walking: encrypts ``x[at]`` again (round keys ``keys_at(at)``), in place, until
+        every value is in ``[0, n)``, or for at most ``passes`` passes; returns the indices still
+        out of range."""
+        for _ in itertools.count() if passes is None else range(passes):
+            if not len(at):
+                break
+            values = self._encrypt(x[at], keys_at(at))
+            x[at] = values
+            at = at[np.flatnonzero(values >= self.n)]
+        return at
 
     def __call__(self, draws: np.ndarray) -> np.ndarray:
         """Sample index (int64) read by each draw number."""
@@ -667,12 +670,12 @@ class EpochOrder:
                     break
                 np.copyto(rows, self._encrypt(rows, broadcast), where=out_of_range)
             flat = rows.reshape(-1)  # a view: the rows are contiguous
-            at = np.flatnonzero(flat >= n)
-            while len(at):  # the last few, each with its own epoch's keys
+
+            def row_keys(at: np.ndarray, keys=keys) -> list[tuple]:  # each value's own epoch's keys
                 row = at // n
-                values = self._encrypt(flat[at], [(k[row], m[row]) for k, m in keys])
-                flat[at] = values
-                at = at[np.flatnonzero(values >= n)]
+                return [(k[row], m[row]) for k, m in keys]
+
+            self._walk(flat, np.flatnonzero(flat >= n), row_keys)  # the last few
         return out.reshape(-1)
 
     def range(self, start: int, stop: int) -> np.ndarray:
