@@ -206,6 +206,15 @@ def _small_count(ratio: float, m: np.ndarray) -> np.ndarray:
     return np.floor(np.multiply(m, ratio, dtype=np.float64) + 0.5).astype(np.int64)
 
 
+def _child_count(ratio: float, small: bool, m: np.ndarray) -> np.ndarray:
+    """Of a node's first ``m`` samples (float64 array of exact integers), how many go to its lighter
+    (``small``) or heavier child, as float64: the same float operations as :func:`_small_count`."""
+    s = np.multiply(m, ratio)
+    s += 0.5
+    np.floor(s, out=s)
+    return s if small else np.subtract(m, s, out=s)
+
+
 def _small_count_one(ratio: float, m: int) -> int:
     """:func:`_small_count` of one count, in Python floats: the same IEEE float64 operations."""
     return math.floor(m * ratio + 0.5)
@@ -460,40 +469,30 @@ class SplitTree:
         else ``q``; each is verified against the float counts (one more count each), and the rare
         one that fails (a far position with a tiny rate, where float counts lag several samples) is
         solved by stepping."""
-        def count(m: np.ndarray) -> np.ndarray:  # the child's count of a parent prefix, as floats
-            s = np.multiply(m, ratio)
-            s += 0.5
-            np.floor(s, out=s)
-            return s if small else np.subtract(m, s, out=s)
-
         q = np.rint(x)
-        at_q = count(q)
+        at_q = _child_count(ratio, small, q)
         before = at_q > k  # the k-th sample is before parent index q
         answer = q - before
-        other = count(answer + ~before)  # at q - 1 when before, else at q + 1
+        other = _child_count(ratio, small, answer + ~before)  # at q - 1 when before, else at q + 1
         ok = np.where(before, other == k, (at_q == k) & (other > k))
         if not ok.all():
             bad = np.flatnonzero(~ok)
-            answer[bad] = cls._index_in_parent(ratio, small, k[bad].astype(np.int64))
+            answer[bad] = cls._index_in_parent(ratio, small, k[bad])
         return answer
 
     @staticmethod
     def _index_in_parent(ratio: float, small: bool, k: np.ndarray) -> np.ndarray:
         """The m with child_count(m) == k and child_count(m + 1) == k + 1 (the parent's sample
-        that is the child's k-th): a float guess, then corrected against the exact counts."""
+        that is the child's k-th), as int64 (``k``: integers, any dtype): a float guess, then corrected
+        by unit steps against the float-evaluated counts."""
         rate = ratio if small else 1.0 - ratio
-        m = np.ceil((k + 0.5) / rate).astype(np.int64) - 1
-        m = np.maximum(m, k)
-
-        def count(x):
-            s = _small_count(ratio, x)
-            return s if small else x - s
-
+        k = np.asarray(k, dtype=np.float64)  # exact: indices below 2**48
+        m = np.maximum(np.ceil((k + 0.5) / rate) - 1.0, k)
         for _ in range(64):
-            low = count(m) > k
-            high = count(m + 1) <= k
+            low = _child_count(ratio, small, m) > k
+            high = _child_count(ratio, small, m + 1.0) <= k
             if not (low.any() or high.any()):
-                return m
+                return m.astype(np.int64)
             m = m - low + high
         raise AssertionError("split tree inverse did not converge")  # unit steps: cannot happen
 
